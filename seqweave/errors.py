@@ -1,0 +1,32 @@
+"""seqweave's errors. Each names where it happened (layer, op, pass) and what to do about it."""
+from __future__ import annotations
+
+
+class SeqweaveError(Exception):
+    """Base class: `str(error)` is the whole message, with the hint on its own line."""
+
+    def __init__(self, message: str, *, hint: str = "", layer: str = "", op: str = "", pass_name: str = "") -> None:
+        self.message, self.hint, self.layer, self.op, self.pass_name = message, hint, layer, op, pass_name
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = ", ".join(f"{label} {value}" for label, value in
+                          (("layer", self.layer), ("op", self.op), ("pass", self.pass_name)) if value)
+        text = f"{self.message}" + (f" [{where}]" if where else "")
+        return text + (f"\n  what to do: {self.hint}" if self.hint else "")
+
+
+class CaptureError(SeqweaveError):
+    """The model could not be captured or imported into the IR."""
+
+
+class PassError(SeqweaveError):
+    """A pass failed or left the IR invalid."""
+
+
+class OptionError(SeqweaveError):
+    """A backend option or CLI argument is wrong."""
+
+
+class TargetError(SeqweaveError):
+    """A `module:function` target could not be loaded or returned the wrong thing."""

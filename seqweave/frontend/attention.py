@@ -1,0 +1,107 @@
+"""Find every attention in a dynamo graph, lift its mask and replace it by `seqweave::attention`.
+
+Runs before aot_autograd, on the torch-level FX graph, so that the forward and backward
+ATen graphs hold exactly our ops. K/V enter the op at their true KV-head count.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import fx
+
+from seqweave.frontend.custom_ops import ATTENTION_OP
+from seqweave.frontend.mask_lift import LiftedMask, lift_mask, segment_ids_from_positions
+from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
+                                        looks_like_eager_attention, match_eager, match_sdpa)
+from seqweave.ir.mask import Causal, Full, NoScoreMod
+
+
+@dataclass
+class AttentionReport:
+    """What the frontend decided about one attention-like pattern (shown by `seqweave explain`)."""
+
+    layer: str
+    found: bool
+    reason: str
+    form: str = ""
+    q_heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    mask: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _candidates(graph: fx.Graph) -> list[tuple[fx.Node, str]]:
+    found = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            found.append((node, "sdpa"))
+        elif looks_like_eager_attention(node):
+            found.append((node, "eager"))
+    return found
+
+
+def _lift(match: AttentionMatch, placeholder_values: dict[fx.Node, torch.Tensor]) -> LiftedMask:
+    if match.mask is None:
+        return LiftedMask(Causal() if match.is_causal else Full(), [], "lifted")
+    q, k = example(match.q), example(match.k)
+    mask_shape = example(match.mask).shape
+    shape = (q.shape[0], mask_shape[1], q.shape[2], k.shape[2])
+    return lift_mask(match.mask, placeholder_values, match.additive, shape)
+
+
+def _mask_operand(graph: fx.Graph, node: fx.Node, role: str) -> fx.Node:
+    """Insert (before the attention) the value an operand role needs."""
+    if role == "document":
+        return graph.call_function(segment_ids_from_positions, (node,))
+    if role == "dense_additive":
+        return graph.call_function(torch.eq, (node, 0))
+    return node
+
+
+def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> None:
+    with graph.inserting_before(match.anchor):
+        operands = [_mask_operand(graph, node, role) for node, role in lifted.operands]
+        call = graph.call_function(ATTENTION_OP, (match.q, match.k, match.v, operands, str(lifted.spec),
+                                                  str(NoScoreMod()), match.scale))
+        out = graph.call_function(operator.getitem, (call, 0))
+    out.meta.update(match.anchor.meta)
+    call.meta["nn_module_stack"] = match.anchor.meta.get("nn_module_stack", {})
+    match.anchor.replace_all_uses_with(out)
+    graph.erase_node(match.anchor)
+
+
+def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
+    q = example(match.q)
+    reason = "replaced" if lifted.note == "lifted" else f"replaced; {lifted.note}"
+    return AttentionReport(layer, True, reason, match.form, q.shape[1], match.kv_heads, q.shape[-1], str(lifted.spec))
+
+
+def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:
+    """Rewrite `gm` in place; returns one report per attention-like pattern, in graph order."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    placeholder_values = {node: value for node, value in zip(placeholders, example_inputs)
+                          if isinstance(value, torch.Tensor)}
+    reports = []
+    lifted_by_mask: dict[tuple, LiftedMask] = {}  # HF shares one mask between all layers
+    for node, form in _candidates(gm.graph):
+        layer = layer_name(node)
+        try:
+            match = match_sdpa(node) if form == "sdpa" else match_eager(node)
+            key = (match.mask, match.is_causal, example(match.q).shape, example(match.k).shape)
+            if key not in lifted_by_mask:
+                lifted_by_mask[key] = _lift(match, placeholder_values)
+            lifted = lifted_by_mask[key]
+        except (NotAttention, ValueError) as why:
+            reports.append(AttentionReport(layer, False, f"left alone: {why}", form))
+            continue
+        _replace(gm.graph, match, lifted)
+        reports.append(_report(match, lifted, layer))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return reports

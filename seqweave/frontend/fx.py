@@ -1,0 +1,109 @@
+"""Import an ATen-level FX graph (what aot_autograd hands a compiler) into the IR.
+
+ATen ops become `core.*` nodes 1:1; `seqweave::attention[_backward]` become
+`attn.sdpa[_backward]`; `operator.getitem` on a multi-result op selects a result.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+from torch import fx
+
+from seqweave.errors import CaptureError
+from seqweave.frontend.custom_ops import ATTENTION_BACKWARD_OP, ATTENTION_OP
+from seqweave.frontend.patterns import layer_name
+from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.ops.core import core_name
+from seqweave.ir.types import ScalarType, TensorType, ValueType
+
+
+def _value_type(value: Any) -> ValueType:
+    if isinstance(value, torch.Tensor):
+        return TensorType.of(value.shape, value.dtype)
+    if isinstance(value, (torch.SymInt, int)):
+        return ScalarType("int")
+    if isinstance(value, (torch.SymFloat, float)):
+        return ScalarType("float")
+    if isinstance(value, (torch.SymBool, bool)):
+        return ScalarType("bool")
+    raise CaptureError(f"cannot type a value of kind {type(value).__name__}", hint="report this graph")
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"[^\w.]", "_", name)
+
+
+def _layer_of(node: fx.Node) -> str:
+    return layer_name(node) if node.meta.get("nn_module_stack") else ""
+
+
+class _Importer:
+    def __init__(self, name: str) -> None:
+        self.graph = Graph(name, [], [], ())
+        self.env: dict[fx.Node, Any] = {}
+
+    def convert(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.env[arg]
+        if isinstance(arg, (list, tuple)):
+            converted = [self.convert(item) for item in arg]
+            return tuple(converted) if isinstance(arg, tuple) else converted
+        if isinstance(arg, dict):
+            return {key: self.convert(item) for key, item in arg.items()}
+        return arg
+
+    def placeholder(self, node: fx.Node) -> None:
+        value = Value(_clean(node.name), _value_type(node.meta["val"]))
+        self.graph.inputs.append(value)
+        self.env[node] = value
+
+    def call(self, node: fx.Node) -> None:
+        if node.target is operator.getitem and isinstance(self.env.get(node.args[0]), list):
+            self.env[node] = self.env[node.args[0]][node.args[1]]
+            return
+        op, args, kwargs = self._op_and_args(node)
+        val = node.meta.get("val")
+        multi = isinstance(val, (tuple, list))
+        vals = list(val) if multi else [val]
+        names = [_clean(node.name) + (f"_{i}" if multi else "") for i in range(len(vals))]
+        results = [Value(n, _value_type(v)) for n, v in zip(names, vals)]
+        ir_node = Node(op, args, kwargs, results, loc=_layer_of(node))
+        for result in results:
+            result.producer = ir_node
+        self.graph.nodes.append(ir_node)
+        self.env[node] = results if multi else results[0]
+
+    def _op_and_args(self, node: fx.Node) -> tuple[str, tuple, dict]:
+        args, kwargs = self.convert(tuple(node.args)), self.convert(dict(node.kwargs))
+        if node.target is ATTENTION_OP:
+            q, k, v, operands, mask, score_mod, scale = args
+            return "attn.sdpa", (q, k, v, list(operands)), _attn_kwargs(mask, score_mod, scale, k)
+        if node.target is ATTENTION_BACKWARD_OP:
+            dout, q, k, v, out, lse, operands, mask, score_mod, scale = args
+            return "attn.sdpa_backward", (dout, q, k, v, out, lse, list(operands)), _attn_kwargs(mask, score_mod, scale, k)
+        if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
+            return core_name(node.target), args, kwargs
+        raise CaptureError(f"unsupported FX node {node.format_node()}",
+                           hint="seqweave imports ATen ops only; dynamic shapes are not supported yet (use dynamic=False)")
+
+
+def _attn_kwargs(mask: str, score_mod: str, scale: float, k: Value) -> dict:
+    return {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": int(k.type.shape[1])}
+
+
+def import_fx(gm: fx.GraphModule, name: str) -> Graph:
+    """The IR graph of an ATen FX GraphModule."""
+    importer = _Importer(name)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            importer.placeholder(node)
+        elif node.op == "call_function":
+            importer.call(node)
+        elif node.op == "output":
+            importer.graph.outputs = importer.convert(node.args[0])
+        else:
+            raise CaptureError(f"unsupported FX node kind {node.op} ({node.format_node()})", hint="report this graph")
+    return importer.graph

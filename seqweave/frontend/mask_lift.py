@@ -1,0 +1,236 @@
+"""Lift an attention mask subgraph into a MaskSpec by evaluating it.
+
+The mask HF builds is a function of index arithmetic and at most a few inputs
+(`attention_mask` for padding, `position_ids` for packed documents). We cut out the
+subgraph that computes it, evaluate it with neutral inputs to fit the structured part
+(causal, sliding window, chunked, sinks), then try each way of reading the inputs
+(padding, documents) and accept a spec only if it reproduces the subgraph exactly on
+the example inputs and on random probes. Otherwise we say why and fall back to Dense.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import fx
+
+from seqweave.ir.mask import (Causal, Chunked, Dense, Document, Full, MaskSpec, Padding, Sinks, SlidingWindow,
+                              dense_mask)
+
+#: Masks bigger than this (B * Sq * Skv elements) are not evaluated; they stay Dense.
+MAX_LIFT_ELEMENTS = 1 << 27
+PROBES_PER_ROLE = 4
+ROLES = ("padding", "document")
+
+
+@dataclass
+class LiftedMask:
+    """The lifted spec, the FX values its `$i` operands are computed from, and how it was decided.
+
+    Each operand is (node, role): `padding` (the keys' valid flags), `document` (position ids,
+    turned into segment ids), or `dense` (the mask itself; additive masks compare to 0).
+    """
+
+    spec: MaskSpec
+    operands: list[tuple[fx.Node, str]] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class MaskFunction:
+    """The mask subgraph as a callable of its leaf inputs, returning bool [B|1, H|1, Sq, Skv]."""
+
+    fn: Callable[..., torch.Tensor]
+    leaves: list[fx.Node]
+    leaf_values: list[torch.Tensor]
+
+
+def _leaf_value(node: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+    if node.op == "placeholder":
+        return placeholder_values[node]
+    return fx.graph_module._get_attr(node.graph.owning_module, node.target)  # a constant buffer
+
+
+def extract_mask_function(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor],
+                          additive: bool) -> MaskFunction:
+    """Copy the ancestors of `mask` into a standalone graph whose inputs are its leaves."""
+    ancestors: list[fx.Node] = []
+    stack, seen = [mask], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        ancestors.append(node)
+        stack.extend(node.all_input_nodes)
+    order = {node: index for index, node in enumerate(mask.graph.nodes)}
+    ancestors.sort(key=order.__getitem__)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    leaves = [node for node in ancestors if node.op in ("placeholder", "get_attr")]
+    for leaf in leaves:
+        env[leaf] = sub.placeholder(leaf.name)
+    for node in ancestors:
+        if node not in env:
+            env[node] = sub.node_copy(node, env.__getitem__)
+    sub.output(env[mask])
+    module = fx.GraphModule(torch.nn.Module(), sub)
+    values = [_leaf_value(leaf, placeholder_values) for leaf in leaves]
+    if not additive:
+        return MaskFunction(module, leaves, values)
+    check_additive_values(module(*values))
+    # Additive masks are 0 where attention is allowed and a huge negative number elsewhere.
+    return MaskFunction(lambda *leaf_values: module(*leaf_values) == 0, leaves, values)
+
+
+def check_additive_values(mask_value: torch.Tensor) -> None:
+    """An additive mask must hold only 0 and 'minus infinity' (finfo.min or -inf)."""
+    lowest = torch.finfo(mask_value.dtype).min / 2
+    odd = (mask_value != 0) & (mask_value > lowest)
+    if bool(odd.any()):
+        raise ValueError("the additive mask holds values other than 0 and -inf (a bias such as ALiBi), "
+                         "which a boolean MaskSpec cannot express")
+
+
+def _structured_candidates(allowed: torch.Tensor) -> list[MaskSpec]:
+    """Specs worth testing against a square [S, S] pattern (read off its first and last rows)."""
+    size = allowed.shape[0]
+    q_idx, kv_idx = torch.nonzero(allowed, as_tuple=True)
+    if q_idx.numel() == 0:
+        return []
+    left, right = int((q_idx - kv_idx).max()), int((kv_idx - q_idx).max())
+    candidates: list[MaskSpec] = [Full()]
+    if right <= 0 and left >= size - 1:
+        candidates.append(Causal())
+    elif right <= 0:
+        candidates.append(Causal() & SlidingWindow(left, 0))
+    else:
+        candidates.append(SlidingWindow(max(left, 0), right))
+    first_row_width = int(allowed[0].sum())
+    if 0 < first_row_width < size:
+        chunk = first_row_width if right > 0 else int(allowed[:, 0].sum())
+        candidates += [Chunked(chunk), Causal() & Chunked(chunk)]
+    last = allowed[-1]
+    sinks = int(torch.cumprod(last.int(), 0).sum())
+    window = int(torch.cumprod(last.flip(0).int(), 0).sum())
+    if 0 < sinks and 0 < window and sinks + window < size:
+        candidates.append(Causal() & (Sinks(sinks) | SlidingWindow(window - 1, 0)))
+    return candidates
+
+
+def fit_structured(allowed: torch.Tensor) -> MaskSpec | None:
+    """The structured MaskSpec equal to a [Sq, Skv] boolean pattern, or None when none is."""
+    sq, skv = allowed.shape
+    if sq != skv:
+        return Full() if bool(allowed.all()) else None
+    for candidate in _structured_candidates(allowed):
+        if torch.equal(dense_mask(candidate, sq, skv)[0, 0], allowed):
+            return candidate
+    return None
+
+
+def _role_capable(value: torch.Tensor, kv_len: int) -> bool:
+    return value.dim() == 2 and value.shape[-1] == kv_len and not value.dtype.is_floating_point
+
+
+def _neutral(value: torch.Tensor, role: str | None) -> torch.Tensor:
+    if role == "document":
+        return torch.arange(value.shape[-1]).expand(value.shape).to(value.dtype)
+    return torch.ones_like(value)
+
+
+def _random_probe(value: torch.Tensor, role: str, generator: torch.Generator) -> torch.Tensor:
+    """Random left/right padding (`padding`) or restarting position ids (`document`)."""
+    rows, length = value.shape
+    probe = torch.empty(rows, length, dtype=torch.int64)
+    for row in range(rows):
+        if role == "padding":
+            cut = int(torch.randint(0, length, (1,), generator=generator))
+            valid = torch.arange(length) >= cut if row % 2 == 0 else torch.arange(length) < length - cut
+            probe[row] = valid.long()
+        else:
+            starts = torch.rand(length, generator=generator) < 0.25
+            starts[0] = True
+            segment = torch.cumsum(starts.long(), 0)
+            first = torch.searchsorted(segment, segment, right=False)
+            probe[row] = torch.arange(length) - first
+    return probe.to(value.dtype)
+
+
+def segment_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed documents: a new segment starts wherever the position does not follow its predecessor."""
+    restart = torch.ones_like(position_ids, dtype=torch.bool)
+    restart[..., 1:] = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    return torch.cumsum(restart.long(), dim=-1)
+
+
+def _operand_for(value: torch.Tensor, role: str) -> torch.Tensor:
+    return segment_ids_from_positions(value) if role == "document" else value
+
+
+def _evaluate(fn: MaskFunction, values: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return fn.fn(*values).to(torch.bool).expand(shape)
+
+
+def _candidate_spec(structured: MaskSpec, roles: Sequence[str | None]) -> MaskSpec:
+    spec = structured
+    for index, role in enumerate(role for role in roles if role is not None):
+        spec = spec & (Padding(index) if role == "padding" else Document(index))
+    return spec
+
+
+def _reproduces(fn: MaskFunction, spec: MaskSpec, roles: Sequence[str | None], shape: tuple[int, ...]) -> bool:
+    """Does `spec` equal the mask subgraph on the example inputs and on random probes?"""
+    generator = torch.Generator().manual_seed(0)
+    capable = [role is not None or _role_capable(v, shape[-1]) for v, role in zip(fn.leaf_values, roles)]
+    rounds = [list(fn.leaf_values)]
+    for round_index in range(PROBES_PER_ROLE * len(ROLES)):
+        rounds.append([
+            _random_probe(value, role or ROLES[round_index % len(ROLES)], generator) if ok else value
+            for value, role, ok in zip(fn.leaf_values, roles, capable)])
+    sq, skv = shape[-2:]
+    for values in rounds:
+        operands = [_operand_for(v, role) for v, role in zip(values, roles) if role is not None]
+        expected = dense_mask(spec, sq, skv, operands)
+        if not torch.equal(_evaluate(fn, values, shape), expected.expand(shape)):
+            return False
+    return True
+
+
+def _role_assignments(fn: MaskFunction, kv_len: int):
+    """Every way of reading the role-capable leaves, fewest roles first."""
+    options = [(None, *ROLES) if _role_capable(v, kv_len) else (None,) for v in fn.leaf_values]
+    assignments = list(itertools.product(*options))
+    return sorted(assignments, key=lambda roles: sum(role is not None for role in roles))
+
+
+def lift_mask(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], additive: bool,
+              shape: tuple[int, ...]) -> LiftedMask:
+    """Lift the mask computed by `mask` ([B, H|1, Sq, Skv] after broadcasting) into a MaskSpec.
+
+    Raises ValueError (with the reason) when the mask depends on data, so attention must be left alone.
+    """
+    dense = LiftedMask(Dense(0), [(mask, "dense_additive" if additive else "dense")])
+    if torch.Size(shape).numel() > MAX_LIFT_ELEMENTS:
+        dense.note = f"a mask of {torch.Size(shape).numel()} elements is too large to lift; kept as a dense tensor"
+        return dense
+    fn = extract_mask_function(mask, placeholder_values, additive)
+    floating = [leaf.name for leaf, v in zip(fn.leaves, fn.leaf_values) if v.dtype.is_floating_point and v.dim() > 0]
+    if floating:
+        raise ValueError(f"the mask depends on floating-point data ({', '.join(floating)})")
+    for roles in _role_assignments(fn, shape[-1]):
+        neutral = [_neutral(v, role) if role else v for v, role in zip(fn.leaf_values, roles)]
+        pattern = _evaluate(fn, neutral, shape)
+        if not bool((pattern == pattern[:1, :1]).all()):
+            continue  # still varies over batch or heads: some input plays a role we have not assigned
+        structured = fit_structured(pattern[0, 0])
+        if structured is None:
+            continue
+        spec = _candidate_spec(structured, roles)
+        if _reproduces(fn, spec, roles, shape):
+            operands = [(leaf, role) for leaf, role in zip(fn.leaves, roles) if role is not None]
+            return LiftedMask(spec, operands, "lifted")
+    dense.note = "no MaskSpec reproduces the mask on probes; kept as a dense tensor"
+    return dense

@@ -1,0 +1,23 @@
+"""Op registry: the definition behind each op name, by dialect."""
+from __future__ import annotations
+
+from seqweave.ir.ops.attn import Sdpa, SdpaBackward
+from seqweave.ir.ops.base import OpDef, VerificationError
+from seqweave.ir.ops.core import CORE_PREFIX, core_op
+
+_DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward())}
+
+
+def op_def(name: str) -> OpDef:
+    """The definition of `name`; raises VerificationError for unknown ops."""
+    if name.startswith(CORE_PREFIX):
+        try:
+            return core_op(name)
+        except KeyError as error:
+            raise VerificationError(str(error)) from error
+    if name not in _DIALECT_OPS:
+        raise VerificationError(f"unknown op {name!r}; known dialect ops: {sorted(_DIALECT_OPS)} and core.<aten op>")
+    return _DIALECT_OPS[name]
+
+
+__all__ = ["OpDef", "VerificationError", "op_def"]

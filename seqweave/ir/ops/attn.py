@@ -1,0 +1,106 @@
+"""`attn.*`: attention as data. The mask is a MaskSpec (text attribute) whose `$i` operands
+are the tensors in the node's fourth argument; heads are laid out as in SDPA, [B, H, S, D]."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from seqweave.ir.graph import Node, Value
+from seqweave.ir.mask import MaskSpec, ScoreMod, parse_mask, parse_score_mod
+from seqweave.ir.ops.attn_reference import attention_backward, attention_forward
+from seqweave.ir.ops.base import OpDef, fail
+from seqweave.ir.types import TensorType, ValueType
+
+ATTN_KWARGS = ("mask", "score_mod", "scale", "kv_heads")
+
+
+def mask_of(node: Node) -> MaskSpec:
+    return parse_mask(node.kwargs["mask"])
+
+
+def score_mod_of(node: Node) -> ScoreMod:
+    return parse_score_mod(node.kwargs["score_mod"])
+
+
+def _tensor_type(node: Node, value: Any, what: str) -> TensorType:
+    if not isinstance(value, Value) or not isinstance(value.type, TensorType):
+        raise fail(node, f"{what} must be a tensor value")
+    return value.type
+
+
+def _check_attention_operands(node: Node, q: TensorType, k: TensorType, v: TensorType) -> None:
+    if not (q.rank == k.rank == v.rank == 4):
+        raise fail(node, f"q, k, v must be [B, H, S, D]; got ranks {q.rank}, {k.rank}, {v.rank}")
+    kv_heads = node.kwargs.get("kv_heads")
+    if k.shape[1] != kv_heads or v.shape[1] != kv_heads:
+        raise fail(node, f"k and v must have kv_heads={kv_heads} heads, got {k.shape[1]} and {v.shape[1]}")
+    if (q.shape[1] % kv_heads) != 0:
+        raise fail(node, f"{q.shape[1]} query heads are not a multiple of kv_heads={kv_heads}")
+    if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3] or q.shape[0] != k.shape[0]:
+        raise fail(node, f"q {q.shape_text()}, k {k.shape_text()}, v {v.shape_text()} do not agree")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise fail(node, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _check_attributes(node: Node, mask_operands: Any) -> None:
+    missing = [key for key in ATTN_KWARGS if key not in node.kwargs]
+    if missing:
+        raise fail(node, f"missing attributes {missing}")
+    try:
+        mask = mask_of(node)
+        score_mod_of(node)
+    except ValueError as error:
+        raise fail(node, str(error)) from error
+    if not isinstance(mask_operands, list):
+        raise fail(node, "the mask operands must be a list")
+    bad = [i for i in mask.operand_indices() if i >= len(mask_operands)]
+    if bad:
+        raise fail(node, f"mask {mask} uses operands {bad} but only {len(mask_operands)} are given")
+
+
+class Sdpa(OpDef):
+    """q: [B, Hq, Sq, D], k: [B, Hkv, Skv, D], v: [B, Hkv, Skv, Dv] -> out: [B, Hq, Sq, Dv], lse: [B, Hq, Sq] fp32.
+
+    Canonical attention: `attn.sdpa(q, k, v, [mask operands], mask=..., score_mod=..., scale=..., kv_heads=...)`.
+    """
+
+    name = "attn.sdpa"
+
+    def infer(self, node: Node) -> list[ValueType]:
+        q, _, v = (arg.type for arg in node.args[:3])
+        out = TensorType(q.shape[:3] + v.shape[3:], q.dtype, q.placements)
+        return [out, TensorType(q.shape[:3], torch.float32, q.placements)]
+
+    def verify(self, node: Node) -> None:
+        if len(node.args) != 4:
+            raise fail(node, "expects (q, k, v, [mask operands])")
+        _check_attributes(node, node.args[3])
+        q, k, v = (_tensor_type(node, arg, what) for arg, what in zip(node.args[:3], "qkv"))
+        _check_attention_operands(node, q, k, v)
+
+    def reference(self, node: Node, q, k, v, operands, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_forward(q, k, v, parse_mask(kwargs["mask"]), parse_score_mod(kwargs["score_mod"]),
+                                 kwargs["scale"], operands)
+
+
+class SdpaBackward(OpDef):
+    """(dout, q, k, v, out, lse, [mask operands]) -> dq, dk, dv with the shapes of q, k, v."""
+
+    name = "attn.sdpa_backward"
+
+    def infer(self, node: Node) -> list[ValueType]:
+        return [arg.type for arg in node.args[1:4]]
+
+    def verify(self, node: Node) -> None:
+        if len(node.args) != 7:
+            raise fail(node, "expects (dout, q, k, v, out, lse, [mask operands])")
+        _check_attributes(node, node.args[6])
+        dout, q, k, v, out, lse = (_tensor_type(node, arg, "operand") for arg in node.args[:6])
+        _check_attention_operands(node, q, k, v)
+        if dout.shape != out.shape or lse.shape != q.shape[:3]:
+            raise fail(node, f"dout {dout.shape_text()} / lse {lse.shape_text()} do not match q {q.shape_text()}")
+
+    def reference(self, node: Node, dout, q, k, v, out, lse, operands, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return attention_backward(dout, q, k, v, out, lse, parse_mask(kwargs["mask"]),
+                                  parse_score_mod(kwargs["score_mod"]), kwargs["scale"], operands)

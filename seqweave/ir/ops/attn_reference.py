@@ -1,0 +1,129 @@
+"""Blockwise attention in plain torch: the reference for `attn.sdpa` and its backward.
+
+Tiles of BLOCK_Q x BLOCK_KV are classified by `MaskSpec.block_class`: EMPTY tiles are
+skipped, FULL tiles do no mask arithmetic, PARTIAL tiles evaluate the mask on the tile
+only. No N x N score or mask matrix is ever built. Grouped-query attention runs without
+expanding K/V: q heads are viewed as [B, H_kv, G, S, D] (the `repeat_kv` order).
+Accumulation is fp32 (fp64 for fp64 inputs); rows with no visible key give out = 0 and
+lse = -inf, and contribute nothing to the gradients.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from seqweave.ir.mask import BlockClass, MaskSpec, ScoreMod
+
+BLOCK_Q = 128
+BLOCK_KV = 128
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, S, D] -> [B, H_kv, G, S, D] without copying."""
+    b, hq, s, d = x.shape
+    return x.view(b, kv_heads, hq // kv_heads, s, d)
+
+
+def _tile_mask(mask: MaskSpec, q_idx: torch.Tensor, kv_idx: torch.Tensor,
+               operands: Sequence[torch.Tensor], kv_heads: int) -> torch.Tensor:
+    """The mask of one tile, broadcastable to the grouped scores [B, H_kv, G, Q, K]."""
+    allowed = mask.evaluate(q_idx, kv_idx, operands)
+    b, h, q, k = allowed.shape
+    if h == 1:
+        return allowed.view(b, 1, 1, q, k)
+    return allowed.view(b, kv_heads, h // kv_heads, q, k)
+
+
+class _Tile:
+    """Index ranges and the mask of one (q block, kv block) pair."""
+
+    def __init__(self, mask: MaskSpec, q0: int, q1: int, k0: int, k1: int,
+                 operands: Sequence[torch.Tensor], kv_heads: int, device: torch.device) -> None:
+        self.q = slice(q0, q1)
+        self.kv = slice(k0, k1)
+        self.cls = mask.block_class((q0, q1), (k0, k1), operands)
+        self.allowed = None
+        if self.cls is BlockClass.PARTIAL:
+            q_idx = torch.arange(q0, q1, device=device)
+            kv_idx = torch.arange(k0, k1, device=device)
+            self.allowed = _tile_mask(mask, q_idx, kv_idx, operands, kv_heads)
+
+
+def _tiles(mask: MaskSpec, sq: int, skv: int, operands: Sequence[torch.Tensor], kv_heads: int,
+           device: torch.device, q0: int):
+    for k0 in range(0, skv, BLOCK_KV):
+        tile = _Tile(mask, q0, min(q0 + BLOCK_Q, sq), k0, min(k0 + BLOCK_KV, skv), operands, kv_heads, device)
+        if tile.cls is not BlockClass.EMPTY:
+            yield tile
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, score_mod: ScoreMod) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw scaled scores and scores after the score mod, [B, H_kv, G, Q, K]."""
+    raw = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * scale
+    return raw, score_mod.apply(raw)
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec,
+                      score_mod: ScoreMod, scale: float,
+                      operands: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv] -> out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32."""
+    acc_dtype = _accum_dtype(q.dtype)
+    kv_heads = k.shape[1]
+    qg, kc, vc = _grouped(q, kv_heads).to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype)
+    b, _, g, sq, _ = qg.shape
+    out = torch.zeros(b, kv_heads, g, sq, v.shape[-1], dtype=acc_dtype, device=q.device)
+    lse = torch.full((b, kv_heads, g, sq), float("-inf"), dtype=acc_dtype, device=q.device)
+    for q0 in range(0, sq, BLOCK_Q):
+        rows = slice(q0, min(q0 + BLOCK_Q, sq))
+        running_max = torch.full_like(lse[..., rows], float("-inf"))
+        denom = torch.zeros_like(running_max)
+        acc = torch.zeros_like(out[..., rows, :])
+        for tile in _tiles(mask, sq, k.shape[2], operands, kv_heads, q.device, q0):
+            _, s = _scores(qg[..., rows, :], kc[:, :, tile.kv], scale, score_mod)
+            if tile.allowed is not None:
+                s = s.masked_fill(~tile.allowed, float("-inf"))
+            new_max = torch.maximum(running_max, s.amax(-1))
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            p = torch.exp(s - safe_max.unsqueeze(-1))
+            rescale = torch.exp(running_max - safe_max)
+            denom = denom * rescale + p.sum(-1)
+            acc = acc * rescale.unsqueeze(-1) + torch.matmul(p, vc[:, :, tile.kv].unsqueeze(2))
+            running_max = new_max
+        visible = denom > 0
+        out[..., rows, :] = torch.where(visible.unsqueeze(-1), acc / denom.clamp_min(1e-30).unsqueeze(-1), 0.0)
+        lse[..., rows] = torch.where(visible, running_max + torch.log(denom.clamp_min(1e-30)), float("-inf"))
+    return out.reshape(q.shape[:3] + (v.shape[-1],)).to(q.dtype), lse.reshape(q.shape[:3]).float()
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, mask: MaskSpec, score_mod: ScoreMod,
+                       scale: float, operands: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, ...]:
+    """Gradients (dq, dk, dv) recomputed tile by tile from lse, as in FlashAttention-2."""
+    acc_dtype = _accum_dtype(q.dtype)
+    kv_heads = k.shape[1]
+    qg, dog = _grouped(q, kv_heads).to(acc_dtype), _grouped(dout, kv_heads).to(acc_dtype)
+    kc, vc = k.to(acc_dtype), v.to(acc_dtype)
+    lse_g = lse.view(qg.shape[:4]).to(acc_dtype)
+    delta = (dog * _grouped(out, kv_heads).to(acc_dtype)).sum(-1)  # rowsum(dO * O): [B, H_kv, G, Sq]
+    dq, dk, dv = torch.zeros_like(qg), torch.zeros_like(kc), torch.zeros_like(vc)
+    for q0 in range(0, qg.shape[3], BLOCK_Q):
+        rows = slice(q0, min(q0 + BLOCK_Q, qg.shape[3]))
+        row_lse = lse_g[..., rows]
+        safe_lse = torch.where(torch.isinf(row_lse), torch.full_like(row_lse, float("inf")), row_lse)
+        for tile in _tiles(mask, qg.shape[3], k.shape[2], operands, kv_heads, q.device, q0):
+            raw, s = _scores(qg[..., rows, :], kc[:, :, tile.kv], scale, score_mod)
+            p = torch.exp(s - safe_lse.unsqueeze(-1))
+            if tile.allowed is not None:
+                p = p.masked_fill(~tile.allowed, 0.0)
+            do_rows = dog[..., rows, :]
+            dv[:, :, tile.kv] += torch.matmul(p.transpose(-1, -2), do_rows).sum(2)
+            dp = torch.matmul(do_rows, vc[:, :, tile.kv].unsqueeze(2).transpose(-1, -2))
+            ds = p * (dp - delta[..., rows].unsqueeze(-1)) * score_mod.grad_factor(raw) * scale
+            dq[..., rows, :] += torch.matmul(ds, kc[:, :, tile.kv].unsqueeze(2))
+            dk[:, :, tile.kv] += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2)
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

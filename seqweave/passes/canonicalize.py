@@ -1,0 +1,78 @@
+"""`canonicalize`: fold ops that return their input unchanged, then drop dead pure nodes.
+
+Invariants: the graph's outputs are never replaced by an alias of another value (the
+caller may rely on them being fresh), collectives and mutating ops are never removed,
+and every fold is decided from types alone (no data is looked at).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.ops import op_def
+from seqweave.ir.types import TensorType
+from seqweave.passes.base import Pass, PassResult
+
+
+def _same_type_as_input(node: Node) -> bool:
+    source = node.args[0]
+    return isinstance(source, Value) and isinstance(source.type, TensorType) and \
+        source.type.shape == node.results[0].type.shape and source.type.dtype == node.results[0].type.dtype
+
+
+def _plain_copy(node: Node) -> bool:
+    """`clone` / `_to_copy` that change nothing: no layout, device or memory-format request."""
+    allowed = {"dtype", "layout", "device"} if node.op == "core._to_copy" else set()
+    if set(node.kwargs) - allowed or len(node.args) != 1:
+        return False
+    return node.kwargs.get("layout") is None and node.kwargs.get("device") is None and _same_type_as_input(node)
+
+
+#: op name -> predicate: "this node returns its first operand unchanged".
+IDENTITY_RULES: dict[str, Callable[[Node], bool]] = {
+    "core.alias": _same_type_as_input,
+    "core.clone": _plain_copy,
+    "core._to_copy": _plain_copy,
+    "core.view": _same_type_as_input,
+    "core.reshape": _same_type_as_input,
+    "core._unsafe_view": _same_type_as_input,
+    "core.expand": _same_type_as_input,
+}
+
+
+def _fold_identities(graph: Graph) -> int:
+    outputs = set(graph.output_values())
+    folded = 0
+    for node in list(graph.nodes):
+        rule = IDENTITY_RULES.get(node.op)
+        if rule is None or node.results[0] in outputs or not rule(node):
+            continue
+        graph.replace_all_uses(node.results[0], node.args[0])
+        graph.nodes.remove(node)
+        folded += 1
+    return folded
+
+
+def _remove_dead(graph: Graph) -> int:
+    live = set(graph.output_values())
+    kept: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(result in live for result in node.results) or not op_def(node.op).pure:
+            kept.append(node)
+            live.update(node.operands)
+    removed = len(graph.nodes) - len(kept)
+    graph.nodes = kept[::-1]
+    return removed
+
+
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    """Fold identity ops and remove dead pure nodes."""
+
+    name = "canonicalize"
+
+    def run(self, graph: Graph) -> PassResult:
+        folded = _fold_identities(graph)
+        removed = _remove_dead(graph)
+        return PassResult(folded + removed, f"{folded} folded, {removed} dead")

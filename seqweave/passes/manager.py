@@ -1,0 +1,89 @@
+"""Run a pipeline of named passes: `"canonicalize,other{key=value}"`.
+
+After each pass the IR is verified (when asked), the graph is stamped with what the
+pass did, and with a dump directory the IR text is written there (atomically).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from seqweave.errors import OptionError, PassError
+from seqweave.ir.graph import Graph
+from seqweave.ir.ops import VerificationError
+from seqweave.ir.printer import print_graph
+from seqweave.ir.verifier import verify
+from seqweave.passes.base import Pass, PassResult
+from seqweave.passes.canonicalize import Canonicalize
+
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize,)}
+_STEP = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{(.*)\})?\s*$")
+
+
+@dataclass(frozen=True)
+class PassRun:
+    name: str
+    result: PassResult
+    millis: float
+
+
+def _option_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _build(step: str) -> Pass:
+    found = _STEP.match(step)
+    if not found or found.group(1) not in PASSES:
+        raise OptionError(f"unknown pass {step.strip()!r} in pipeline", hint=f"known passes: {sorted(PASSES)}")
+    cls = PASSES[found.group(1)]
+    options = dict(item.split("=", 1) for item in (found.group(2) or "").split(",") if item.strip())
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise OptionError(f"pass {cls.name} has no option(s) {unknown}", hint=f"its options: {sorted(valid) or 'none'}")
+    return cls(**{key.strip(): _option_value(value.strip()) for key, value in options.items()})
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """`"a,b{k=v,k2=v2}"` -> pass objects (commas inside braces belong to the options)."""
+    steps = re.findall(r"[^,{]+(?:\{[^}]*\})?", text)
+    return [_build(step) for step in steps if step.strip()]
+
+
+def _dump(graph: Graph, directory: str, index: int, name: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, f"{graph.name}.{index:02d}.{name}.ir")
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+        handle.write(print_graph(graph))
+    os.replace(handle.name, target)
+
+
+def run_pipeline(graph: Graph, pipeline: str, *, check: bool = True, dump_dir: str | None = None) -> list[PassRun]:
+    """Run every pass of `pipeline` on `graph` in place; raises PassError naming the pass that broke it."""
+    runs = []
+    if dump_dir:
+        _dump(graph, dump_dir, 0, "input")
+    for index, pass_ in enumerate(parse_pipeline(pipeline), start=1):
+        start = time.perf_counter()
+        result = pass_.run(graph)
+        millis = (time.perf_counter() - start) * 1e3
+        graph.notes.append(f"after {pass_.name}: {result.rewrites} rewrites, {millis:.1f} ms")
+        if check:
+            try:
+                verify(graph)
+            except VerificationError as error:
+                raise PassError(f"the IR does not verify: {error}", pass_name=pass_.name,
+                                hint="this is a bug in the pass; rerun with SEQWEAVE_DUMP=dir to see its input") from error
+        if dump_dir:
+            _dump(graph, dump_dir, index, pass_.name)
+        runs.append(PassRun(pass_.name, result, millis))
+    return runs

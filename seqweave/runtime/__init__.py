@@ -1,0 +1,1 @@
+"""seqweave.runtime."""

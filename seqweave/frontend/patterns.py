@@ -20,6 +20,7 @@ SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (F.softmax, torch.softmax)
 DROPOUT_TARGETS = (F.dropout, torch.dropout)
+CAST_METHODS = ("to", "type", "float")
 
 
 @dataclass
@@ -121,6 +122,10 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
                           mask, additive, is_causal, "sdpa")
 
 
+def _is_cast(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in CAST_METHODS
+
+
 def _single_user(node: fx.Node, what: str) -> None:
     if len(node.users) != 1:
         raise NotAttention(f"the {what} ({node.name}) is also used elsewhere (output_attentions?); left alone")
@@ -133,7 +138,7 @@ def _strip_probability_epilogue(probs: fx.Node) -> fx.Node:
             p, training = arg(probs, 1, "p", 0.5), arg(probs, 2, "training", True)
             if p != 0.0 and training is not False:
                 raise NotAttention(f"attention dropout p={p} in training mode; use eval() or attention_dropout=0")
-        elif not is_call(probs, (), "to"):
+        elif not _is_cast(probs):
             return probs
         _single_user(probs, "attention probabilities")
         probs = probs.args[0]
@@ -206,7 +211,7 @@ def looks_like_eager_attention(node: fx.Node) -> bool:
     for _ in range(4):
         if is_call(probs, SOFTMAX_TARGETS, "softmax"):
             return True
-        if not (is_call(probs, DROPOUT_TARGETS, "dropout") or is_call(probs, (), "to")):
+        if not (is_call(probs, DROPOUT_TARGETS, "dropout") or _is_cast(probs)):
             return False
         probs = probs.args[0]
     return False

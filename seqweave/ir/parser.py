@@ -186,11 +186,14 @@ def parse_type(text: str) -> ValueType:
 class _LiteralBuilder:
     """Turns an `ast` expression back into the literal / Value template it spells."""
 
-    def __init__(self, resolve: Callable[[str], Value]) -> None:
+    def __init__(self, resolve: Callable[[str], Value], source: str) -> None:
         self.resolve = resolve
+        self.source = source  # the text `ast` parsed, to decode string literals as JSON
 
     def build(self, node: ast.expr) -> Any:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return self._string(node)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, type(None))):
             return node.value
         if isinstance(node, ast.List):
             return [self.build(item) for item in node.elts]
@@ -207,6 +210,13 @@ class _LiteralBuilder:
         if isinstance(node, ast.Call):
             return self._call(node)
         raise ValueError(f"{ast.unparse(node)!r} is not a literal the IR text form allows")
+
+    def _string(self, node: ast.Constant) -> str:
+        """Strings are JSON (astral characters are escaped as surrogate pairs, which Python would keep apart)."""
+        try:
+            return json.loads(ast.get_source_segment(self.source, node) or "")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{ast.unparse(node)} is not a double-quoted JSON string") from error
 
     def _torch_enum(self, node: ast.Attribute) -> Any:
         value = getattr(torch, node.attr, None)
@@ -237,6 +247,7 @@ class _GraphParser:
     def __init__(self) -> None:
         self.values: dict[str, Value] = {}
         self.line = _Line(0, "")
+        self.source = ""
 
     def resolve(self, name: str) -> Value:
         if name not in self.values:
@@ -252,14 +263,15 @@ class _GraphParser:
 
     def expression(self, text: str) -> ast.expr:
         try:
-            return ast.parse(_substitute_values(text.strip()), mode="eval").body
+            self.source = _substitute_values(text.strip())
+            return ast.parse(self.source, mode="eval").body
         except (SyntaxError, ValueError) as error:
             raise self.line.error(f"malformed expression ({error})", "check brackets, quotes and commas",
                                   text) from error
 
     def literal(self, node: ast.expr) -> Any:
         try:
-            return _LiteralBuilder(self.resolve).build(node)
+            return _LiteralBuilder(self.resolve, self.source).build(node)
         except ParseError:
             raise
         except ValueError as error:

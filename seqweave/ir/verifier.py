@@ -7,7 +7,7 @@ from typing import Iterable
 import sympy
 
 from seqweave.ir.graph import Graph, Node, Value
-from seqweave.ir.ops import VerificationError, op_def
+from seqweave.ir.ops import OpDef, VerificationError, op_def
 from seqweave.ir.ops.base import fail
 from seqweave.ir.types import Shard, TensorType, ValueType
 
@@ -50,7 +50,19 @@ def _check_op(node: Node) -> None:
         definition = op_def(node.op)
     except VerificationError as error:
         raise fail(node, f"{error}; register the op or use a core.<aten op> / attn.* name") from None
-    definition.verify(node)
+    try:
+        definition.verify(node)
+    except VerificationError as error:
+        raise VerificationError(f"{error}; {_usage(definition)}: fix this node's operands or attributes") from None
+
+
+def _usage(definition: OpDef) -> str:
+    """What the op expects: the ATen schema of core ops, the first docstring line of dialect ops."""
+    overload = getattr(definition, "overload", None)
+    if overload is not None:
+        return f"the schema is {overload._schema}"
+    lines = (type(definition).__doc__ or "").strip().splitlines()
+    return f"the op expects {lines[0].rstrip('.')}" if lines else f"see {type(definition).__name__}"
 
 
 def _dims_equal(a: sympy.Expr, b: sympy.Expr) -> bool:

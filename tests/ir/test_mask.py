@@ -331,11 +331,28 @@ def test_combined_block_class_never_contradicts(case: Case, q: tuple[int, int],
 
 @THOROUGH
 @given(structured_specs(window=200, sinks=FAR, chunk=300), ranges(0, FAR),
-       st.integers(-300, 300), st.integers(0, MAX_BLOCK))
+       st.one_of(st.integers(-8, 8), st.integers(-300, 300)), st.integers(0, MAX_BLOCK))
 def test_structured_block_class_exact_at_large_offsets(spec: MaskSpec, q: tuple[int, int],
                                                        shift: int, kv_len: int) -> None:
     kv_start = max(0, q[0] + shift)
     _check_block(Case(spec, (), 1, 1), q, (kv_start, kv_start + kv_len), exact=True)
+
+
+EXHAUSTIVE_N = 12  # every block of an N x N grid
+EXHAUSTIVE_SPECS = [Full(), Causal(), SlidingWindow(0, 0), SlidingWindow(2, 0), SlidingWindow(3, 2),
+                    SlidingWindow(0, 4), Sinks(0), Sinks(1), Sinks(5), Chunked(1), Chunked(3), Chunked(5)]
+
+
+@pytest.mark.parametrize("spec", EXHAUSTIVE_SPECS, ids=str)
+def test_structured_block_class_exact_on_every_small_block(spec: MaskSpec) -> None:
+    grid = dense_mask(spec, EXHAUSTIVE_N, EXHAUSTIVE_N)[0, 0]
+    spans = [(a, b) for a in range(EXHAUSTIVE_N + 1) for b in range(a, EXHAUSTIVE_N + 1)]
+    for q in spans:
+        for kv in spans:
+            block = grid[q[0]:q[1], kv[0]:kv[1]]
+            want = (BlockClass.EMPTY if block.numel() == 0 or not block.any()
+                    else BlockClass.FULL if block.all() else BlockClass.PARTIAL)
+            assert spec.block_class(q, kv) is want, (q, kv)
 
 
 @FAST
@@ -356,11 +373,15 @@ def test_block_class_examples() -> None:
     assert Document(0).block_class((0, 2), (2, 4), seg) is BlockClass.EMPTY
     assert Document(0).block_class((2, 4), (2, 4), seg) is BlockClass.FULL
     assert Document(0).block_class((1, 3), (2, 4), seg) is BlockClass.PARTIAL
+    two_rows = [torch.tensor([[0, 0, 1, 1], [3, 4, 4, 4]])]  # row 0 disjoint, row 1 overlaps
+    assert Document(0).block_class((0, 2), (2, 4), two_rows) is BlockClass.PARTIAL
     assert Full().block_class((5, 5), (0, 8)) is BlockClass.EMPTY
     with pytest.raises(ValueError, match="start <= stop"):
         Full().block_class((5, 4), (0, 8))
     with pytest.raises(ValueError, match="outside the operand"):
         Padding(0).block_class((0, 4), (0, 9), [torch.ones(1, 8)])
+    with pytest.raises(ValueError, match="outside the operand"):
+        Padding(0).block_class((0, 4), (3, 5), [torch.ones(1, 1)])  # only Dense broadcasts size-1 dims
 
 
 # ------------------------------------------------ validation, operands, mods

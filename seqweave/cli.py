@@ -1,0 +1,99 @@
+"""The `seqweave` command: `demo` and `explain` (later issues add convert, run, fuzz)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from seqweave.errors import SeqweaveError
+from seqweave.testing.models import SampleSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="seqweave: compile PyTorch models for long-context attention.")
+#: Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+PIPED_WIDTH = 160
+out = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+err = Console(stderr=True)
+
+
+def _fail(error: SeqweaveError) -> None:
+    err.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def demo() -> None:
+    """Run built-in tiny HF models through the seqweave backend (forward + backward) and compare with eager."""
+    from seqweave.demo import DEMO_CASES, TOLERANCE, run_case
+
+    table = Table(title=f"seqweave vs eager (fp32, tolerance {TOLERANCE:g})")
+    for column in ("model", "variant", "attention", "mask", "max|Δlogits|", "|Δloss|", "max grad err",
+                   "compile s", "time ratio", "ok"):
+        table.add_column(column, justify="left" if column in ("model", "variant", "mask") else "right")
+    rows = []
+    for index, spec in enumerate(DEMO_CASES, start=1):
+        with err.status(f"[{index}/{len(DEMO_CASES)}] compiling {spec.name} ({spec.attn_implementation})…"):
+            rows.append(run_case(spec))
+        c = rows[-1].comparison
+        table.add_row(spec.name, rows[-1].variant, rows[-1].attention, rows[-1].mask, f"{c.logits_max_abs:.1e}",
+                      f"{c.loss_abs:.1e}", f"{c.grad_max_rel:.1e}", f"{c.compile_s:.1f}", f"{c.time_ratio:.2f}",
+                      "[green]yes[/]" if rows[-1].passed else "[red]NO[/]")
+    out.print(table)
+    out.print("time ratio = steady-state compiled step / eager step (CPU reference kernels, tiny shapes).")
+    if not all(row.passed for row in rows):
+        raise typer.Exit(1)
+
+
+def _explain_table(explanation) -> Table:
+    table = Table(title="attention per layer")
+    for column in ("layer", "found", "form", "q heads", "kv heads", "head dim", "mask", "note"):
+        table.add_column(column)
+    for layer in explanation.layers:
+        table.add_row(layer["layer"], "yes" if layer["found"] else "no", layer["form"], str(layer["q_heads"]),
+                      str(layer["kv_heads"]), str(layer["head_dim"]), layer["mask"], layer["reason"])
+    return table
+
+
+@app.command()
+def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny, qwen2-tiny, mistral-tiny, gpt2-tiny) "
+                                          "or package.module:function returning (model, example_inputs)"),
+            seq_len: int = typer.Option(64, help="sequence length of built-in samples"),
+            layers: int = typer.Option(2, help="decoder layers of built-in samples"),
+            hidden: int = typer.Option(64, help="hidden size of built-in samples"),
+            attn: str = typer.Option("sdpa", help="attn_implementation of built-in samples: sdpa or eager"),
+            padded: bool = typer.Option(False, help="left-pad the batch (attention_mask)"),
+            packed: bool = typer.Option(False, help="pack several documents per row (restarting position ids)"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Capture TARGET and show, per layer, the attention found and its lifted MaskSpec."""
+    from seqweave.explain import explain as run_explain
+    from seqweave.targets import load_target
+
+    try:
+        spec = SampleSpec("llama-tiny", seq_len=seq_len, layers=layers, hidden=hidden,
+                          attn_implementation=attn, padded=padded, packed=packed)
+        model, inputs = load_target(target, spec)
+        with err.status(f"capturing {target}…"):
+            explanation = run_explain(model, inputs)
+    except SeqweaveError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(explanation.as_dict(), indent=2))
+        return
+    out.print(_explain_table(explanation))
+    totals = explanation.totals
+    out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
+              f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
+              f"parameters: {totals['parameters']:,}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    app(args=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

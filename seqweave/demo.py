@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from seqweave.frontend.dynamo import SeqweaveBackend
 from seqweave.testing.compare import Comparison, compare_with_eager
 from seqweave.testing.models import SampleSpec, build_sample
@@ -39,6 +41,7 @@ class DemoRow:
 
 
 def run_case(spec: SampleSpec) -> DemoRow:
+    torch._dynamo.reset()  # every case compiles from scratch (and stays under dynamo's recompile limit)
     model, inputs = build_sample(spec)
     backend = SeqweaveBackend()
     comparison = compare_with_eager(model, inputs, backend)

@@ -48,6 +48,7 @@ def _attention_backward_fake(dout, q, k, v, out, lse, mask_operands, mask, score
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, mask_operands, mask, score_mod, scale = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # as in ATen's flash attention: the backward has no dlse term
     ctx.save_for_backward(q, k, v, out, lse, *mask_operands)
     ctx.attrs = (mask, score_mod, scale)
     ctx.num_mask_operands = len(mask_operands)

@@ -23,6 +23,7 @@ from seqweave.ir.types import DTYPES_BY_NAME, ScalarType, TensorType, ValueType,
 
 SIZE_SYMBOL_ASSUMPTIONS: dict[str, bool] = {"integer": True, "positive": True}
 _VALUE_REF = "__v__"
+_NAME_RE = re.compile(NAME_PATTERN)
 _HEADER_RE = re.compile(rf"graph\s+({NAME_PATTERN})\s*\((.*)\)\s*\{{")
 _RESULTS_RE = re.compile(rf"(%{NAME_PATTERN}(?:\s*,\s*%{NAME_PATTERN})*)\s*=\s*")
 _OP_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(")
@@ -30,6 +31,7 @@ _LOC_RE = re.compile(r"\s+loc\((\"(?:[^\"\\]|\\.)*\")\)\s*$")
 _TYPE_RE = re.compile(r"([A-Za-z0-9_.]+)\[(.*?)\](?:\{(.*)\})?")
 _SYM_TEXT_RE = re.compile(r"[\w\s+\-*/().,]*")
 _IDENT_RE = re.compile(r"[A-Za-z_]\w*")
+_ATTRIBUTE_RE = re.compile(r"\.\s*[A-Za-z_]")
 _SCALAR_KINDS = ("int", "float", "bool")
 _NUMBER_NAMES = {"inf": float("inf"), "nan": float("nan")}
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
@@ -54,9 +56,6 @@ class _Line:
 
     def error(self, problem: str, hint: str, fragment: str | None = None) -> ParseError:
         return ParseError(self.number, self.text if fragment is None else fragment, problem, hint)
-
-
-# ------------------------------------------------------------------ scanning
 
 
 def _skip_string(text: str, start: int) -> int:
@@ -118,7 +117,7 @@ def _substitute_values(text: str) -> str:
             out.append(text[index:end])
             index = end
         elif char == "%":
-            match = re.compile(NAME_PATTERN).match(text, index + 1)
+            match = _NAME_RE.match(text, index + 1)
             if match is None:
                 raise ValueError("'%' must be followed by a value name")
             out.append(f'{_VALUE_REF}("{match.group()}")')
@@ -129,21 +128,29 @@ def _substitute_values(text: str) -> str:
     return "".join(out)
 
 
-# ------------------------------------------------------------------ sympy and types
-
-
 def size_symbol(name: str) -> sympy.Symbol:
     """The sympy symbol the parser uses for a size named `name`."""
     return sympy.Symbol(name, **SIZE_SYMBOL_ASSUMPTIONS)
 
 
+def _is_sympy_function(name: str) -> bool:
+    candidate = getattr(sympy, name, None)
+    return isinstance(candidate, type) and issubclass(candidate, sympy.Basic)
+
+
 def parse_sym(text: str) -> sympy.Expr:
     """A sympy size expression such as `2*s0`; free names become size symbols."""
-    if not _SYM_TEXT_RE.fullmatch(text) or "__" in text:
+    if not _SYM_TEXT_RE.fullmatch(text) or "__" in text or _ATTRIBUTE_RE.search(text):
         raise ValueError(f"{text!r} is not a size expression (only names, numbers, + - * / and calls)")
-    names = {m.group(): size_symbol(m.group()) for m in _IDENT_RE.finditer(text)
-             if not text[m.end():].lstrip().startswith("(")}
-    expr = sympy.parse_expr(text, local_dict=names)
+    calls = {m.group() for m in _IDENT_RE.finditer(text) if text[m.end():].lstrip().startswith("(")}
+    unknown = sorted(name for name in calls if not _is_sympy_function(name))
+    if unknown:
+        raise ValueError(f"{text!r} calls {unknown}, which are not sympy functions (e.g. floor, Max, Mod)")
+    names = {m.group(): size_symbol(m.group()) for m in _IDENT_RE.finditer(text) if m.group() not in calls}
+    try:
+        expr = sympy.parse_expr(text, local_dict=names)
+    except Exception as error:  # sympy raises SyntaxError, TokenError, TypeError, ... for bad text
+        raise ValueError(f"{text!r} is not a size expression ({type(error).__name__}: {error})") from error
     if not isinstance(expr, sympy.Expr):
         raise ValueError(f"{text!r} is not a sympy expression")
     return expr
@@ -177,10 +184,9 @@ def parse_type(text: str) -> ValueType:
     if match is None:
         raise ValueError(f"{text!r} is not a type: expected e.g. f32[2, 8] or int")
     dims = tuple(parse_sym(dim.strip()) for dim in split_top_level(match.group(2)))
+    if any(dim.is_number and not dim.is_Integer for dim in dims):
+        raise ValueError(f"{text!r} has a non-integer size; sizes are integers or size expressions")
     return TensorType(dims, _parse_dtype(match.group(1)), _parse_placements(match.group(3)))
-
-
-# ------------------------------------------------------------------ literals
 
 
 class _LiteralBuilder:
@@ -232,13 +238,13 @@ class _LiteralBuilder:
         if name == _VALUE_REF:
             return self.resolve(arg.value)
         if name == "device":
-            return torch.device(arg.value)
+            try:
+                return torch.device(arg.value)
+            except RuntimeError as error:
+                raise ValueError(f"{arg.value!r} is not a device ({error})") from error
         if name == "sym":
             return parse_sym(arg.value)
         raise ValueError(f"{ast.unparse(node)!r} is not a literal: only device(...) and sym(...) calls")
-
-
-# ------------------------------------------------------------------ graph
 
 
 class _GraphParser:
@@ -275,8 +281,9 @@ class _GraphParser:
         except ParseError:
             raise
         except ValueError as error:
+            fragment = re.sub(rf"{_VALUE_REF}\((['\"])(.*?)\1\)", r"%\2", ast.unparse(node))
             raise self.line.error(str(error), "write the literal as the printer does (see seqweave.ir.printer)",
-                                  ast.unparse(node)) from error
+                                  fragment) from error
 
     def typ(self, text: str) -> ValueType:
         try:

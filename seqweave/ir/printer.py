@@ -5,7 +5,7 @@ The format is line based so that diffs between pass stages stay readable::
     # after canonicalize: 3 rewrites, 0.4 ms
     graph forward(%x: f32[2, 8], %n: i64[s0, 8]) {
       %mm = core.mm(%x, %w) : f32[2, 8]
-      %out, %lse = attn.sdpa(%q, %k, %v, [%seg], mask="causal", score_mod="none", scale=0.125, kv_heads=2) : f32[2, 4, 8, 16], f32[2, 4, 8] loc("model.layers.0")
+      %out, %lse = attn.sdpa(%q, %k, %v, [%seg], mask="causal & document($0)", ...) : f32[2, 4, 8, 16], ...
       return (%mm, None, [%out, %lse])
     }
 

@@ -82,7 +82,10 @@ def sample_inputs(spec: SampleSpec) -> dict[str, torch.Tensor]:
         mask = torch.ones(spec.batch, spec.seq_len, dtype=torch.long)
         mask[0, : spec.seq_len // 4] = 0
         inputs["attention_mask"] = mask
-        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+        # HF shifts labels inside the loss: the logit at t predicts label t+1. A padded query has
+        # no visible key (its output is undefined), so the label it would predict is ignored too.
+        predecessor_valid = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
+        inputs["labels"] = ids.masked_fill((mask == 0) | (predecessor_valid == 0), -100)
     if spec.packed:
         inputs["position_ids"] = packed_position_ids(spec.batch, spec.seq_len)
     return inputs
@@ -93,4 +96,7 @@ def build_sample(spec: SampleSpec) -> tuple[torch.nn.Module, dict[str, Any]]:
     if spec.name not in BUILDERS:
         raise KeyError(f"unknown sample {spec.name!r}; built-in samples: {sorted(BUILDERS)}")
     torch.manual_seed(spec.seed)
-    return BUILDERS[spec.name](spec).train(), sample_inputs(spec)
+    model = BUILDERS[spec.name](spec)
+    # Name the loss explicitly: HF otherwise logs a warning inside forward, a graph break under fullgraph.
+    model.loss_type = "ForCausalLM"
+    return model.train(), sample_inputs(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+from types import MappingProxyType
 from typing import Callable, NamedTuple, Sequence
 
 import pytest
@@ -92,7 +93,7 @@ def _dense(draw: st.DrawFn, gen: torch.Generator, batch: int, heads: int) -> Ten
     return torch.rand(shape, generator=gen) < p
 
 
-_OPERAND_MAKERS = {Document: _segment_ids, Padding: _valid, Dense: _dense}
+_OPERAND_MAKERS = MappingProxyType({Document: _segment_ids, Padding: _valid, Dense: _dense})
 
 
 def _draw_tree(draw: st.DrawFn, depth: int, leaf: Callable[[], MaskSpec]) -> MaskSpec:
@@ -138,9 +139,10 @@ def reference_allows(spec: MaskSpec, b: int, h: int, q: int, kv: int, ops: Seque
         results = [reference_allows(p, b, h, q, kv, ops) for p in spec.parts]
         return all(results) if isinstance(spec, And) else any(results)
     if isinstance(spec, Dense):
-        t = ops[spec.operand]
-        pick = lambda seq, i: seq[i if len(seq) > 1 else 0]  # noqa: E731
-        return bool(pick(pick(pick(pick(t, b), h), q), kv))
+        value = ops[spec.operand]
+        for i in (b, h, q, kv):
+            value = value[i if len(value) > 1 else 0]  # size-1 dims broadcast
+        return bool(value)
     checks = {
         Full: lambda: True, Causal: lambda: kv <= q, Sinks: lambda: kv < spec.n,
         SlidingWindow: lambda: q - spec.left <= kv <= q + spec.right,
@@ -170,14 +172,14 @@ def _full(case: Case, got: Tensor) -> Tensor:
 
 # --------------------------------------------------------------- text form
 
-GOLDEN = [
+GOLDEN = (
     (Full(), "full"), (Causal(), "causal"), (SlidingWindow(4095, 0), "sliding_window(4095, 0)"),
     (Sinks(4), "sinks(4)"), (Chunked(128), "chunked(128)"), (Document(0), "document($0)"),
     (Padding(1), "padding($1)"), (Dense(2), "dense($2)"),
     (Causal() & (Sinks(4) | SlidingWindow(1023, 0)), "causal & (sinks(4) | sliding_window(1023, 0))"),
     ((Causal() & Sinks(4)) | Full(), "causal & sinks(4) | full"),
     (Causal() & (Sinks(1) & Document(3)), "causal & sinks(1) & document($3)"),
-]
+)
 
 
 @pytest.mark.parametrize("spec, text", GOLDEN, ids=[t for _, t in GOLDEN])
@@ -237,8 +239,8 @@ def test_parse_errors_for_score_mods_and_bad_values() -> None:
 
 # ---------------------------------------------------------------- evaluate
 
-ZIGZAG_RANK0 = [0, 1, 2, 3, 12, 13, 14, 15]  # world 2, 4 chunks of 4: rank 0 holds chunks 0 and 3
-ODD_INDICES = [7, 3, 3, 0, 63, 31, 32, 1]  # unsorted, repeated, far apart
+ZIGZAG_RANK0 = (0, 1, 2, 3, 12, 13, 14, 15)  # world 2, 4 chunks of 4: rank 0 holds chunks 0 and 3
+ODD_INDICES = (7, 3, 3, 0, 63, 31, 32, 1)  # unsorted, repeated, far apart
 
 
 def _fixed_case(spec: MaskSpec) -> Case:
@@ -339,8 +341,8 @@ def test_structured_block_class_exact_at_large_offsets(spec: MaskSpec, q: tuple[
 
 
 EXHAUSTIVE_N = 12  # every block of an N x N grid
-EXHAUSTIVE_SPECS = [Full(), Causal(), SlidingWindow(0, 0), SlidingWindow(2, 0), SlidingWindow(3, 2),
-                    SlidingWindow(0, 4), Sinks(0), Sinks(1), Sinks(5), Chunked(1), Chunked(3), Chunked(5)]
+EXHAUSTIVE_SPECS = (Full(), Causal(), SlidingWindow(0, 0), SlidingWindow(2, 0), SlidingWindow(3, 2),
+                    SlidingWindow(0, 4), Sinks(0), Sinks(1), Sinks(5), Chunked(1), Chunked(3), Chunked(5))
 
 
 @pytest.mark.parametrize("spec", EXHAUSTIVE_SPECS, ids=str)

@@ -154,6 +154,9 @@ def test_scalar_inputs_and_no_result_nodes_round_trip() -> None:
     ("graph g(%x: f32[2]) {\n  return %x\n", 2, "not closed"),
     ("graph g(%x f32[2]) {\n  return %x\n}", 1, "bad graph input"),
     ("graph g(%x: f32[2]{sp: X}) {\n  return %x\n}", 1, "unknown placement"),
+    ("graph g(%x: f32[2]) {\n  return (%x, sym(\"exit(0)\"))\n}", 2, "not sympy functions"),
+    ("graph g(%x: f32[2]) {\n  return (%x, 'single')\n}", 2, "not a double-quoted JSON string"),
+    ("graph g(%x: f32[2.5]) {\n  return %x\n}", 1, "non-integer size"),
 ])
 def test_parse_errors_name_line_and_fragment(text: str, line: int, needle: str) -> None:
     with pytest.raises(ParseError) as info:

@@ -113,7 +113,8 @@ def test_attention_mask_operand_out_of_range() -> None:
 
 
 def test_attention_wrong_recorded_lse_dtype() -> None:
-    graph = parse_graph(ATTN.format(hq=4, hk=2, kvh=2, mask="causal").replace("f32[1, 4, 130] loc", "f64[1, 4, 130] loc"))
+    text = ATTN.format(hq=4, hk=2, kvh=2, mask="causal")
+    graph = parse_graph(text.replace("f32[1, 4, 130] loc", "f64[1, 4, 130] loc"))
     message = verify_error(graph)
     assert "result %lse" in message and "expected f32[1, 4, 130], found f64[1, 4, 130]" in message
 

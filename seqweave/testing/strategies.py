@@ -1,0 +1,278 @@
+"""Hypothesis strategies that build random, verifying IR graphs for pass authors.
+
+Every node's result types come from the op's own `infer()`, so a generated graph
+verifies by construction. Two families:
+
+* `elementwise_graphs()`: chains of core ops (arithmetic, identity-like copies and
+  views, expand, dtype casts, transpose, reductions) with dead branches, identity
+  ops that a canonicaliser may fold, and ones it must not fold;
+* `attention_graphs()`: one `attn.sdpa` with GQA, odd sequence lengths and masks
+  built from the MaskSpec algebra (structured and data-dependent).
+
+Graph inputs are float64 (attention operands int64), so `random_inputs` feeds them as is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from hypothesis import strategies as st
+
+from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.ops import op_def
+from seqweave.ir.types import TensorType
+
+MAX_RANK = 3
+MAX_SIDE = 4
+MAX_EXPAND = 3          # an expanded size-1 dim grows to at most this
+MAX_NODES = 12
+MAX_INPUTS = 3
+MAX_EXTRA_OUTPUTS = 2
+MAX_SEQ = 71            # odd lengths 1, 3, ..., 71 (not multiples of any tile size)
+GQA_RATIOS = (1, 2, 4)
+HEAD_DIMS = (4, 8, 16)
+FLOAT_DTYPES = (torch.float64, torch.float32)
+Draw = Callable[[st.SearchStrategy], Any]
+
+
+def static_shapes(min_rank: int = 1, max_rank: int = MAX_RANK, max_side: int = MAX_SIDE) -> st.SearchStrategy:
+    """Concrete tensor shapes: tuples of `min_rank..max_rank` sizes in `1..max_side`."""
+    return st.lists(st.integers(1, max_side), min_size=min_rank, max_size=max_rank).map(tuple)
+
+
+# ------------------------------------------------------------------ building graphs
+
+
+@dataclass
+class GraphBuilder:
+    """Appends typed nodes to a graph; result types are inferred by each op's definition.
+
+    `contiguous` records, per value, whether it is certainly contiguous both as written and
+    after any identity op it depends on has been folded away (folding a copy can leave an
+    expanded or transposed tensor in its place), so `view` is only drawn where it is valid.
+    """
+
+    graph: Graph
+    contiguous: dict[Value, bool] = field(default_factory=dict)
+
+    @staticmethod
+    def new(name: str) -> "GraphBuilder":
+        return GraphBuilder(Graph(name, [], [], ()))
+
+    def input(self, shape: tuple[int, ...], dtype: torch.dtype) -> Value:
+        value = Value(self.graph.fresh_name(f"x{len(self.graph.inputs)}"), TensorType.of(shape, dtype))
+        self.graph.inputs.append(value)
+        self.contiguous[value] = True
+        return value
+
+    def node(self, op: str, args: tuple, kwargs: dict | None = None, *, contiguous: bool = False) -> list[Value]:
+        """Append `op(*args, **kwargs)` and return its results, typed by `op_def(op).infer`."""
+        node = Node(op, args, dict(kwargs or {}), [])
+        types = op_def(op).infer(node)
+        if types is None:
+            raise ValueError(f"strategy bug: {op} could not infer types for {args} {kwargs}")
+        stem = f"{op.split('.')[1]}{len(self.graph.nodes)}"
+        self.graph.nodes.append(node)  # first, so that fresh_name sees each result as it is added
+        for value_type in types:
+            value = Value(self.graph.fresh_name(stem), value_type, node)
+            node.results.append(value)
+            self.contiguous[value] = contiguous
+        return node.results
+
+    def one(self, op: str, args: tuple, kwargs: dict | None = None, *, contiguous: bool = False) -> Value:
+        return self.node(op, args, kwargs, contiguous=contiguous)[0]
+
+    def tensors(self) -> list[Value]:
+        return [value for value in self.graph.values() if isinstance(value.type, TensorType)]
+
+
+def _shape(value: Value) -> tuple[int, ...]:
+    return value.type.concrete_shape()
+
+
+def _all_contiguous(builder: GraphBuilder, *values: Value) -> bool:
+    return all(builder.contiguous[value] for value in values)
+
+
+# ------------------------------------------------------------------ one generator per op family
+
+
+def _binary(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    """add / mul with a same-shaped partner (possibly `source` itself)."""
+    partners = [value for value in builder.tensors() if _shape(value) == _shape(source)]
+    other = draw(st.sampled_from(partners))
+    op = draw(st.sampled_from(["core.add.Tensor", "core.mul.Tensor"]))
+    return builder.one(op, (source, other), contiguous=_all_contiguous(builder, source, other))
+
+
+def _unary(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    op = draw(st.sampled_from(["core.relu", "core.neg"]))
+    return builder.one(op, (source,), contiguous=builder.contiguous[source])
+
+
+def _clone(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    """A plain clone (foldable) or one that asks for a memory format (must stay)."""
+    if draw(st.booleans()):
+        return builder.one("core.clone", (source,), {"memory_format": torch.contiguous_format}, contiguous=True)
+    return builder.one("core.clone", (source,), contiguous=builder.contiguous[source])
+
+
+def _to_copy(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    """A cast to the same dtype (foldable) or to another float dtype (must stay)."""
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    return builder.one("core._to_copy", (source,), {"dtype": dtype}, contiguous=builder.contiguous[source])
+
+
+def _new_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes with the same number of elements: itself, flattened, a leading 1, last two merged."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    shapes = [shape, (numel,), (1, *shape)]
+    if len(shape) >= 2:
+        shapes.append((*shape[:-2], shape[-2] * shape[-1]))
+    return [s for s in shapes if len(s) <= MAX_RANK + 1]
+
+
+def _view(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    """view / _unsafe_view (contiguous sources only) or reshape, to the same or a new shape."""
+    target = list(draw(st.sampled_from(_new_shapes(_shape(source)))))
+    ops = ["core.reshape"] + (["core.view", "core._unsafe_view"] if builder.contiguous[source] else [])
+    op = draw(st.sampled_from(ops))
+    return builder.one(op, (source, target), contiguous=builder.contiguous[source])
+
+
+def _expand(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    """Grow size-1 dims and maybe add a leading dim; unchanged shapes are foldable."""
+    shape = [draw(st.integers(1, MAX_EXPAND)) if size == 1 else size for size in _shape(source)]
+    if len(shape) < MAX_RANK and draw(st.booleans()):
+        shape.insert(0, draw(st.integers(1, MAX_EXPAND)))
+    same = tuple(shape) == _shape(source)
+    return builder.one("core.expand", (source, shape), contiguous=same and builder.contiguous[source])
+
+
+def _transpose(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    rank = len(_shape(source))
+    if rank == 0:
+        return _unary(draw, builder, source)
+    dim0, dim1 = draw(st.integers(0, rank - 1)), draw(st.integers(0, rank - 1))
+    return builder.one("core.transpose.int", (source, dim0, dim1))
+
+
+def _sum(draw: Draw, builder: GraphBuilder, source: Value) -> Value:
+    rank = len(_shape(source))
+    if rank == 0:
+        return _unary(draw, builder, source)
+    dim = draw(st.integers(-rank, rank - 1))
+    return builder.one("core.sum.dim_IntList", (source, [dim], draw(st.booleans())))
+
+
+ELEMENTWISE_STEPS: dict[str, Callable[[Draw, GraphBuilder, Value], Value]] = {
+    "binary": _binary, "unary": _unary, "clone": _clone, "to_copy": _to_copy, "view": _view,
+    "expand": _expand, "transpose": _transpose, "sum": _sum,
+}
+
+
+@st.composite
+def elementwise_graphs(draw: Draw, max_nodes: int = MAX_NODES) -> Graph:
+    """A random verifying graph of core ops over float64 inputs, with dead branches.
+
+    Outputs are the last value plus a few random earlier ones (inputs and foldable
+    identity results included), so some nodes are dead and some outputs are aliases.
+    """
+    builder = GraphBuilder.new("elementwise")
+    shape = draw(static_shapes())
+    for _ in range(draw(st.integers(1, MAX_INPUTS))):
+        builder.input(shape, torch.float64)
+    for _ in range(draw(st.integers(1, max_nodes))):
+        source = draw(st.sampled_from(builder.tensors()))
+        step = draw(st.sampled_from(sorted(ELEMENTWISE_STEPS)))
+        ELEMENTWISE_STEPS[step](draw, builder, source)
+    values = builder.tensors()
+    extra = draw(st.lists(st.sampled_from(values), max_size=MAX_EXTRA_OUTPUTS))
+    builder.graph.outputs = tuple([values[-1], *extra])
+    return builder.graph
+
+
+# ------------------------------------------------------------------ attention
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Sizes of one attention: q [batch, q_heads, q_len, head_dim], k/v [batch, kv_heads, kv_len, head_dim]."""
+
+    batch: int
+    kv_heads: int
+    group: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+
+    @property
+    def q_heads(self) -> int:
+        return self.kv_heads * self.group
+
+
+@st.composite
+def attention_shapes(draw: Draw, same_lengths: bool = False) -> AttentionShape:
+    """Batch 1-2, 1-2 KV heads, GQA ratio 1/2/4, small head dims, odd lengths up to MAX_SEQ."""
+    odd = st.integers(0, MAX_SEQ // 2).map(lambda half: 2 * half + 1)
+    q_len = draw(odd)
+    kv_len = q_len if same_lengths else draw(odd)
+    return AttentionShape(draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from(GQA_RATIOS)),
+                          q_len, kv_len, draw(st.sampled_from(HEAD_DIMS)))
+
+
+def structured_masks() -> st.SearchStrategy:
+    """Text of a MaskSpec that needs no operands: full, causal, windows, sinks, chunks and combinations."""
+    window, chunk, sinks = st.integers(0, 20), st.integers(1, 16), st.integers(1, 4)
+    return st.one_of(
+        st.just("full"),
+        st.just("causal"),
+        st.tuples(window, window).map(lambda lr: f"sliding_window({lr[0]}, {lr[1]})"),
+        window.map(lambda w: f"causal & sliding_window({w}, 0)"),
+        st.tuples(window, sinks).map(lambda ws: f"causal & (sliding_window({ws[0]}, 0) | sinks({ws[1]}))"),
+        chunk.map(lambda c: f"chunked({c})"),
+        chunk.map(lambda c: f"causal & chunked({c})"),
+    )
+
+
+#: data-dependent masks -> what their int64 operand $0 holds ([B, S] segment ids or [B, S_kv] valid flags)
+OPERAND_MASKS = {
+    "causal & document($0)": "segments",
+    "causal & padding($0)": "valid",
+    "sliding_window(8, 8) & padding($0)": "valid",
+}
+
+
+def attention_masks() -> st.SearchStrategy:
+    """Mask text: structured or data-dependent, each half of the time."""
+    return st.booleans().flatmap(lambda data: st.sampled_from(sorted(OPERAND_MASKS)) if data else structured_masks())
+
+
+@st.composite
+def attention_graphs(draw: Draw) -> Graph:
+    """A graph with one `attn.sdpa` over float64 q/k/v (GQA, odd lengths, MaskSpec masks).
+
+    Data-dependent masks read an int64 operand input (`segments` [B, S] or `valid` [B, S_kv]);
+    `random_inputs` fills such inputs with small non-negative integers.
+    """
+    mask = draw(attention_masks())
+    shape = draw(attention_shapes(same_lengths=OPERAND_MASKS.get(mask) == "segments"))
+    score_mod = draw(st.sampled_from(["none", "softcap(5.0)"]))
+    return attention_graph(shape, mask, score_mod, scale=shape.head_dim ** -0.5)
+
+
+def attention_graph(shape: AttentionShape, mask: str, score_mod: str = "none", scale: float = 0.25) -> Graph:
+    """The graph `out, lse = attn.sdpa(q, k, v, [operands], ...)`; returns (out, lse)."""
+    builder = GraphBuilder.new("attention")
+    b, d = shape.batch, shape.head_dim
+    q = builder.input((b, shape.q_heads, shape.q_len, d), torch.float64)
+    k = builder.input((b, shape.kv_heads, shape.kv_len, d), torch.float64)
+    v = builder.input((b, shape.kv_heads, shape.kv_len, d), torch.float64)
+    operands = [builder.input((b, shape.kv_len), torch.int64)] if "$0" in mask else []
+    kwargs = {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": shape.kv_heads}
+    out, lse = builder.node("attn.sdpa", (q, k, v, operands), kwargs)
+    builder.graph.outputs = (out, lse)
+    return builder.graph

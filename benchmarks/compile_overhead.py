@@ -128,10 +128,21 @@ def _clear_dynamo_metrics() -> None:
         pass
 
 
-def worker(layers: int, mode: str, backend_name: str, repeats: int) -> dict[str, Any]:
+def _inductor_compile_threads() -> int | None:
+    try:
+        import torch._inductor.config as inductor_config
+        return int(inductor_config.compile_threads)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def worker(layers: int, mode: str, backend_name: str, repeats: int, threads: int) -> dict[str, Any]:
     import copy
 
     import torch
+    if threads > 0:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -195,6 +206,9 @@ def worker(layers: int, mode: str, backend_name: str, repeats: int) -> dict[str,
         "loss_abs_diff": float((loss.float() - reference_loss.float()).abs()),
         "graphs": graphs_after_first, "recompiled_in_steady_state": recompiled,
         "dynamo_metrics_s": metrics,
+        "torch_threads": torch.get_num_threads(),
+        "inductor_compile_threads": _inductor_compile_threads(),
+        "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "backend_call_s": metrics.get("OutputGraph.call_user_compiler"),
     }
     if backend_name == "seqweave":
@@ -221,13 +235,14 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
-def run_one(layers: int, mode: str, backend: str, repeats: int, timeout: float) -> dict[str, Any]:
+def run_one(layers: int, mode: str, backend: str, repeats: int, threads: int, timeout: float) -> dict[str, Any]:
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="sw-bench-inductor-") as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
         env.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
         command = [sys.executable, os.path.abspath(__file__), "--worker", "--layers", str(layers),
-                   "--modes", mode, "--backends", backend, "--repeats", str(repeats)]
+                   "--modes", mode, "--backends", backend, "--repeats", str(repeats),
+                   "--threads", str(threads)]
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env=env, start_new_session=True)
@@ -258,35 +273,61 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """Per (mode, layers, backend) over rounds: the fastest first call (and that round's stage times),
+    steady-state as min compiled / min uncompiled; a config none of whose rounds succeeded keeps its status."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["mode"], record["layers"], record["backend"]), []).append(record)
+    out = {}
+    for key, group in groups.items():
+        ok = [r for r in group if r["status"] == "ok"]
+        if not ok:
+            out[key] = {"status": group[-1]["status"], "detail": group[-1].get("detail")}
+            continue
+        best = min(ok, key=lambda r: r["first_call_s"])
+        steady = min(r["steady_s"] for r in ok)
+        uncompiled = min(r["uncompiled_steady_s"] for r in ok)
+        out[key] = {
+            "status": "ok", "rounds": len(ok),
+            "first_call_s": best["first_call_s"], "first_call_all_s": [r["first_call_s"] for r in ok],
+            "first_forward_s": best["first_forward_s"], "first_backward_s": best["first_backward_s"],
+            "steady_s": steady, "uncompiled_steady_s": uncompiled, "steady_vs_uncompiled": steady / uncompiled,
+            "seqweave": best.get("seqweave"),
+        }
+    return out
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (mode, layers): first-call seconds per backend and seqweave's ratios against each."""
+    best = aggregate(records)
     rows = []
-    keys = sorted({(r["mode"], r["layers"]) for r in records}, key=lambda k: (k[0] != "inference", k[1]))
+    keys = sorted({(m, l) for m, l, _ in best}, key=lambda k: (k[0] != "inference", k[1]))
     for mode, layers in keys:
-        by_backend = {r["backend"]: r for r in records if r["mode"] == mode and r["layers"] == layers}
+        by_backend = {b: v for (m, l, b), v in best.items() if (m, l) == (mode, layers)}
 
-        def first(name: str) -> float | None:
-            record = by_backend.get(name)
-            return record["first_call_s"] if record and record["status"] == "ok" else None
+        def get(name: str, field: str) -> float | None:
+            entry = by_backend.get(name)
+            return entry[field] if entry and entry["status"] == "ok" else None
 
-        def steady(name: str) -> float | None:
-            record = by_backend.get(name)
-            return record["steady_vs_uncompiled"] if record and record["status"] == "ok" else None
-
-        sw = by_backend.get("seqweave", {}).get("seqweave", {})
-        row = {
+        sw = get("seqweave", "seqweave") or {}
+        sw_first, dynamo_first = get("seqweave", "first_call_s"), get(BASELINE, "first_call_s")
+        rows.append({
             "mode": mode, "layers": layers,
-            "first_call_s": {name: first(name) for name in by_backend},
-            "status": {name: record["status"] for name, record in by_backend.items()},
-            "seqweave_over": {name: _ratio(first("seqweave"), first(name)) for name in by_backend if name != "seqweave"},
-            "seqweave_minus_dynamo_s": (first("seqweave") - first(BASELINE)
-                                        if first("seqweave") is not None and first(BASELINE) is not None else None),
+            "status": {name: entry["status"] for name, entry in by_backend.items()},
+            "first_call_s": {name: get(name, "first_call_s") for name in by_backend},
+            "first_call_all_s": {name: get(name, "first_call_all_s") for name in by_backend},
+            "seqweave_over": {name: _ratio(sw_first, get(name, "first_call_s"))
+                              for name in by_backend if name != "seqweave"},
+            "seqweave_minus_dynamo_s": (sw_first - dynamo_first
+                                        if sw_first is not None and dynamo_first is not None else None),
             "seqweave_own_stages_s": sw.get("own_stages_s"),
-            "seqweave_pass_pipeline_ms": sw.get("pass_pipeline_ms"),
             "seqweave_stages_s": sw.get("stages_s"),
-            "steady_vs_uncompiled": {name: steady(name) for name in by_backend},
-        }
-        rows.append(row)
+            "seqweave_pass_pipeline_ms": sw.get("pass_pipeline_ms"),
+            "steady_vs_uncompiled": {name: get(name, "steady_vs_uncompiled") for name in by_backend},
+            "steady_s": {name: get(name, "steady_s") for name in by_backend},
+            "uncompiled_steady_s": {name: get(name, "uncompiled_steady_s") for name in by_backend},
+        })
     return rows
 
 
@@ -294,41 +335,46 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _label(name: str) -> str:
+    return "dynamo-only" if name == BASELINE else name
+
+
 def render_table(rows: list[dict[str, Any]], backends: list[str]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, body) for the tables printed and written to the README."""
-    others = [name for name in [BASELINE, *backends] if name != "seqweave"]
+    every = [BASELINE, *backends]
+    others = [name for name in every if name != "seqweave"]
 
-    def cell(row: dict, name: str) -> str:
+    def status_or(row: dict, name: str, text: str) -> str:
         status = row["status"].get(name)
         if status is None:
             return "not run"
-        if status != "ok":
-            return status
-        return f"{row['first_call_s'][name]:.2f}"
+        return text if status == "ok" else status
 
-    first_header = ["mode", "layers", *[f"{n} s" if n != BASELINE else "dynamo-only s" for n in [BASELINE, *backends]]]
-    first_body = [[row["mode"], str(row["layers"]), *[cell(row, n) for n in [BASELINE, *backends]]] for row in rows]
+    first_header = ["mode", "layers", *[f"{_label(n)} s" for n in every]]
+    first_body = [[row["mode"], str(row["layers"]),
+                   *[status_or(row, n, _fmt(row["first_call_s"].get(n), ".2f")) for n in every]] for row in rows]
 
-    ratio_header = ["mode", "layers", *[f"seqweave/{n if n != BASELINE else 'dynamo-only'}" for n in others],
-                    "seqweave-dynamo s", "sw stages s", "passes ms"]
+    ratio_header = ["mode", "layers", *[f"sw/{_label(n)}" for n in others],
+                    "sw - dynamo s", "sw stages s", "passes ms"]
     ratio_body = []
     for row in rows:
-        ratios = []
-        for name in others:
-            status = row["status"].get(name)
-            value = row["seqweave_over"].get(name)
-            ratios.append(_fmt(value, ".2f") if value is not None else (status if status and status != "ok" else "-"))
+        seqweave_ok = row["status"].get("seqweave") == "ok"
+        ratios = [status_or(row, n, _fmt(row["seqweave_over"].get(n), ".2f")) if seqweave_ok else "-" for n in others]
         ratio_body.append([row["mode"], str(row["layers"]), *ratios,
                            _fmt(row["seqweave_minus_dynamo_s"], ".2f"), _fmt(row["seqweave_own_stages_s"], ".2f"),
                            _fmt(row["seqweave_pass_pipeline_ms"], ".1f")])
 
-    steady_header = ["mode", "layers", *[f"{n if n != BASELINE else 'dynamo-only'}" for n in [*backends, BASELINE]]]
-    steady_body = [[row["mode"], str(row["layers"]),
-                    *[_fmt(row["steady_vs_uncompiled"].get(n), ".2f", row["status"].get(n, "not run"))
-                      for n in [*backends, BASELINE]]] for row in rows]
+    steady_header = ["mode", "layers", *[_label(n) for n in [*backends, BASELINE]], "uncompiled ms"]
+    steady_body = []
+    for row in rows:
+        uncompiled = [v for v in row["uncompiled_steady_s"].values() if v is not None]
+        steady_body.append([row["mode"], str(row["layers"]),
+                            *[status_or(row, n, _fmt(row["steady_vs_uncompiled"].get(n), ".2f"))
+                              for n in [*backends, BASELINE]],
+                            _fmt(min(uncompiled) * 1e3 if uncompiled else None, ".1f")])
     return [("First call (capture + compile + one run), seconds", first_header, first_body),
             ("seqweave first call as a ratio of each backend's (same run)", ratio_header, ratio_body),
-            ("Steady state: compiled call / uncompiled call (median)", steady_header, steady_body)]
+            ("Steady state: compiled call / uncompiled call", steady_header, steady_body)]
 
 
 def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
@@ -343,11 +389,11 @@ def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
             for line in body:
                 print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
         return
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     for title, header, body in tables:
         table = Table(title=title)
         for index, name in enumerate(header):
-            table.add_column(name, justify="left" if index == 0 else "right")
+            table.add_column(name, justify="left" if index == 0 else "right", no_wrap=True)
         for line in body:
             table.add_row(*line)
         console.print(table)
@@ -405,39 +451,58 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip Inductor for models with more than N layers (quick runs)")
     parser.add_argument("--timeout", type=float, default=360.0,
                         help="seconds allowed for one run's worker; past it the run is reported as 'timeout'")
-    parser.add_argument("--repeats", type=int, default=5, help="steady-state calls timed (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="steady-state calls timed per worker (median)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times the whole plan is run (interleaved); the table keeps each config's fastest "
+                             "first call, which filters out noise from other load on the machine")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads in each worker (0: torch's default); 1 keeps timings stable "
+                             "on a small shared machine")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        record = worker(args.layers[0], args.modes[0], args.backends[0], args.repeats)
+        record = worker(args.layers[0], args.modes[0], args.backends[0], args.repeats, args.threads)
         print(json.dumps(record))
         return 0
 
     backends = [name for name in dict.fromkeys(args.backends) if name != BASELINE]
     plan = [(mode, layers, backend) for mode in args.modes for layers in args.layers
             for backend in [BASELINE, *backends]]
-    records = []
+    records: list[dict[str, Any]] = []
+    given_up: set[tuple[str, int, str]] = set()
     started = _dt.datetime.now(_dt.timezone.utc)
-    for index, (mode, layers, backend) in enumerate(plan, start=1):
-        label = f"[{index}/{len(plan)}] {mode:9s} layers={layers:<3d} {backend:9s}"
-        if backend == "inductor" and args.skip_inductor_above is not None and layers > args.skip_inductor_above:
-            records.append({"layers": layers, "mode": mode, "backend": backend, "status": "skipped",
-                            "detail": f"--skip-inductor-above {args.skip_inductor_above}"})
-            _log(f"{label} skipped (--skip-inductor-above {args.skip_inductor_above})")
-            continue
-        _log(f"{label} ...")
-        record = run_one(layers, mode, backend, args.repeats, args.timeout)
-        records.append(record)
-        if record["status"] == "ok":
-            extra = ""
-            if backend == "seqweave":
-                sw = record["seqweave"]
-                extra = f", own stages {sw['own_stages_s']:.2f} s, passes {sw['pass_pipeline_ms']:.1f} ms"
-            _log(f"{label} first call {record['first_call_s']:.2f} s, steady x{record['steady_vs_uncompiled']:.2f} "
-                 f"of uncompiled{extra} (worker {record['worker_s']:.0f} s)")
-        else:
-            _log(f"{label} {record['status']}: {record.get('detail', '')}")
+    total = len(plan) * args.rounds
+    step = 0
+    for round_index in range(1, args.rounds + 1):
+        for mode, layers, backend in plan:
+            step += 1
+            label = f"[{step}/{total} round {round_index}] {mode:9s} layers={layers:<3d} {backend:9s}"
+            if backend == "inductor" and args.skip_inductor_above is not None and layers > args.skip_inductor_above:
+                if round_index == 1:
+                    records.append({"layers": layers, "mode": mode, "backend": backend, "status": "skipped",
+                                    "detail": f"--skip-inductor-above {args.skip_inductor_above}"})
+                _log(f"{label} skipped (--skip-inductor-above {args.skip_inductor_above})")
+                continue
+            if (mode, layers, backend) in given_up:
+                _log(f"{label} not rerun (timed out in an earlier round)")
+                continue
+            _log(f"{label} ...")
+            record = run_one(layers, mode, backend, args.repeats, args.threads, args.timeout)
+            record["round"] = round_index
+            records.append(record)
+            if record["status"] == "ok":
+                extra = ""
+                if backend == "seqweave":
+                    sw = record["seqweave"]
+                    extra = f", own stages {sw['own_stages_s']:.2f} s, passes {sw['pass_pipeline_ms']:.1f} ms"
+                _log(f"{label} first call {record['first_call_s']:.2f} s, steady x{record['steady_vs_uncompiled']:.2f}"
+                     f" of uncompiled{extra} (worker {record['worker_s']:.0f} s,"
+                     f" load {record['loadavg_1m_before_after'][0]:.1f})")
+            else:
+                if record["status"] == "timeout":
+                    given_up.add((mode, layers, backend))
+                _log(f"{label} {record['status']}: {record.get('detail', '')}")
 
     rows = summarize(records)
     tables = render_table(rows, [name for name in backends])
@@ -449,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "model": {**MODEL, "warmup_model": WARMUP_MODEL},
-        "settings": {"repeats": args.repeats, "timeout_s": args.timeout,
+        "settings": {"repeats": args.repeats, "rounds": args.rounds, "threads": args.threads,
+                     "timeout_s": args.timeout,
                      "skip_inductor_above": args.skip_inductor_above,
                      "compile": "torch.compile(model, backend=X, fullgraph=True, dynamic=False)",
                      "dynamo_only_backend": BASELINE},

@@ -50,17 +50,22 @@ def _lift(match: AttentionMatch, placeholder_values: dict[fx.Node, torch.Tensor]
     if match.mask is None:
         return LiftedMask(Causal() if match.is_causal else Full(), [], "lifted")
     q, k = example(match.q), example(match.k)
-    mask_shape = example(match.mask).shape
-    shape = (q.shape[0], mask_shape[1], q.shape[2], k.shape[2])
-    return lift_mask(match.mask, placeholder_values, match.additive, shape)
+    heads = _as_4d(example(match.mask).shape)[1]
+    return lift_mask(match.mask, placeholder_values, match.additive, (q.shape[0], heads, q.shape[2], k.shape[2]))
+
+
+def _as_4d(shape: torch.Size) -> tuple[int, ...]:
+    """A mask's shape with leading broadcast dims made explicit: [Sq, Skv] -> [1, 1, Sq, Skv]."""
+    return (1,) * (4 - len(shape)) + tuple(shape)
 
 
 def _mask_operand(graph: fx.Graph, node: fx.Node, role: str) -> fx.Node:
     """Insert (before the attention) the value an operand role needs."""
     if role == "document":
         return graph.call_function(segment_ids_from_positions, (node,))
-    if role == "dense_additive":
-        return graph.call_function(torch.eq, (node, 0))
+    if role in ("dense", "dense_additive"):
+        dense = graph.call_function(torch.eq, (node, 0)) if role == "dense_additive" else node
+        return graph.call_function(torch.reshape, (dense, _as_4d(example(node).shape)))
     return node
 
 

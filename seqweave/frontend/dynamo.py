@@ -62,8 +62,10 @@ class SeqweaveBackend:
         return compile_graph
 
     def attention_count(self, kind: str = "forward") -> int:
-        op = "attn.sdpa_backward" if kind == "backward" else "attn.sdpa"
-        return sum(compiled.graph.count(op) for compiled in self.graphs if compiled.kind == kind)
+        """attn.sdpa nodes in forward graphs (training `forward` or `inference`), or sdpa_backward in `backward`."""
+        if kind == "backward":
+            return sum(c.graph.count("attn.sdpa_backward") for c in self.graphs if c.kind == "backward")
+        return sum(c.graph.count("attn.sdpa") for c in self.graphs if c.kind in ("forward", "inference"))
 
 
 def seqweave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:

@@ -22,6 +22,8 @@ from seqweave.ir.mask import (Causal, Chunked, Dense, Document, Full, MaskSpec, 
 #: Masks bigger than this (B * Sq * Skv elements) are not evaluated; they stay Dense.
 MAX_LIFT_ELEMENTS = 1 << 27
 PROBES_PER_ROLE = 4
+#: An additive mask entry at or below this is "masked": exp() of it underflows to 0 even in fp64.
+MASKED_ADDITIVE_VALUE = -1e6
 ROLES = ("padding", "document")
 
 
@@ -78,6 +80,9 @@ def extract_mask_function(mask: fx.Node, placeholder_values: dict[fx.Node, torch
     sub.output(env[mask])
     module = fx.GraphModule(torch.nn.Module(), sub)
     values = [_leaf_value(leaf, placeholder_values) for leaf in leaves]
+    floating = [leaf.name for leaf, v in zip(leaves, values) if v.dtype.is_floating_point and v.dim() > 0]
+    if floating:
+        raise ValueError(f"the mask depends on floating-point data ({', '.join(floating)})")
     if not additive:
         return MaskFunction(module, leaves, values)
     check_additive_values(module(*values))
@@ -86,9 +91,8 @@ def extract_mask_function(mask: fx.Node, placeholder_values: dict[fx.Node, torch
 
 
 def check_additive_values(mask_value: torch.Tensor) -> None:
-    """An additive mask must hold only 0 and 'minus infinity' (finfo.min or -inf)."""
-    lowest = torch.finfo(mask_value.dtype).min / 2
-    odd = (mask_value != 0) & (mask_value > lowest)
+    """An additive mask must hold only 0 and 'minus infinity' (-inf, finfo.min, -1e9, ...)."""
+    odd = (mask_value != 0) & (mask_value > MASKED_ADDITIVE_VALUE)
     if bool(odd.any()):
         raise ValueError("the additive mask holds values other than 0 and -inf (a bias such as ALiBi), "
                          "which a boolean MaskSpec cannot express")
@@ -131,8 +135,10 @@ def fit_structured(allowed: torch.Tensor) -> MaskSpec | None:
     return None
 
 
-def _role_capable(value: torch.Tensor, kv_len: int) -> bool:
-    return value.dim() == 2 and value.shape[-1] == kv_len and not value.dtype.is_floating_point
+def _role_capable(value: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Could this leaf be per-token data ([B or 1, Skv] integers): an attention_mask or position ids?"""
+    return value.dim() == 2 and value.shape[0] in (1, shape[0]) and value.shape[1] == shape[-1] \
+        and not value.dtype.is_floating_point
 
 
 def _neutral(value: torch.Tensor, role: str | None) -> torch.Tensor:
@@ -184,7 +190,7 @@ def _candidate_spec(structured: MaskSpec, roles: Sequence[str | None]) -> MaskSp
 def _reproduces(fn: MaskFunction, spec: MaskSpec, roles: Sequence[str | None], shape: tuple[int, ...]) -> bool:
     """Does `spec` equal the mask subgraph on the example inputs and on random probes?"""
     generator = torch.Generator().manual_seed(0)
-    capable = [role is not None or _role_capable(v, shape[-1]) for v, role in zip(fn.leaf_values, roles)]
+    capable = [role is not None or _role_capable(v, shape) for v, role in zip(fn.leaf_values, roles)]
     rounds = [list(fn.leaf_values)]
     for round_index in range(PROBES_PER_ROLE * len(ROLES)):
         rounds.append([
@@ -199,9 +205,9 @@ def _reproduces(fn: MaskFunction, spec: MaskSpec, roles: Sequence[str | None], s
     return True
 
 
-def _role_assignments(fn: MaskFunction, kv_len: int):
+def _role_assignments(fn: MaskFunction, shape: tuple[int, ...]):
     """Every way of reading the role-capable leaves, fewest roles first."""
-    options = [(None, *ROLES) if _role_capable(v, kv_len) else (None,) for v in fn.leaf_values]
+    options = [(None, *ROLES) if _role_capable(v, shape) else (None,) for v in fn.leaf_values]
     assignments = list(itertools.product(*options))
     return sorted(assignments, key=lambda roles: sum(role is not None for role in roles))
 
@@ -217,10 +223,7 @@ def lift_mask(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], ad
         dense.note = f"a mask of {torch.Size(shape).numel()} elements is too large to lift; kept as a dense tensor"
         return dense
     fn = extract_mask_function(mask, placeholder_values, additive)
-    floating = [leaf.name for leaf, v in zip(fn.leaves, fn.leaf_values) if v.dtype.is_floating_point and v.dim() > 0]
-    if floating:
-        raise ValueError(f"the mask depends on floating-point data ({', '.join(floating)})")
-    for roles in _role_assignments(fn, shape[-1]):
+    for roles in _role_assignments(fn, shape):
         neutral = [_neutral(v, role) if role else v for v, role in zip(fn.leaf_values, roles)]
         pattern = _evaluate(fn, neutral, shape)
         if not bool((pattern == pattern[:1, :1]).all()):

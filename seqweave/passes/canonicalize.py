@@ -1,15 +1,16 @@
 """`canonicalize`: fold ops that return their input unchanged, then drop dead pure nodes.
 
 Invariants: the graph's outputs are never replaced by an alias of another value (the
-caller may rely on them being fresh), collectives and mutating ops are never removed,
-and every fold is decided from types alone (no data is looked at).
+caller may rely on them being fresh), nor is a copy folded when an output is a view of
+it; collectives and mutating ops are never removed, and every fold is decided from
+types alone (no data is looked at).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.graph import Graph, Node, Value, values_in
 from seqweave.ir.ops import op_def
 from seqweave.ir.types import TensorType
 from seqweave.passes.base import Pass, PassResult
@@ -29,6 +30,9 @@ def _plain_copy(node: Node) -> bool:
     return node.kwargs.get("layout") is None and node.kwargs.get("device") is None and _same_type_as_input(node)
 
 
+#: ops whose result is fresh memory, unlike their operand's
+COPY_OPS = frozenset({"core.clone", "core._to_copy"})
+
 #: op name -> predicate: "this node returns its first operand unchanged".
 IDENTITY_RULES: dict[str, Callable[[Node], bool]] = {
     "core.alias": _same_type_as_input,
@@ -41,17 +45,49 @@ IDENTITY_RULES: dict[str, Callable[[Node], bool]] = {
 }
 
 
-def _fold_identities(graph: Graph) -> int:
+def _view_sources(node: Node) -> list[Value]:
+    """Operands a result of `node` may be a view of, from the ATen schema's alias annotations
+    (`view(Tensor(a) self, ...) -> Tensor(a)`); dialect ops return fresh tensors."""
+    schema = getattr(getattr(op_def(node.op), "overload", None), "_schema", None)
+    if schema is None or not any(ret.alias_info is not None for ret in schema.returns):
+        return []
+    sources: list[Value] = []
+    for position, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None:
+            bound = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+            sources.extend(values_in(bound))
+    return sources
+
+
+def _viewed(graph: Graph) -> set[Value]:
+    """Values some node may return a view of. A copy among these stays a copy: the view may
+    need the copy's fresh dense layout (`x[:, ::2].clone().view(-1)`), and an output that
+    views it must not share memory with the copy's source."""
+    return {source for node in graph.nodes for source in _view_sources(node)}
+
+
+def _fold_once(graph: Graph) -> int:
     outputs = set(graph.output_values())
+    viewed = _viewed(graph)
     folded = 0
     for node in list(graph.nodes):
         rule = IDENTITY_RULES.get(node.op)
         if rule is None or node.results[0] in outputs or not rule(node):
             continue
+        if node.op in COPY_OPS and node.results[0] in viewed:
+            continue
         graph.replace_all_uses(node.results[0], node.args[0])
         graph.nodes.remove(node)
         folded += 1
     return folded
+
+
+def _fold_identities(graph: Graph) -> int:
+    """Fold until nothing folds: folding a same-shape view can free the copy it was viewing."""
+    total = 0
+    while folded := _fold_once(graph):
+        total += folded
+    return total
 
 
 def _remove_dead(graph: Graph) -> int:
@@ -73,6 +109,6 @@ class Canonicalize(Pass):
     name = "canonicalize"
 
     def run(self, graph: Graph) -> PassResult:
+        removed = _remove_dead(graph)  # first, so dead readers cannot keep a copy; folding kills nothing
         folded = _fold_identities(graph)
-        removed = _remove_dead(graph)
         return PassResult(folded + removed, f"{folded} folded, {removed} dead")

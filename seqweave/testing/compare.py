@@ -65,7 +65,7 @@ def compare_with_eager(model: torch.nn.Module, inputs: dict[str, Any], backend: 
                       grad_max_rel, worst, compile_s, steady / eager)
 
 
-def _best_of(step_model: Callable, params_of: torch.nn.Module, inputs: dict[str, Any], repeats: int = 2) -> float:
+def _best_of(step_model: Callable, params_of: torch.nn.Module, inputs: dict[str, Any], repeats: int = 5) -> float:
     """Fastest of a few extra steps (gradients are zeroed first; the comparison is already taken)."""
     times = []
     for _ in range(repeats):

@@ -1,0 +1,65 @@
+"""The `seqweave` command: explain's per-layer table and JSON, clear errors, and the demo table."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from seqweave.cli import app
+
+runner = CliRunner()
+
+
+def _explain_json(*args):
+    result = runner.invoke(app, ["explain", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_explain_mistral_shows_sliding_window_and_padding():
+    report = _explain_json("mistral-tiny", "--seq-len", "32", "--padded")
+    assert [layer["mask"] for layer in report["layers"]] == ["causal & sliding_window(7, 0) & padding($0)"] * 2
+    assert all(layer["q_heads"] == 4 and layer["kv_heads"] == 2 for layer in report["layers"])
+    assert report["totals"]["attn.sdpa"] == 2
+
+
+def test_explain_32_layer_llama_reports_32_attentions():
+    report = _explain_json("llama-tiny", "--layers", "32", "--hidden", "256", "--seq-len", "32")
+    assert report["totals"]["attention_found"] == 32
+    assert report["totals"]["attn.sdpa"] == 32
+    assert [layer["layer"] for layer in report["layers"]][-1] == "model.layers.31.self_attn"
+
+
+def test_explain_accepts_a_module_function_target(tmp_path, monkeypatch):
+    (tmp_path / "my_target.py").write_text(
+        "from seqweave.testing.models import SampleSpec, build_sample\n"
+        "def build():\n"
+        "    return build_sample(SampleSpec('gpt2-tiny', seq_len=16, layers=1, packed=True))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = _explain_json("my_target:build")
+    assert [layer["mask"] for layer in report["layers"]] == ["causal & document($0)"]
+
+
+def test_explain_table_names_the_layers():
+    result = runner.invoke(app, ["explain", "gpt2-tiny", "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    assert "transformer.h.1.attn" in result.stdout and "causal" in result.stdout
+
+
+@pytest.mark.parametrize("target, message", [
+    ("no-such-model", "built-in sample"),
+    ("no_such_module_xyz:build", "cannot import"),
+    ("json:loads_nothing", "has no function"),
+])
+def test_explain_bad_target_says_what_to_do(target, message):
+    result = runner.invoke(app, ["explain", target])
+    assert result.exit_code == 2
+    assert message in result.output and "what to do" in result.output
+
+
+@pytest.mark.slow
+def test_demo_prints_a_passing_table():
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    for name in ("llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny"):
+        assert name in result.stdout
+    assert "NO" not in result.stdout

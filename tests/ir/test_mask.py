@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from seqweave.ir.mask import (
-    And, BlockClass, Causal, Chunked, Dense, Document, Full, MaskSpec, NoScoreMod, Or, Padding,
-    ScoreMod, Sinks, SlidingWindow, Softcap, dense_mask, parse_mask, parse_score_mod,
+    And, BlockClass, Causal, Chunked, Dense, Document, Full, MaskSpec, Or, Padding, Sinks, SlidingWindow, dense_mask,
 )
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
+from seqweave.ir.score_mod import NoScoreMod, ScoreMod, Softcap
 
 SEQ = 64  # sequence length of generated operand tensors
 FAR = 10_000  # largest offset for structured-only blocks

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from seqweave.ir.graph import Node, Value
-from seqweave.ir.mask import MaskSpec, ScoreMod, parse_mask, parse_score_mod
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
+from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.ops.attn_reference import attention_backward, attention_forward
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.types import TensorType, ValueType

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from seqweave.ir.mask import BlockClass, MaskSpec, ScoreMod
+from seqweave.ir.mask import BlockClass, MaskSpec
+from seqweave.ir.score_mod import ScoreMod
 
 BLOCK_Q = 128
 BLOCK_KV = 128

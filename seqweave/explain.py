@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from seqweave.frontend.dynamo import SeqweaveBackend
+from seqweave.backend import SeqweaveBackend
 from seqweave.targets import call_model
 
 

@@ -16,7 +16,8 @@ from seqweave.frontend.custom_ops import ATTENTION_OP
 from seqweave.frontend.mask_lift import LiftedMask, lift_mask, segment_ids_from_positions
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
                                         looks_like_eager_attention, match_eager, match_sdpa)
-from seqweave.ir.mask import Causal, Full, NoScoreMod
+from seqweave.ir.mask import Causal, Full
+from seqweave.ir.score_mod import NoScoreMod
 
 
 @dataclass

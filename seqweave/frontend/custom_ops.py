@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from seqweave.ir.mask import parse_mask, parse_score_mod
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.attn_reference import attention_backward as reference_backward
 from seqweave.ir.ops.attn_reference import attention_forward as reference_forward
 

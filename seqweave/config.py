@@ -31,7 +31,8 @@ class CompileOptions:
     attention: str = "auto"
     pipeline: str = DEFAULT_PIPELINE
     verify: bool = True
-    dump_dir: str | None = None
+    #: SEQWEAVE_DUMP=dir writes the IR before and after every pass there.
+    dump_dir: str | None = field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
 
     @staticmethod
     def from_kwargs(options: dict[str, Any] | None) -> "CompileOptions":
@@ -43,7 +44,6 @@ class CompileOptions:
             raise OptionError(f"unknown seqweave option(s) {unknown}", hint=f"valid options: {sorted(known)}")
         if isinstance(options.get("mesh"), dict):
             options["mesh"] = Mesh(**options["mesh"])
-        options.setdefault("dump_dir", os.environ.get(DUMP_ENV) or None)
         if options.get("attention", "auto") not in ("auto",):
             raise OptionError(f"attention={options['attention']!r} needs sequence parallelism, not available yet",
                               hint="use attention='auto'")

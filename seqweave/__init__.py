@@ -20,7 +20,7 @@ def compile_options(**options: Any) -> CompileOptions:
 
 def backend(**options: Any):
     """A torch.compile backend object; keeps `.reports` (attention found) and `.graphs` (IR compiled)."""
-    from seqweave.backend import SeqweaveBackend  # imports torch's compiler stack lazily
+    from seqweave.compiler import SeqweaveBackend  # imports torch's compiler stack lazily
 
     return SeqweaveBackend(compile_options(**options))
 

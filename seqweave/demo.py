@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqweave.backend import SeqweaveBackend
+from seqweave.compiler import SeqweaveBackend
 from seqweave.testing.compare import Comparison, compare_with_eager
 from seqweave.testing.models import SampleSpec, build_sample
 

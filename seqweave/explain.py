@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from seqweave.backend import SeqweaveBackend
+from seqweave.compiler import SeqweaveBackend
 from seqweave.targets import call_model
 
 

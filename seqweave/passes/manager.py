@@ -45,12 +45,25 @@ def _build(step: str) -> Pass:
     if not found or found.group(1) not in PASSES:
         raise OptionError(f"unknown pass {step.strip()!r} in pipeline", hint=f"known passes: {sorted(PASSES)}")
     cls = PASSES[found.group(1)]
-    options = dict(item.split("=", 1) for item in (found.group(2) or "").split(",") if item.strip())
+    options = _options(cls.name, found.group(2) or "")
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise OptionError(f"pass {cls.name} has no option(s) {unknown}", hint=f"its options: {sorted(valid) or 'none'}")
-    return cls(**{key.strip(): _option_value(value.strip()) for key, value in options.items()})
+    return cls(**options)
+
+
+def _options(pass_name: str, text: str) -> dict[str, Any]:
+    """`"k=v, k2 = v2"` -> {"k": v, "k2": v2}, names and values stripped."""
+    options = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep and item.strip():
+            raise OptionError(f"option {item.strip()!r} of pass {pass_name} has no value",
+                              hint=f"write options as name=value, e.g. {pass_name}{{name=value}}")
+        if sep:
+            options[key.strip()] = _option_value(value.strip())
+    return options
 
 
 def parse_pipeline(text: str) -> list[Pass]:

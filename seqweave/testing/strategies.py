@@ -199,7 +199,7 @@ def elementwise_graphs(draw: Draw, max_nodes: int = MAX_NODES) -> Graph:
         builder.input(shape, torch.float64)
     for _ in range(draw(st.integers(1, max_nodes))):
         values = builder.tensors()
-        source = values[-1] if draw(st.integers(0, 3)) else draw(st.sampled_from(values))  # mostly chains
+        source = values[-1] if draw(st.booleans()) else draw(st.sampled_from(values))  # mostly chains
         step = draw(st.sampled_from(STEP_WEIGHTS))
         ELEMENTWISE_STEPS[step](draw, builder, source)
     values = builder.tensors()

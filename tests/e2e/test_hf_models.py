@@ -7,7 +7,7 @@ match eager in fp32.
 import pytest
 import torch
 
-from seqweave.backend import SeqweaveBackend
+from seqweave.compiler import SeqweaveBackend
 from seqweave.testing.compare import compare_with_eager
 from seqweave.testing.models import SampleSpec, build_sample
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqweave.backend import SeqweaveBackend
+from seqweave.compiler import SeqweaveBackend
 
 B, H, S, D = 2, 4, 24, 8
 

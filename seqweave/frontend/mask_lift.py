@@ -220,6 +220,8 @@ def lift_mask(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], ad
     """
     dense = LiftedMask(Dense(0), [(mask, "dense_additive" if additive else "dense")])
     if torch.Size(shape).numel() > MAX_LIFT_ELEMENTS:
+        if additive:  # without evaluating it we cannot tell a mask from a bias (ALiBi)
+            raise ValueError(f"the additive mask of {torch.Size(shape).numel()} elements is too large to check")
         dense.note = f"a mask of {torch.Size(shape).numel()} elements is too large to lift; kept as a dense tensor"
         return dense
     fn = extract_mask_function(mask, placeholder_values, additive)

@@ -12,12 +12,13 @@ import torch
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.attn_reference import attention_backward as reference_backward
 from seqweave.ir.ops.attn_reference import attention_forward as reference_forward
+from seqweave.ir.ops.attn_reference import lse_dtype
 
 
 @torch.library.custom_op("seqweave::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_operands: list[torch.Tensor],
               mask: str, score_mod: str, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32)."""
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] -> (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64)."""
     return reference_forward(q, k, v, parse_mask(mask), parse_score_mod(score_mod), scale, mask_operands)
 
 
@@ -25,7 +26,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_operands: 
 def _attention_fake(q, k, v, mask_operands, mask, score_mod, scale):
     # Contiguous outputs, as the real kernel returns: Inductor checks these strides.
     out = q.new_empty(q.shape[:3] + v.shape[3:])
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse = q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
     return out, lse
 
 

@@ -54,3 +54,33 @@ def test_sliding_window_visits_only_tiles_near_the_diagonal():
     # Causal visits blocks*(blocks+1)/2 tiles, the window 2 per query block but the first: 2 matmuls each.
     assert causal.matmuls == 2 * blocks * (blocks + 1) // 2
     assert window.matmuls == 2 * (2 * blocks - 1)
+
+
+def _zigzag_positions(rank: int, world: int, seq: int) -> torch.Tensor:
+    """Chunks rank and 2*world-1-rank of 2*world equal chunks (independent of seqweave's own layout code)."""
+    chunk = seq // (2 * world)
+    first, second = rank * chunk, (2 * world - 1 - rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+
+
+def test_zigzag_shards_merged_over_kv_blocks_equal_full_attention():
+    """Each q shard attends to every kv shard at its global positions; LSE merging equals one pass."""
+    from seqweave.ir.ops.attn_reference import merge_partials
+
+    world, seq = 4, 64
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, seq, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, seq, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    mask = Causal() & SlidingWindow(20, 0)
+    full_out, full_lse = attention_forward(q, k, v, mask, NoScoreMod(), 0.3)
+    for rank in range(world):
+        q_pos = _zigzag_positions(rank, world, seq)
+        out = torch.zeros(1, 4, q_pos.numel(), 8, dtype=torch.float64)
+        lse = torch.full((1, 4, q_pos.numel()), float("-inf"))
+        for source in range(world):
+            kv_pos = _zigzag_positions(source, world, seq)
+            part = attention_forward(q[:, :, q_pos], k[:, :, kv_pos], v[:, :, kv_pos], mask, NoScoreMod(), 0.3,
+                                     q_positions=q_pos, kv_positions=kv_pos)
+            out, lse = merge_partials(out, lse, *part)
+        torch.testing.assert_close(out, full_out[:, :, q_pos], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(lse, full_lse[:, :, q_pos], atol=1e-5, rtol=1e-6)

@@ -10,7 +10,7 @@ from seqweave.ir.graph import Node, Value
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.score_mod import ScoreMod
-from seqweave.ir.ops.attn_reference import attention_backward, attention_forward
+from seqweave.ir.ops.attn_reference import attention_backward, attention_forward, lse_dtype
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.types import TensorType, ValueType
 
@@ -62,7 +62,7 @@ def _check_attributes(node: Node, mask_operands: Any) -> None:
 
 
 class Sdpa(OpDef):
-    """q: [B, Hq, Sq, D], k: [B, Hkv, Skv, D], v: [B, Hkv, Skv, Dv] -> out: [B, Hq, Sq, Dv], lse: [B, Hq, Sq] fp32.
+    """q: [B, Hq, Sq, D], k: [B, Hkv, Skv, D], v: [B, Hkv, Skv, Dv] -> out: [B, Hq, Sq, Dv], lse: [B, Hq, Sq] fp32 (fp64 for fp64).
 
     Canonical attention: `attn.sdpa(q, k, v, [mask operands], mask=..., score_mod=..., scale=..., kv_heads=...)`.
     """
@@ -72,7 +72,7 @@ class Sdpa(OpDef):
     def infer(self, node: Node) -> list[ValueType]:
         q, _, v = (arg.type for arg in node.args[:3])
         out = TensorType(q.shape[:3] + v.shape[3:], q.dtype, q.placements)
-        return [out, TensorType(q.shape[:3], torch.float32, q.placements)]
+        return [out, TensorType(q.shape[:3], lse_dtype(q.dtype), q.placements)]
 
     def verify(self, node: Node) -> None:
         if len(node.args) != 4:

@@ -1,4 +1,4 @@
-"""The `seqweave` command: `demo` and `explain` (later issues add convert, run, fuzz)."""
+"""The `seqweave` command: `demo`, `explain` and `run` (later issues add convert and fuzz)."""
 from __future__ import annotations
 
 import json
@@ -88,6 +88,20 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
               f"parameters: {totals['parameters']:,}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(ctx: typer.Context,
+        script: str = typer.Argument(..., help="the Python script every rank runs"),
+        nproc: int = typer.Option(2, "--nproc", help="number of local ranks (processes)")) -> None:
+    """Launch SCRIPT on NPROC local ranks, like torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)."""
+    from seqweave.runtime.launch import launch
+
+    result = launch(nproc, script, ctx.args)
+    if result.returncode:
+        err.print(f"[bold red]error:[/] rank {result.failed_rank} exited with status {result.returncode}; "
+                  "the other ranks were stopped")
+        raise typer.Exit(result.returncode if 0 < result.returncode < 256 else 1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

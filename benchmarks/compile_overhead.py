@@ -42,7 +42,6 @@ MODEL = dict(name="llama-tiny", hidden=256, seq_len=128, batch=1)
 WARMUP_MODEL = dict(name="llama-tiny", layers=1, hidden=64, seq_len=32, batch=1)
 SEQWEAVE_STAGES = ("replace_attention", "import_fx", "verify", "run_pipeline", "lower")
 
-
 # --------------------------------------------------------------------------------------------- worker
 
 def _log(message: str) -> None:
@@ -50,10 +49,11 @@ def _log(message: str) -> None:
 
 
 def _make_backend(name: str) -> Any:
-    if name == "seqweave":
-        import seqweave
-        return seqweave.backend()
-    return name
+    """`seqweave.backend()` for seqweave; the name itself for torch's backends."""
+    if name != "seqweave":
+        return name
+    import seqweave
+    return seqweave.backend()
 
 
 def _call(model: Any, inputs: dict, mode: str) -> tuple[float, float, Any]:
@@ -88,27 +88,47 @@ def _steady(model: Any, inputs: dict, mode: str, repeats: int) -> float:
 
 
 @contextmanager
-def _timed_stages(totals: dict[str, float]) -> Iterator[None]:
-    """Wrap seqweave's stage functions, as the backend module sees them, to add up their wall time."""
-    from seqweave.frontend import dynamo as module
+def _timed_stages(totals: dict[str, float], wrapped: list[str]) -> Iterator[None]:
+    """Add up the wall time of seqweave's stage functions (SEQWEAVE_STAGES).
 
-    originals = {name: getattr(module, name) for name in SEQWEAVE_STAGES}
+    Every loaded seqweave module's module-level reference to one of them is wrapped (the wiring between
+    the modules changes; this finds the functions wherever they are looked up). Only the outermost stage
+    call is counted, so verification inside `run_pipeline` is part of `run_pipeline`, never counted twice.
+    """
+    import types
+
+    depth = [0]
+    originals: list[tuple[Any, str, Any]] = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "seqweave" or module_name.startswith("seqweave.")):
+            continue
+        if module_name.startswith("seqweave.testing"):
+            continue
+        for name in SEQWEAVE_STAGES:
+            function = module.__dict__.get(name)
+            if isinstance(function, types.FunctionType) and function.__module__.startswith("seqweave."):
+                originals.append((module, name, function))
 
     def wrap(name: str, function: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return function(*args, **kwargs)
+            depth[0] += 1
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
                 totals[name] = totals.get(name, 0.0) + (time.perf_counter() - start)
+                depth[0] -= 1
         return timed
 
-    for name, function in originals.items():
+    for module, name, function in originals:
         setattr(module, name, wrap(name, function))
+        wrapped.append(f"{module.__name__}.{name}")
     try:
         yield
     finally:
-        for name, function in originals.items():
+        for module, name, function in originals:
             setattr(module, name, function)
 
 
@@ -185,9 +205,11 @@ def worker(layers: int, mode: str, backend_name: str, repeats: int, threads: int
     model = copy.deepcopy(base)
     backend = _make_backend(backend_name)
     stages: dict[str, float] = {}
+    wrapped: list[str] = []
     opt = compiled(model, backend)
     if backend_name == "seqweave":
-        with _timed_stages(stages):
+        # The warm-up compile has loaded every seqweave module the backend uses, so all are wrapped.
+        with _timed_stages(stages, wrapped):
             first_forward, first_backward, loss = _call(opt, inputs, mode)
     else:
         first_forward, first_backward, loss = _call(opt, inputs, mode)
@@ -215,6 +237,7 @@ def worker(layers: int, mode: str, backend_name: str, repeats: int, threads: int
         passes_ms = sum(run.millis for graph in backend.graphs for run in graph.passes)
         record["seqweave"] = {
             "stages_s": stages,
+            "stage_functions_wrapped": wrapped,
             "own_stages_s": sum(stages.values()),
             "pass_pipeline_ms": passes_ms,
             "pass_pipeline_wall_ms": stages.get("run_pipeline", 0.0) * 1e3,  # includes per-pass verification
@@ -372,9 +395,18 @@ def render_table(rows: list[dict[str, Any]], backends: list[str]) -> list[tuple[
                             *[status_or(row, n, _fmt(row["steady_vs_uncompiled"].get(n), ".2f"))
                               for n in [*backends, BASELINE]],
                             _fmt(min(uncompiled) * 1e3 if uncompiled else None, ".1f")])
-    return [("First call (capture + compile + one run), seconds", first_header, first_body),
-            ("seqweave first call as a ratio of each backend's (same run)", ratio_header, ratio_body),
-            ("Steady state: compiled call / uncompiled call", steady_header, steady_body)]
+    tables = [("First call (capture + compile + one run), seconds", first_header, first_body),
+              ("seqweave first call as a ratio of each backend's (same run)", ratio_header, ratio_body),
+              ("Steady state: compiled call / uncompiled call", steady_header, steady_body)]
+    stage_rows = [row for row in rows if row.get("seqweave_stages_s")]
+    if stage_rows:
+        stage_header = ["mode", "layers", *[f"{name} s" for name in SEQWEAVE_STAGES], "passes ms"]
+        stage_body = [[row["mode"], str(row["layers"]),
+                       *[_fmt(row["seqweave_stages_s"].get(name), ".2f") for name in SEQWEAVE_STAGES],
+                       _fmt(row["seqweave_pass_pipeline_ms"], ".1f")] for row in stage_rows]
+        tables.append(("seqweave's own stages in the first call, seconds (run_pipeline includes its per-pass "
+                       "verification; passes ms is the passes alone)", stage_header, stage_body))
+    return tables
 
 
 def print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
@@ -429,6 +461,22 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def code_state() -> dict[str, Any]:
+    """The commit and the uncommitted changes under seqweave/ (the package may be edited while this runs)."""
+    root = os.path.dirname(HERE)
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--", "seqweave")
+    return {"commit": git("rev-parse", "HEAD"),
+            "seqweave_uncommitted": status.splitlines() if status else ([] if status is not None else None)}
+
+
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -458,8 +506,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads in each worker (0: torch's default); 1 keeps timings stable "
                              "on a small shared machine")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved result instead of running")
+    parser.add_argument("--markdown", action="store_true", help="with --report: print the tables as Markdown")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.report:
+        with open(args.report) as handle:
+            saved = json.load(handle)
+        ran = list(dict.fromkeys(r["backend"] for r in saved["runs"] if r["backend"] != BASELINE))
+        tables = render_table(summarize(saved["runs"]), ran)
+        print(markdown_tables(tables)) if args.markdown else print_tables(tables)
+        return 0
 
     if args.worker:
         record = worker(args.layers[0], args.modes[0], args.backends[0], args.repeats, args.threads)
@@ -472,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     given_up: set[tuple[str, int, str]] = set()
     started = _dt.datetime.now(_dt.timezone.utc)
+    code_at_start = code_state()
     total = len(plan) * args.rounds
     step = 0
     for round_index in range(1, args.rounds + 1):
@@ -513,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "code": {"at_start": code_at_start, "at_end": code_state()},
         "model": {**MODEL, "warmup_model": WARMUP_MODEL},
         "settings": {"repeats": args.repeats, "rounds": args.rounds, "threads": args.threads,
                      "timeout_s": args.timeout,

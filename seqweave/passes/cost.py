@@ -1,0 +1,478 @@
+"""Cost model of one sequence-parallel attention layer: bytes each device sends, and FLOPs.
+
+Every figure is a sympy expression in the symbols below, so a pass can compare strategies
+symbolically, print the formula, or evaluate it for concrete shapes. Conventions:
+
+* bytes are bytes *sent* by one device, the busiest rank, unless ``total=True`` (sum over ranks),
+  counted as runtime/sequence_parallel.py sends them (its `Communicator.bytes_sent`);
+* N is the padded sequence length (``padded_length``), split evenly over the ranks;
+* e is bytes per element of q, k, v, out and dq, dk, dv; lse and the ring's travelling dK/dV
+  accumulators are fp32 (fp64 for fp64 attention): ACCUM_BYTES = max(e, 4);
+* forward and backward are separate; the backward recomputes scores from the saved LSE
+  (flash style) and re-sends what it needs rather than keeping every shard it saw.
+
+Strategies (PAPERS.md, "Sequence parallelism for softmax attention"):
+
+* ring: each rank keeps its queries; the K/V shards travel the ring r -> r+1, one hop a step;
+* halo: the same ring under a ``RingPlan`` that stops forwarding a shard once no later rank
+  needs it (a causal sliding window narrower than a shard needs one hop, not P-1);
+* ulysses: all-to-all from sequence-sharded to head-sharded q, k, v, full attention on
+  Hq/P heads, all-to-all of the output back;
+* hybrid (USP): ulysses inside groups of U ranks, ring across the R = P/U groups.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from fractions import Fraction
+from types import MappingProxyType
+
+import sympy
+import torch
+
+from seqweave.ir.mask import And, BlockClass, Causal, Full, MaskSpec, Operands, Range, SlidingWindow
+from seqweave.ir.sharding import Layout, RingPlan, padded_length, plan_ring
+
+
+def _symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, positive=True, integer=True)
+
+
+BATCH = _symbol("B")
+SEQ_LEN = _symbol("N")
+Q_HEADS = _symbol("Hq")
+KV_HEADS = _symbol("Hkv")
+HEAD_DIM = _symbol("D")
+WORLD = _symbol("P")
+ELEMENT_BYTES = _symbol("e")
+#: symbol name -> symbol; the keyword names `CostEstimate.evaluate` accepts
+SYMBOLS = MappingProxyType({s.name: s for s in (BATCH, SEQ_LEN, Q_HEADS, KV_HEADS, HEAD_DIM, WORLD, ELEMENT_BYTES)})
+
+FLOPS_PER_MAC = 2
+FORWARD_MATMULS = 2        # S = Q Kᵀ, O = softmax(S) V
+BACKWARD_MATMULS = 5       # recompute S, dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q
+KV_TENSORS = 2             # K and V travel together (and dK, dV in the backward)
+FP32_BYTES = 4
+#: bytes per element of dK/dV accumulators and lse on the wire: fp32, fp64 for fp64 attention
+ACCUM_BYTES = sympy.Max(ELEMENT_BYTES, FP32_BYTES)
+#: Ulysses, D-vectors per token per head through the all-to-alls. Forward: q in and out back
+#: per query head; k, v in per K/V head. Backward: dO, q, out in and dQ back; k, v in, dK, dV back.
+A2A_SLABS_FORWARD = 2
+A2A_SLABS_BACKWARD = 4
+LEAF_AREA = 1 << 14        # below this many (q, kv) pairs a PARTIAL block is counted densely
+COST_FIELDS = ("forward_bytes", "backward_bytes", "forward_flops", "backward_flops")
+
+Band = tuple[int | None, int | None]  # allowed kv - q offsets [lo, hi]; None = unbounded
+
+
+class Strategy(enum.Enum):
+    """How one attention layer is spread over the sequence-parallel ranks."""
+
+    RING = "ring"
+    HALO = "halo"
+    ULYSSES = "ulysses"
+    HYBRID = "hybrid"
+
+
+# ------------------------------------------------------------------ estimates
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Per-layer cost of one strategy: bytes sent by the busiest device and FLOPs over all devices."""
+
+    strategy: str
+    forward_bytes: sympy.Expr
+    backward_bytes: sympy.Expr
+    forward_flops: sympy.Expr
+    backward_flops: sympy.Expr
+
+    def evaluate(self, **values: int) -> dict[str, int]:
+        """Every field as an int for concrete symbol values, e.g. ``evaluate(B=1, N=4096, ...)``."""
+        return {name: evaluate_expr(getattr(self, name), **values) for name in COST_FIELDS}
+
+
+def evaluate_expr(expr: sympy.Expr | int, **values: int) -> int:
+    """``expr`` at the given symbol values (names as in SYMBOLS); must come out a whole number."""
+    unknown = sorted(set(values) - set(SYMBOLS))
+    if unknown:
+        raise ValueError(f"unknown symbol(s) {unknown}; the cost model's symbols are {sorted(SYMBOLS)}")
+    result = sympy.sympify(expr).subs({SYMBOLS[name]: value for name, value in values.items()})
+    missing = sorted(str(s) for s in result.free_symbols)
+    if missing:
+        raise ValueError(f"cost {expr} still depends on {missing}; pass a value for each")
+    if not result.is_integer:
+        raise ValueError(f"cost {expr} = {result} is not a whole number of bytes / FLOPs at {values}; "
+                         "N must be a multiple of P (pad with padded_length) and heads split evenly")
+    return int(result)
+
+
+def _estimate(label: str, forward: sympy.Expr, backward: sympy.Expr, mask: MaskSpec,
+              seq_len: int | sympy.Expr, operands: Operands | None) -> CostEstimate:
+    """A CostEstimate with N replaced by `seq_len` everywhere (a no-op while it is the symbol N)."""
+    return CostEstimate(label, sympy.sympify(forward).subs(SEQ_LEN, seq_len),
+                        sympy.sympify(backward).subs(SEQ_LEN, seq_len),
+                        attention_flops(mask, seq_len, operands=operands),
+                        attention_flops(mask, seq_len, backward=True, operands=operands))
+
+
+def ring_estimate(mask: MaskSpec, plan: RingPlan | None = None, *, seq_len: int | sympy.Expr = SEQ_LEN,
+                  operands: Operands | None = None) -> CostEstimate:
+    """Ring attention, as a dense ring (no plan) or under a mask-aware plan ("halo" when it skips sends)."""
+    label = Strategy.HALO.value if plan is not None and plan_skips(plan) else Strategy.RING.value
+    return _estimate(label, ring_bytes(plan), ring_bytes(plan, backward=True), mask, seq_len, operands)
+
+
+def ulysses_estimate(mask: MaskSpec, *, seq_len: int | sympy.Expr = SEQ_LEN,
+                     operands: Operands | None = None) -> CostEstimate:
+    """Ulysses over all P ranks."""
+    return _estimate(Strategy.ULYSSES.value, ulysses_bytes(), ulysses_bytes(backward=True), mask, seq_len,
+                     operands)
+
+
+def hybrid_estimate(mask: MaskSpec, ulysses_size: int, ring_size: int, plan: RingPlan | None = None, *,
+                    seq_len: int | sympy.Expr = SEQ_LEN, operands: Operands | None = None) -> CostEstimate:
+    """Ulysses inside groups of `ulysses_size` ranks, ring (optionally planned) across `ring_size` groups."""
+    forward = hybrid_bytes(ulysses_size, ring_size, plan)
+    backward = hybrid_bytes(ulysses_size, ring_size, plan, backward=True)
+    return _estimate(_hybrid_label(ulysses_size, ring_size), forward, backward, mask, seq_len, operands)
+
+
+def _hybrid_label(ulysses_size: int, ring_size: int) -> str:
+    return f"{Strategy.HYBRID.value}(u={ulysses_size}, r={ring_size})"
+
+
+# ---------------------------------------------------------------------- bytes
+
+
+def kv_heads_effective(group: int | sympy.Expr = WORLD) -> sympy.Expr:
+    """K/V heads after replication for a head split over `group` ranks: max(Hkv, group).
+
+    Ulysses splits heads, and every rank needs at least one K/V head: with fewer K/V heads
+    than ranks (GQA/MQA, Hkv < group) each is replicated group/Hkv times before the all-to-all
+    (`repeat_interleave`), so `group` heads travel instead of Hkv, and their dK/dV travel back
+    before the replicas are summed (needs group % Hkv == 0; Hkv >= group needs Hkv % group == 0).
+    """
+    return sympy.Max(KV_HEADS, group)
+
+
+def ring_message_elements(world: int | sympy.Expr = WORLD, kv_heads: sympy.Expr = KV_HEADS) -> sympy.Expr:
+    """Elements in one ring message: one rank's K and V (or dK and dV) shards, 2·B·(N/P)·Hkv·D."""
+    return KV_TENSORS * BATCH * SEQ_LEN / sympy.sympify(world) * kv_heads * HEAD_DIM
+
+
+def _path_end(plan: RingPlan, source: int) -> int:
+    """The last rank that holds `source`'s K/V: follow plan.sends hop by hop from the source."""
+    holder, step = source, 0
+    while step < plan.world - 1 and plan.sends[step][holder]:
+        holder, step = (holder + 1) % plan.world, step + 1
+    return holder
+
+
+def ring_kv_messages(plan: RingPlan) -> tuple[int, ...]:
+    """K/V messages each rank sends under `plan`: rank r sends at step t iff plan.sends[t][r].
+
+    The backward sends the same K/V messages again (it re-circulates K/V).
+    """
+    return tuple(sum(row[rank] for row in plan.sends) for rank in range(plan.world))
+
+
+def ring_grad_messages(plan: RingPlan) -> tuple[int, ...]:
+    """dK/dV messages each rank sends in the backward (runtime/sequence_parallel.py).
+
+    The dK/dV accumulator of a shard starts at its owner and travels with its K/V; the last
+    holder returns it home in one more message. So: one per K/V message, plus one for every
+    other rank's shard whose path ends here.
+    """
+    homes = [0] * plan.world
+    for source in range(plan.world):
+        end = _path_end(plan, source)
+        homes[end] += end != source
+    return tuple(kv + home for kv, home in zip(ring_kv_messages(plan), homes))
+
+
+def _busiest(counts: list[tuple[int, int]], kv_bytes: sympy.Expr, grad_bytes: sympy.Expr) -> sympy.Expr:
+    """max over ranks of kv·kv_bytes + grads·grad_bytes (ranks dominated in both counts dropped)."""
+    front = {c for c in counts if not any(o != c and o[0] >= c[0] and o[1] >= c[1] for o in counts)}
+    return sympy.Max(*(kv * kv_bytes + grads * grad_bytes for kv, grads in sorted(front)), 0)
+
+
+def _ring_traffic(plan: RingPlan | None, world: sympy.Expr, elements: sympy.Expr, backward: bool,
+                  total: bool) -> sympy.Expr:
+    """Ring bytes sent by the busiest rank, or by all ranks when `total`; K/V in e, dK/dV in ACCUM_BYTES."""
+    kv_bytes, grad_bytes = elements * ELEMENT_BYTES, elements * ACCUM_BYTES
+    if plan is None:
+        grads = world - 1 + sympy.Min(world - 1, 1) if backward else 0  # travelling + one return home
+        per_rank = (world - 1) * kv_bytes + grads * grad_bytes
+        return per_rank * world if total else per_rank
+    kv = ring_kv_messages(plan)
+    grads = ring_grad_messages(plan) if backward else (0,) * plan.world
+    if total:
+        return sum(kv) * kv_bytes + sum(grads) * grad_bytes
+    return _busiest(list(zip(kv, grads)), kv_bytes, grad_bytes)
+
+
+def plan_skips(plan: RingPlan) -> bool:
+    """True when the plan forwards fewer shards than the dense ring's P·(P-1)."""
+    return plan.sends_total() < plan.world * (plan.world - 1)
+
+
+def ring_bytes(plan: RingPlan | None = None, *, backward: bool = False, total: bool = False) -> sympy.Expr:
+    """Ring attention bytes sent per device (the busiest rank), or over all ranks when `total`.
+
+    One message is M = 2·B·(N/P)·Hkv·D elements (a rank's K and V shards). Forward: K/V in e
+    bytes, (P-1)·M·e dense; under a plan the busiest rank's count of plan.sends (total:
+    plan.sends_total()), P = plan.world. Backward, as runtime/sequence_parallel.py runs it: K/V
+    again, plus dK/dV (fp32 accumulators, fp64 for fp64: ACCUM_BYTES) beside every K/V hop and
+    one message home from the end of each path: dense (P-1)·M·e + P·M·max(e, 4).
+    """
+    world = WORLD if plan is None else sympy.Integer(plan.world)
+    return _ring_traffic(plan, world, ring_message_elements(world), backward, total)
+
+
+def _all_to_all_bytes(group: sympy.Expr, ranks: sympy.Expr, backward: bool) -> sympy.Expr:
+    """Per device: a rank keeps 1/group of every [B, N/ranks, heads, D] slab and sends the rest."""
+    slabs = A2A_SLABS_BACKWARD if backward else A2A_SLABS_FORWARD
+    per_token = (slabs * (Q_HEADS + kv_heads_effective(group)) * HEAD_DIM * ELEMENT_BYTES
+                 + Q_HEADS * ACCUM_BYTES)  # + lse, one fp32 (fp64) per query head
+    return (group - 1) / group * BATCH * SEQ_LEN / ranks * per_token
+
+
+def ulysses_bytes(*, backward: bool = False, total: bool = False) -> sympy.Expr:
+    """Ulysses bytes sent per device (or over all ranks when `total`), as runtime/sequence_parallel.py runs it.
+
+    Forward: (P-1)/P·B·(N/P)·[(Hq + 2·Hkv_eff)·D·e] for q, k, v in, plus (P-1)/P·B·(N/P)·
+    [Hq·D·e + Hq·max(e, 4)] for out and lse back, Hkv_eff = max(Hkv, P) (`kv_heads_effective`).
+    Backward: dO, q, k, v, out, lse in and dQ, dK, dV back: (P-1)/P·B·(N/P)·[4·(Hq + Hkv_eff)·D·e
+    + Hq·max(e, 4)]; the head-sharded forward operands are not kept, so q, k, v, out travel again.
+    """
+    per_device = _all_to_all_bytes(WORLD, WORLD, backward)
+    return per_device * WORLD if total else per_device
+
+
+def hybrid_bytes(ulysses_size: int, ring_size: int, plan: RingPlan | None = None, *,
+                 backward: bool = False, total: bool = False) -> sympy.Expr:
+    """USP: Ulysses inside groups of U = `ulysses_size` ranks, ring across R = `ring_size` groups.
+
+    The composition of the two runtimes' traffic (no hybrid runtime yet): Ulysses' all-to-alls
+    over U ranks holding N/(U·R) tokens each, then a ring over R ranks (dense, or as `plan`, a
+    plan over R ranks, says) whose messages carry N/R tokens and Hkv_eff/U heads,
+    Hkv_eff = max(Hkv, U). U = P gives ulysses_bytes, R = P gives ring_bytes.
+    """
+    if plan is not None and plan.world != ring_size:
+        raise ValueError(f"hybrid ring across {ring_size} groups got a RingPlan for {plan.world} ranks; "
+                         f"build it with plan_ring(mask, layout, {ring_size}, seq_len)")
+    u, r = sympy.Integer(ulysses_size), sympy.Integer(ring_size)
+    all_to_all = _all_to_all_bytes(u, u * r, backward) * (u * r if total else 1)
+    elements = ring_message_elements(r, kv_heads_effective(u) / u)
+    return all_to_all + _ring_traffic(plan, r, elements, backward, total) * (u if total else 1)
+
+
+# ---------------------------------------------------------------------- FLOPs
+
+
+def _band(mask: MaskSpec) -> Band | None:
+    """The mask as a diagonal band lo <= kv - q <= hi, or None when it is not one."""
+    if isinstance(mask, Full):
+        return None, None
+    if isinstance(mask, Causal):
+        return None, 0
+    if isinstance(mask, SlidingWindow):
+        return -mask.left, mask.right
+    if isinstance(mask, And):
+        bands = [_band(part) for part in mask.parts]
+        if any(band is None for band in bands):
+            return None
+        los = [band[0] for band in bands if band[0] is not None]
+        his = [band[1] for band in bands if band[1] is not None]
+        return (max(los) if los else None), (min(his) if his else None)
+    return None
+
+
+def _diagonal_sum(first: int, last: int | None, n: sympy.Expr) -> sympy.Expr:
+    """Σ (n - d) for d = first..last (None: n-1): pairs on diagonals d >= 0 of an n x n square.
+
+    A symbolic n is assumed longer than every finite bound (windows narrower than the sequence).
+    """
+    top = n - 1 if last is None else (sympy.Min(last, n - 1) if n.is_number else sympy.Integer(last))
+    if top.is_number and top < first:
+        return sympy.Integer(0)
+    count = top - first + 1
+    return count * (2 * n - first - top) / 2
+
+
+def _band_pairs(band: Band, n: sympy.Expr) -> sympy.Expr:
+    """Pairs (q, kv) in [0, n)² with lo <= kv - q <= hi."""
+    lo, hi = band
+    upper = _diagonal_sum(0 if lo is None else max(lo, 0), hi, n)
+    lower = _diagonal_sum(1 if hi is None else max(-hi, 1), None if lo is None else -lo, n)
+    return sympy.factor(upper + lower)
+
+
+def _split(q: Range, kv: Range) -> tuple[tuple[Range, Range], tuple[Range, Range]]:
+    """Halve the longer side of a block."""
+    if q[1] - q[0] >= kv[1] - kv[0]:
+        mid = (q[0] + q[1]) // 2
+        return ((q[0], mid), kv), ((mid, q[1]), kv)
+    mid = (kv[0] + kv[1]) // 2
+    return (q, (kv[0], mid)), (q, (mid, kv[1]))
+
+
+def _counted_pairs(mask: MaskSpec, n: int, operands: Operands | None) -> Fraction:
+    """Allowed pairs by quadtree: EMPTY / FULL blocks from block_class, small PARTIAL ones densely.
+
+    Data-dependent masks are averaged over their batch and head dims.
+    """
+    total, blocks = Fraction(0), [((0, n), (0, n))]
+    while blocks:
+        q, kv = blocks.pop()
+        verdict = mask.block_class(q, kv, operands)
+        area = (q[1] - q[0]) * (kv[1] - kv[0])
+        if verdict is BlockClass.FULL:
+            total += area
+        elif verdict is BlockClass.PARTIAL and area <= LEAF_AREA:
+            allowed = mask.evaluate(torch.arange(*q), torch.arange(*kv), operands or ())
+            total += Fraction(int(allowed.sum()), allowed.shape[0] * allowed.shape[1])
+        elif verdict is BlockClass.PARTIAL:
+            blocks.extend(_split(q, kv))
+    return total
+
+
+def allowed_pairs(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN,
+                  operands: Operands | None = None) -> sympy.Expr:
+    """How many (q, kv) pairs of an N x N attention the mask allows.
+
+    Closed form for bands (full N², causal N(N+1)/2, sliding windows and their intersections),
+    symbolic N allowed; any other mask is counted exactly for an integer N (data-dependent
+    masks need their `operands`).
+    """
+    band = _band(mask)
+    if band is not None:
+        return _band_pairs(band, sympy.sympify(seq_len))
+    if not sympy.sympify(seq_len).is_Integer:
+        raise ValueError(f"mask {mask} has no closed-form pair count; pass an integer seq_len")
+    if mask.is_data_dependent() and operands is None:
+        raise ValueError(f"mask {mask} reads runtime tensors; pass operands= to count its pairs")
+    return sympy.Rational(_counted_pairs(mask, int(seq_len), operands))
+
+
+def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, backward: bool = False,
+                    operands: Operands | None = None) -> sympy.Expr:
+    """FLOPs of one attention layer over all devices: 4·B·Hq·D·pairs forward, 10·B·Hq·D·pairs backward.
+
+    pairs = N² x the fraction of pairs the mask allows (skipped tiles cost nothing); the
+    backward's five matmuls against the forward's two give the usual 2.5x.
+    """
+    matmuls = BACKWARD_MATMULS if backward else FORWARD_MATMULS
+    return FLOPS_PER_MAC * matmuls * BATCH * Q_HEADS * HEAD_DIM * allowed_pairs(mask, seq_len, operands)
+
+
+# ------------------------------------------------------------ choosing a strategy
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Concrete numbers of one attention layer on `world` ranks (`seq_len` before padding)."""
+
+    batch: int
+    seq_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    world: int
+    element_bytes: int = 2
+
+    def values(self, seq_len: int | None = None) -> dict[str, int]:
+        """Keyword values for `CostEstimate.evaluate` (N = `seq_len`, default the unpadded length)."""
+        return {BATCH.name: self.batch, SEQ_LEN.name: self.seq_len if seq_len is None else seq_len,
+                Q_HEADS.name: self.q_heads, KV_HEADS.name: self.kv_heads, HEAD_DIM.name: self.head_dim,
+                WORLD.name: self.world, ELEMENT_BYTES.name: self.element_bytes}
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The cheapest strategy, why, and what every candidate costs (bytes per device per layer)."""
+
+    strategy: Strategy
+    estimate: CostEstimate
+    reason: str
+    candidates: tuple[tuple[str, int], ...]
+    seq_len: int                      # padded length the figures are for
+    ulysses_size: int = 1             # ranks per all-to-all group (P for ulysses)
+    plan: RingPlan | None = None      # the ring schedule (halo, hybrid)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    strategy: Strategy
+    label: str
+    forward: sympy.Expr
+    backward: sympy.Expr
+    ulysses_size: int = 1
+    plan: RingPlan | None = None
+
+
+def head_split_problem(q_heads: int, kv_heads: int, group: int, name: str = "P") -> str | None:
+    """Why heads cannot be split evenly over `group` ranks (named `name` in the message), or None."""
+    if q_heads % group:
+        return f"Hq={q_heads} is not divisible by {name}={group} (Hq % {name} = {q_heads % group})"
+    if kv_heads % group and group % kv_heads:
+        return (f"Hkv={kv_heads} neither divides nor is a multiple of {name}={group}: "
+                "K/V heads can be neither split nor replicated evenly")
+    return None
+
+
+def _head_split_candidate(mask: MaskSpec, layout: Layout, seq_len: int, group: int, world: int) -> _Candidate:
+    """Ulysses (group == world) or hybrid with a mask-aware ring across world // group groups."""
+    if group == world:
+        return _Candidate(Strategy.ULYSSES, Strategy.ULYSSES.value, ulysses_bytes(),
+                          ulysses_bytes(backward=True), group)
+    rings = world // group
+    plan = plan_ring(mask, layout, rings, seq_len)
+    return _Candidate(Strategy.HYBRID, _hybrid_label(group, rings), hybrid_bytes(group, rings, plan),
+                      hybrid_bytes(group, rings, plan, backward=True), group, plan)
+
+
+def _candidates(mask: MaskSpec, shape: LayerShape, layout: Layout,
+                seq_len: int) -> tuple[list[_Candidate], list[str]]:
+    """Every applicable strategy, and a line for each one refused."""
+    found = [_Candidate(Strategy.RING, Strategy.RING.value, ring_bytes(), ring_bytes(backward=True))]
+    plan = plan_ring(mask, layout, shape.world, seq_len)
+    if plan_skips(plan):
+        found.append(_Candidate(Strategy.HALO, Strategy.HALO.value, ring_bytes(plan),
+                                ring_bytes(plan, backward=True), plan=plan))
+    refused = []
+    for group in (g for g in range(2, shape.world + 1) if shape.world % g == 0):
+        is_ulysses = group == shape.world
+        problem = head_split_problem(shape.q_heads, shape.kv_heads, group, "P" if is_ulysses else "U")
+        if problem is None:
+            found.append(_head_split_candidate(mask, layout, seq_len, group, shape.world))
+        else:
+            label = Strategy.ULYSSES.value if is_ulysses else _hybrid_label(group, shape.world // group)
+            refused.append(f"{label} refused: {problem}")
+    return found, refused
+
+
+def choose_strategy(mask: MaskSpec, shape: LayerShape, layout: Layout = Layout.ZIGZAG, *,
+                    training: bool = True, operands: Operands | None = None) -> StrategyChoice:
+    """The strategy sending the fewest bytes from the busiest device (forward, + backward if `training`).
+
+    Candidates: dense ring, halo (the ring under `plan_ring`, when it skips sends), ulysses
+    (refused when Hq % P != 0 or K/V heads do not split), hybrid for every U | P. Ties go to
+    the earlier of that order. Overlap of communication with compute is not modelled.
+    """
+    seq_len = padded_length(shape.seq_len, shape.world, layout)
+    values = shape.values(seq_len)
+    found, refused = _candidates(mask, shape, layout, seq_len)
+    costs = [evaluate_expr(c.forward + (c.backward if training else 0), **values) for c in found]
+    best = found[costs.index(min(costs))]
+    estimate = _estimate(best.label, best.forward, best.backward, mask, seq_len, operands)
+    listed = tuple((c.label, cost) for c, cost in zip(found, costs))
+    return StrategyChoice(best.strategy, estimate, _reason(best.label, listed, refused, training),
+                          listed, seq_len, best.ulysses_size, best.plan)
+
+
+def _reason(label: str, listed: tuple[tuple[str, int], ...], refused: list[str], training: bool) -> str:
+    what = "forward+backward" if training else "forward"
+    costs = ", ".join(f"{name} {cost:,}" for name, cost in listed)
+    return "; ".join([f"{label} sends the fewest bytes per device per layer ({what}): {costs}", *refused])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from seqweave.ir.graph import Graph, Node, Value, values_in
+from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
 from seqweave.ir.ops import op_def
 from seqweave.ir.types import TensorType
 from seqweave.passes.base import Pass, PassResult
@@ -66,20 +66,34 @@ def _viewed(graph: Graph) -> set[Value]:
     return {source for node in graph.nodes for source in _view_sources(node)}
 
 
+def _foldable(node: Node, outputs: set[Value], viewed: set[Value]) -> bool:
+    rule = IDENTITY_RULES.get(node.op)
+    if rule is None or node.results[0] in outputs or not rule(node):
+        return False
+    return not (node.op in COPY_OPS and node.results[0] in viewed)
+
+
 def _fold_once(graph: Graph) -> int:
-    outputs = set(graph.output_values())
-    viewed = _viewed(graph)
-    folded = 0
-    for node in list(graph.nodes):
-        rule = IDENTITY_RULES.get(node.op)
-        if rule is None or node.results[0] in outputs or not rule(node):
-            continue
-        if node.op in COPY_OPS and node.results[0] in viewed:
-            continue
-        graph.replace_all_uses(node.results[0], node.args[0])
-        graph.nodes.remove(node)
-        folded += 1
-    return folded
+    """One sweep in program order: readers are pointed past folded nodes as they are reached,
+    so the sweep is linear in the graph size."""
+    outputs, viewed = set(graph.output_values()), _viewed(graph)
+    replacement: dict[Value, Value] = {}
+
+    def resolve(value: Value) -> Value:
+        while value in replacement:
+            value = replacement[value]
+        return value
+
+    kept: list[Node] = []
+    for node in graph.nodes:
+        node.args, node.kwargs = map_values(node.args, resolve), map_values(node.kwargs, resolve)
+        if _foldable(node, outputs, viewed):
+            replacement[node.results[0]] = node.args[0]
+        else:
+            kept.append(node)
+    graph.nodes = kept
+    graph.outputs = map_values(graph.outputs, resolve)
+    return len(replacement)
 
 
 def _fold_identities(graph: Graph) -> int:

@@ -48,13 +48,21 @@ def demo() -> None:
         raise typer.Exit(1)
 
 
-def _explain_table(explanation) -> Table:
-    table = Table(title="attention per layer")
-    for column in ("layer", "found", "form", "q heads", "kv heads", "head dim", "mask", "note"):
+def _explain_table(explanation, world: int) -> Table:
+    table = Table(title="attention per layer" + (f" (sequence parallel over {world} ranks)" if world > 1 else ""))
+    columns = ["layer", "found", "form", "q heads", "kv heads", "head dim", "mask", "note"]
+    if world > 1:
+        columns += ["strategy", "fwd bytes/device", "bwd bytes/device"]
+    for column in columns:
         table.add_column(column)
     for layer in explanation.layers:
-        table.add_row(layer["layer"], "yes" if layer["found"] else "no", layer["form"], str(layer["q_heads"]),
-                      str(layer["kv_heads"]), str(layer["head_dim"]), layer["mask"], layer["reason"])
+        row = [layer["layer"], "yes" if layer["found"] else "no", layer["form"], str(layer["q_heads"]),
+               str(layer["kv_heads"]), str(layer["head_dim"]), layer["mask"], layer["reason"]]
+        if world > 1:
+            sp = layer.get("sp", {})
+            row += [sp.get("strategy", "-"), f"{sp['forward_bytes']:,}" if sp else "-",
+                    f"{sp['backward_bytes']:,}" if sp else "-"]
+        table.add_row(*row)
     return table
 
 
@@ -67,6 +75,8 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
             attn: str = typer.Option("sdpa", help="attn_implementation of built-in samples: sdpa or eager"),
             padded: bool = typer.Option(False, help="left-pad the batch (attention_mask)"),
             packed: bool = typer.Option(False, help="pack several documents per row (restarting position ids)"),
+            sp: int = typer.Option(1, "--sp", help="also show the cost model's sequence-parallel strategy "
+                                                   "and predicted bytes per layer for this many ranks"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
     """Capture TARGET and show, per layer, the attention found and its lifted MaskSpec."""
     from seqweave.explain import explain as run_explain
@@ -77,13 +87,13 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
                           attn_implementation=attn, padded=padded, packed=packed)
         model, inputs = load_target(target, spec)
         with err.status(f"capturing {target}…"):
-            explanation = run_explain(model, inputs)
+            explanation = run_explain(model, inputs, world=sp)
     except SeqweaveError as error:
         _fail(error)
     if as_json:
         print(json.dumps(explanation.as_dict(), indent=2))
         return
-    out.print(_explain_table(explanation))
+    out.print(_explain_table(explanation, sp))
     totals = explanation.totals
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "

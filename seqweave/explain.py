@@ -8,6 +8,9 @@ from typing import Any
 import torch
 
 from seqweave.compiler import SeqweaveBackend
+from seqweave.frontend.attention import AttentionReport
+from seqweave.ir.mask_parser import parse_mask
+from seqweave.passes.cost import LayerShape, choose_strategy
 from seqweave.targets import call_model
 
 
@@ -38,10 +41,27 @@ def _totals(backend: SeqweaveBackend, model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def explain(model: torch.nn.Module, inputs: Any) -> Explanation:
-    """Compile (inference graph only) and run once so that dynamo hands us the graph."""
+def strategy_for(report: AttentionReport, world: int) -> dict[str, Any]:
+    """The cost model's pick for one attention on `world` sequence-parallel ranks, with predicted bytes."""
+    shape = LayerShape(report.batch, report.seq_len, report.q_heads, report.kv_heads, report.head_dim, world,
+                       report.element_bytes)
+    choice = choose_strategy(parse_mask(report.mask), shape)
+    predicted = choice.estimate.evaluate(**shape.values(choice.seq_len))
+    return {"strategy": choice.estimate.strategy, "forward_bytes": predicted["forward_bytes"],
+            "backward_bytes": predicted["backward_bytes"], "why": choice.reason}
+
+
+def explain(model: torch.nn.Module, inputs: Any, world: int = 1) -> Explanation:
+    """Compile (inference graph only) and run once so that dynamo hands us the graph; with
+    `world` > 1, add the per-layer sequence-parallel strategy the cost model would choose."""
     backend = SeqweaveBackend()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     with torch.no_grad():
         call_model(compiled, inputs)
-    return Explanation([report.as_dict() for report in backend.reports], _totals(backend, model))
+    layers = []
+    for report in backend.reports:
+        layer = report.as_dict()
+        if world > 1 and report.found:
+            layer["sp"] = strategy_for(report, world)
+        layers.append(layer)
+    return Explanation(layers, _totals(backend, model))

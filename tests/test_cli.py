@@ -63,3 +63,18 @@ def test_demo_prints_a_passing_table():
     for name in ("llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny"):
         assert name in result.stdout
     assert "NO" not in result.stdout
+
+
+def test_explain_sp_picks_a_halo_for_a_window_narrower_than_a_shard():
+    report = _explain_json("mistral-tiny", "--seq-len", "256", "--sp", "4")
+    batch, seq, kv_heads, head_dim, fp32_bytes, world = 2, 256, 2, 16, 4, 4
+    # Window 64 < shard 64+: each rank sends its K and V shard to the next rank once.
+    one_hop = 2 * batch * (seq // world) * kv_heads * head_dim * fp32_bytes
+    for layer in report["layers"]:
+        assert layer["sp"]["strategy"] == "halo", layer["sp"]["why"]
+        assert layer["sp"]["forward_bytes"] == one_hop
+
+
+def test_explain_without_sp_has_no_strategy():
+    report = _explain_json("llama-tiny", "--seq-len", "16")
+    assert all("sp" not in layer for layer in report["layers"])

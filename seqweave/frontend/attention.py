@@ -32,6 +32,9 @@ class AttentionReport:
     kv_heads: int = 0
     head_dim: int = 0
     mask: str = ""
+    batch: int = 0
+    seq_len: int = 0
+    element_bytes: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -85,7 +88,8 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> None
 def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
     q = example(match.q)
     reason = "replaced" if lifted.note == "lifted" else f"replaced; {lifted.note}"
-    return AttentionReport(layer, True, reason, match.form, q.shape[1], match.kv_heads, q.shape[-1], str(lifted.spec))
+    return AttentionReport(layer, True, reason, match.form, q.shape[1], match.kv_heads, q.shape[-1], str(lifted.spec),
+                           q.shape[0], q.shape[2], q.element_size())
 
 
 def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:

@@ -30,7 +30,7 @@ from types import MappingProxyType
 import sympy
 import torch
 
-from seqweave.ir.mask import And, BlockClass, Causal, Full, MaskSpec, Operands, Range, SlidingWindow
+from seqweave.ir.mask import And, BlockClass, Causal, Full, MaskSpec, Operands, Or, Range, SlidingWindow
 from seqweave.ir.sharding import Layout, RingPlan, padded_length, plan_ring
 
 
@@ -344,16 +344,30 @@ def allowed_pairs(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN,
 
     Closed form for bands (full N², causal N(N+1)/2, sliding windows and their intersections),
     symbolic N allowed; any other mask is counted exactly for an integer N (data-dependent
-    masks need their `operands`).
+    masks need their `operands`; without them the data parts count as allowing every pair,
+    which gives an upper bound).
     """
+    if mask.is_data_dependent() and operands is None:
+        mask = structural_bound(mask)
     band = _band(mask)
     if band is not None:
         return _band_pairs(band, sympy.sympify(seq_len))
     if not sympy.sympify(seq_len).is_Integer:
         raise ValueError(f"mask {mask} has no closed-form pair count; pass an integer seq_len")
-    if mask.is_data_dependent() and operands is None:
-        raise ValueError(f"mask {mask} reads runtime tensors; pass operands= to count its pairs")
     return sympy.Rational(_counted_pairs(mask, int(seq_len), operands))
+
+
+def structural_bound(mask: MaskSpec) -> MaskSpec:
+    """The mask with every data-dependent part (padding, documents, dense) read as Full:
+    it allows a superset of the pairs, so counts from it are upper bounds."""
+    if isinstance(mask, And):
+        parts = [structural_bound(part) for part in mask.parts]
+        kept = [part for part in parts if not isinstance(part, Full)]
+        return Full() if not kept else kept[0] if len(kept) == 1 else And(tuple(kept))
+    if isinstance(mask, Or):
+        parts = [structural_bound(part) for part in mask.parts]
+        return Full() if any(isinstance(part, Full) for part in parts) else Or(tuple(parts))
+    return Full() if mask.is_data_dependent() else mask
 
 
 def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, backward: bool = False,
@@ -437,7 +451,10 @@ def _candidates(mask: MaskSpec, shape: LayerShape, layout: Layout,
                 seq_len: int) -> tuple[list[_Candidate], list[str]]:
     """Every applicable strategy, and a line for each one refused."""
     found = [_Candidate(Strategy.RING, Strategy.RING.value, ring_bytes(), ring_bytes(backward=True))]
-    plan = plan_ring(mask, layout, shape.world, seq_len)
+    # A halo is planned on the contiguous layout: a window narrower than a shard then needs only
+    # the previous rank's K/V, and window work is balanced without zigzag.
+    plan = plan_ring(mask, Layout.CONTIGUOUS, shape.world, padded_length(shape.seq_len, shape.world,
+                                                                          Layout.CONTIGUOUS))
     if plan_skips(plan):
         found.append(_Candidate(Strategy.HALO, Strategy.HALO.value, ring_bytes(plan),
                                 ring_bytes(plan, backward=True), plan=plan))

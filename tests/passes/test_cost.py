@@ -120,8 +120,7 @@ def test_allowed_pairs_equal_dense_count(text: str, n: int) -> None:
 def test_data_mask_pairs_average_over_the_batch() -> None:
     segments = torch.tensor([[0] * 5 + [1] * 3, [0] * 8])  # pairs: 25 + 9 = 34 and 64
     assert allowed_pairs(Document(0), 8, operands=[segments]) == sympy.Rational(34 + 64, 2)
-    with pytest.raises(ValueError, match="operands"):
-        allowed_pairs(Document(0), 8)
+    assert allowed_pairs(Document(0), 8) == 64  # without its tensor: the upper bound, every pair
     with pytest.raises(ValueError, match="integer seq_len"):
         allowed_pairs(Chunked(4))
 
@@ -309,3 +308,15 @@ def test_bytes_equal_the_runtime_counters() -> None:
             case = (scheme, text, layout.value, "backward" if backward else "forward", sent)
             assert max(sent) == evaluate_expr(_modelled(scheme, text, layout, backward, False), **values), case
             assert sum(sent) == evaluate_expr(_modelled(scheme, text, layout, backward, True), **values), case
+
+
+def test_data_masks_without_operands_count_an_upper_bound():
+    """Padding / documents read as Full when their tensors are unknown (compile time): an upper bound."""
+    from seqweave.ir.mask import Causal, Document, Padding, SlidingWindow
+    from seqweave.passes.cost import structural_bound
+
+    assert structural_bound(Causal() & Padding(0)) == Causal()
+    assert structural_bound(Causal() & SlidingWindow(3, 0) & Document(0)) == Causal() & SlidingWindow(3, 0)
+    assert allowed_pairs(Causal() & Padding(0), 8) == 8 * 9 // 2
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    assert allowed_pairs(Causal() & Document(0), 8, operands=[segments]) < allowed_pairs(Causal() & Document(0), 8)

@@ -2,7 +2,7 @@
 types and consistent mesh placements. `verify(graph)` raises on the first violation."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Hashable, Iterable
 
 import sympy
 
@@ -81,9 +81,32 @@ def _type_mismatch(expected: ValueType, found: ValueType) -> str | None:
     return None if expected == found else f"type {found}, but the op computes {expected}"
 
 
-def _check_types(node: Node) -> None:
+def _signature(template: Any) -> Hashable:
+    """What type inference of a node depends on: its op's arguments with values replaced by their types."""
+    if isinstance(template, Value):
+        return ("value", template.type)
+    if isinstance(template, (list, tuple)):
+        return (type(template).__name__, *(_signature(item) for item in template))
+    if isinstance(template, dict):
+        return ("dict", *sorted((key, _signature(item)) for key, item in template.items()))
+    return template
+
+
+def _inferred_types(node: Node, memo: dict[Hashable, list[ValueType] | None]) -> list[ValueType] | None:
+    """`infer(node)`, memoised by signature: a deep model repeats the same few layers' ops many times."""
+    try:
+        key = (node.op, _signature(node.args), _signature(node.kwargs))
+        hash(key)
+    except TypeError:
+        return op_def(node.op).infer(node)
+    if key not in memo:
+        memo[key] = op_def(node.op).infer(node)
+    return memo[key]
+
+
+def _check_types(node: Node, memo: dict[Hashable, list[ValueType] | None]) -> None:
     """Re-infer the result types and compare them with the recorded ones."""
-    inferred = op_def(node.op).infer(node)
+    inferred = _inferred_types(node, memo)
     if inferred is None:
         return
     if len(inferred) != len(node.results):
@@ -158,12 +181,13 @@ def _check_outputs(graph: Graph, defined: dict[str, Value]) -> None:
 def verify(graph: Graph) -> None:
     """Raise VerificationError naming the node, what is wrong and how to fix it; return None if the graph is valid."""
     defined: dict[str, Value] = {}
+    memo: dict[Hashable, list[ValueType] | None] = {}
     _check_inputs(graph, defined)
     for node in graph.nodes:
         _check_operands(graph, defined, node)
         _check_placements(node)
         _check_op(node)
-        _check_types(node)
+        _check_types(node, memo)
         for value in node.results:
             try:
                 _define(graph, defined, value, f"as a result of {node.op}")

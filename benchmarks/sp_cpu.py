@@ -32,8 +32,9 @@ import torch
 from seqweave.ir.mask import Causal, SlidingWindow
 from seqweave.ir.score_mod import NoScoreMod
 from seqweave.ir.sharding import Layout, plan_ring, shard_positions
-from seqweave.passes.cost import (LayerShape, evaluate_expr, hybrid_estimate, ring_bytes, ring_estimate,
-                                  ulysses_bytes, ulysses_estimate)
+from seqweave.passes.cost import (evaluate_expr, hybrid_estimate, ring_bytes, ring_estimate, ulysses_bytes,
+                                  ulysses_estimate)
+from seqweave.passes.strategy import LayerShape
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)

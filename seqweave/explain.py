@@ -10,7 +10,7 @@ import torch
 from seqweave.compiler import SeqweaveBackend
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
-from seqweave.passes.cost import LayerShape, choose_strategy
+from seqweave.passes.strategy import LayerShape, choose_strategy
 from seqweave.targets import call_model
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from fractions import Fraction
 from types import MappingProxyType
 
 import sympy
-import torch
 
-from seqweave.ir.mask import And, BlockClass, Causal, Full, MaskSpec, Operands, Or, Range, SlidingWindow
-from seqweave.ir.sharding import Layout, RingPlan, padded_length, plan_ring
+from seqweave.ir.mask import MaskSpec, Operands
+from seqweave.ir.mask_pairs import allowed_pairs
+from seqweave.ir.sharding import RingPlan
 
 
 def _symbol(name: str) -> sympy.Symbol:
@@ -59,10 +58,7 @@ ACCUM_BYTES = sympy.Max(ELEMENT_BYTES, FP32_BYTES)
 #: per query head; k, v in per K/V head. Backward: dO, q, out in and dQ back; k, v in, dK, dV back.
 A2A_SLABS_FORWARD = 2
 A2A_SLABS_BACKWARD = 4
-LEAF_AREA = 1 << 14        # below this many (q, kv) pairs a PARTIAL block is counted densely
 COST_FIELDS = ("forward_bytes", "backward_bytes", "forward_flops", "backward_flops")
-
-Band = tuple[int | None, int | None]  # allowed kv - q offsets [lo, hi]; None = unbounded
 
 
 class Strategy(enum.Enum):
@@ -107,7 +103,7 @@ def evaluate_expr(expr: sympy.Expr | int, **values: int) -> int:
     return int(result)
 
 
-def _estimate(label: str, forward: sympy.Expr, backward: sympy.Expr, mask: MaskSpec,
+def estimate_for(label: str, forward: sympy.Expr, backward: sympy.Expr, mask: MaskSpec,
               seq_len: int | sympy.Expr, operands: Operands | None) -> CostEstimate:
     """A CostEstimate with N replaced by `seq_len` everywhere (a no-op while it is the symbol N)."""
     return CostEstimate(label, sympy.sympify(forward).subs(SEQ_LEN, seq_len),
@@ -120,13 +116,13 @@ def ring_estimate(mask: MaskSpec, plan: RingPlan | None = None, *, seq_len: int 
                   operands: Operands | None = None) -> CostEstimate:
     """Ring attention, as a dense ring (no plan) or under a mask-aware plan ("halo" when it skips sends)."""
     label = Strategy.HALO.value if plan is not None and plan_skips(plan) else Strategy.RING.value
-    return _estimate(label, ring_bytes(plan), ring_bytes(plan, backward=True), mask, seq_len, operands)
+    return estimate_for(label, ring_bytes(plan), ring_bytes(plan, backward=True), mask, seq_len, operands)
 
 
 def ulysses_estimate(mask: MaskSpec, *, seq_len: int | sympy.Expr = SEQ_LEN,
                      operands: Operands | None = None) -> CostEstimate:
     """Ulysses over all P ranks."""
-    return _estimate(Strategy.ULYSSES.value, ulysses_bytes(), ulysses_bytes(backward=True), mask, seq_len,
+    return estimate_for(Strategy.ULYSSES.value, ulysses_bytes(), ulysses_bytes(backward=True), mask, seq_len,
                      operands)
 
 
@@ -135,10 +131,10 @@ def hybrid_estimate(mask: MaskSpec, ulysses_size: int, ring_size: int, plan: Rin
     """Ulysses inside groups of `ulysses_size` ranks, ring (optionally planned) across `ring_size` groups."""
     forward = hybrid_bytes(ulysses_size, ring_size, plan)
     backward = hybrid_bytes(ulysses_size, ring_size, plan, backward=True)
-    return _estimate(_hybrid_label(ulysses_size, ring_size), forward, backward, mask, seq_len, operands)
+    return estimate_for(hybrid_label(ulysses_size, ring_size), forward, backward, mask, seq_len, operands)
 
 
-def _hybrid_label(ulysses_size: int, ring_size: int) -> str:
+def hybrid_label(ulysses_size: int, ring_size: int) -> str:
     return f"{Strategy.HYBRID.value}(u={ulysses_size}, r={ring_size})"
 
 
@@ -268,108 +264,6 @@ def hybrid_bytes(ulysses_size: int, ring_size: int, plan: RingPlan | None = None
     return all_to_all + _ring_traffic(plan, r, elements, backward, total) * (u if total else 1)
 
 
-# ---------------------------------------------------------------------- FLOPs
-
-
-def _band(mask: MaskSpec) -> Band | None:
-    """The mask as a diagonal band lo <= kv - q <= hi, or None when it is not one."""
-    if isinstance(mask, Full):
-        return None, None
-    if isinstance(mask, Causal):
-        return None, 0
-    if isinstance(mask, SlidingWindow):
-        return -mask.left, mask.right
-    if isinstance(mask, And):
-        bands = [_band(part) for part in mask.parts]
-        if any(band is None for band in bands):
-            return None
-        los = [band[0] for band in bands if band[0] is not None]
-        his = [band[1] for band in bands if band[1] is not None]
-        return (max(los) if los else None), (min(his) if his else None)
-    return None
-
-
-def _diagonal_sum(first: int, last: int | None, n: sympy.Expr) -> sympy.Expr:
-    """Σ (n - d) for d = first..last (None: n-1): pairs on diagonals d >= 0 of an n x n square.
-
-    A symbolic n is assumed longer than every finite bound (windows narrower than the sequence).
-    """
-    top = n - 1 if last is None else (sympy.Min(last, n - 1) if n.is_number else sympy.Integer(last))
-    if top.is_number and top < first:
-        return sympy.Integer(0)
-    count = top - first + 1
-    return count * (2 * n - first - top) / 2
-
-
-def _band_pairs(band: Band, n: sympy.Expr) -> sympy.Expr:
-    """Pairs (q, kv) in [0, n)² with lo <= kv - q <= hi."""
-    lo, hi = band
-    upper = _diagonal_sum(0 if lo is None else max(lo, 0), hi, n)
-    lower = _diagonal_sum(1 if hi is None else max(-hi, 1), None if lo is None else -lo, n)
-    return sympy.factor(upper + lower)
-
-
-def _split(q: Range, kv: Range) -> tuple[tuple[Range, Range], tuple[Range, Range]]:
-    """Halve the longer side of a block."""
-    if q[1] - q[0] >= kv[1] - kv[0]:
-        mid = (q[0] + q[1]) // 2
-        return ((q[0], mid), kv), ((mid, q[1]), kv)
-    mid = (kv[0] + kv[1]) // 2
-    return (q, (kv[0], mid)), (q, (mid, kv[1]))
-
-
-def _counted_pairs(mask: MaskSpec, n: int, operands: Operands | None) -> Fraction:
-    """Allowed pairs by quadtree: EMPTY / FULL blocks from block_class, small PARTIAL ones densely.
-
-    Data-dependent masks are averaged over their batch and head dims.
-    """
-    total, blocks = Fraction(0), [((0, n), (0, n))]
-    while blocks:
-        q, kv = blocks.pop()
-        verdict = mask.block_class(q, kv, operands)
-        area = (q[1] - q[0]) * (kv[1] - kv[0])
-        if verdict is BlockClass.FULL:
-            total += area
-        elif verdict is BlockClass.PARTIAL and area <= LEAF_AREA:
-            allowed = mask.evaluate(torch.arange(*q), torch.arange(*kv), operands or ())
-            total += Fraction(int(allowed.sum()), allowed.shape[0] * allowed.shape[1])
-        elif verdict is BlockClass.PARTIAL:
-            blocks.extend(_split(q, kv))
-    return total
-
-
-def allowed_pairs(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN,
-                  operands: Operands | None = None) -> sympy.Expr:
-    """How many (q, kv) pairs of an N x N attention the mask allows.
-
-    Closed form for bands (full N², causal N(N+1)/2, sliding windows and their intersections),
-    symbolic N allowed; any other mask is counted exactly for an integer N (data-dependent
-    masks need their `operands`; without them the data parts count as allowing every pair,
-    which gives an upper bound).
-    """
-    if mask.is_data_dependent() and operands is None:
-        mask = structural_bound(mask)
-    band = _band(mask)
-    if band is not None:
-        return _band_pairs(band, sympy.sympify(seq_len))
-    if not sympy.sympify(seq_len).is_Integer:
-        raise ValueError(f"mask {mask} has no closed-form pair count; pass an integer seq_len")
-    return sympy.Rational(_counted_pairs(mask, int(seq_len), operands))
-
-
-def structural_bound(mask: MaskSpec) -> MaskSpec:
-    """The mask with every data-dependent part (padding, documents, dense) read as Full:
-    it allows a superset of the pairs, so counts from it are upper bounds."""
-    if isinstance(mask, And):
-        parts = [structural_bound(part) for part in mask.parts]
-        kept = [part for part in parts if not isinstance(part, Full)]
-        return Full() if not kept else kept[0] if len(kept) == 1 else And(tuple(kept))
-    if isinstance(mask, Or):
-        parts = [structural_bound(part) for part in mask.parts]
-        return Full() if any(isinstance(part, Full) for part in parts) else Or(tuple(parts))
-    return Full() if mask.is_data_dependent() else mask
-
-
 def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, backward: bool = False,
                     operands: Operands | None = None) -> sympy.Expr:
     """FLOPs of one attention layer over all devices: 4·B·Hq·D·pairs forward, 10·B·Hq·D·pairs backward.
@@ -382,114 +276,3 @@ def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, back
 
 
 # ------------------------------------------------------------ choosing a strategy
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Concrete numbers of one attention layer on `world` ranks (`seq_len` before padding)."""
-
-    batch: int
-    seq_len: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    world: int
-    element_bytes: int = 2
-
-    def values(self, seq_len: int | None = None) -> dict[str, int]:
-        """Keyword values for `CostEstimate.evaluate` (N = `seq_len`, default the unpadded length)."""
-        return {BATCH.name: self.batch, SEQ_LEN.name: self.seq_len if seq_len is None else seq_len,
-                Q_HEADS.name: self.q_heads, KV_HEADS.name: self.kv_heads, HEAD_DIM.name: self.head_dim,
-                WORLD.name: self.world, ELEMENT_BYTES.name: self.element_bytes}
-
-
-@dataclass(frozen=True)
-class StrategyChoice:
-    """The cheapest strategy, why, and what every candidate costs (bytes per device per layer)."""
-
-    strategy: Strategy
-    estimate: CostEstimate
-    reason: str
-    candidates: tuple[tuple[str, int], ...]
-    seq_len: int                      # padded length the figures are for
-    ulysses_size: int = 1             # ranks per all-to-all group (P for ulysses)
-    plan: RingPlan | None = None      # the ring schedule (halo, hybrid)
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    strategy: Strategy
-    label: str
-    forward: sympy.Expr
-    backward: sympy.Expr
-    ulysses_size: int = 1
-    plan: RingPlan | None = None
-
-
-def head_split_problem(q_heads: int, kv_heads: int, group: int, name: str = "P") -> str | None:
-    """Why heads cannot be split evenly over `group` ranks (named `name` in the message), or None."""
-    if q_heads % group:
-        return f"Hq={q_heads} is not divisible by {name}={group} (Hq % {name} = {q_heads % group})"
-    if kv_heads % group and group % kv_heads:
-        return (f"Hkv={kv_heads} neither divides nor is a multiple of {name}={group}: "
-                "K/V heads can be neither split nor replicated evenly")
-    return None
-
-
-def _head_split_candidate(mask: MaskSpec, layout: Layout, seq_len: int, group: int, world: int) -> _Candidate:
-    """Ulysses (group == world) or hybrid with a mask-aware ring across world // group groups."""
-    if group == world:
-        return _Candidate(Strategy.ULYSSES, Strategy.ULYSSES.value, ulysses_bytes(),
-                          ulysses_bytes(backward=True), group)
-    rings = world // group
-    plan = plan_ring(mask, layout, rings, seq_len)
-    return _Candidate(Strategy.HYBRID, _hybrid_label(group, rings), hybrid_bytes(group, rings, plan),
-                      hybrid_bytes(group, rings, plan, backward=True), group, plan)
-
-
-def _candidates(mask: MaskSpec, shape: LayerShape, layout: Layout,
-                seq_len: int) -> tuple[list[_Candidate], list[str]]:
-    """Every applicable strategy, and a line for each one refused."""
-    found = [_Candidate(Strategy.RING, Strategy.RING.value, ring_bytes(), ring_bytes(backward=True))]
-    # A halo is planned on the contiguous layout: a window narrower than a shard then needs only
-    # the previous rank's K/V, and window work is balanced without zigzag.
-    plan = plan_ring(mask, Layout.CONTIGUOUS, shape.world, padded_length(shape.seq_len, shape.world,
-                                                                          Layout.CONTIGUOUS))
-    if plan_skips(plan):
-        found.append(_Candidate(Strategy.HALO, Strategy.HALO.value, ring_bytes(plan),
-                                ring_bytes(plan, backward=True), plan=plan))
-    refused = []
-    for group in (g for g in range(2, shape.world + 1) if shape.world % g == 0):
-        is_ulysses = group == shape.world
-        problem = head_split_problem(shape.q_heads, shape.kv_heads, group, "P" if is_ulysses else "U")
-        if problem is None:
-            found.append(_head_split_candidate(mask, layout, seq_len, group, shape.world))
-        else:
-            label = Strategy.ULYSSES.value if is_ulysses else _hybrid_label(group, shape.world // group)
-            refused.append(f"{label} refused: {problem}")
-    return found, refused
-
-
-def choose_strategy(mask: MaskSpec, shape: LayerShape, layout: Layout = Layout.ZIGZAG, *,
-                    training: bool = True, operands: Operands | None = None) -> StrategyChoice:
-    """The strategy sending the fewest bytes from the busiest device (forward, + backward if `training`).
-
-    Candidates: dense ring, halo (the ring under `plan_ring`, when it skips sends), ulysses
-    (refused when Hq % P != 0 or K/V heads do not split), hybrid for every U | P. Ties go to
-    the earlier of that order. Overlap of communication with compute is not modelled.
-    """
-    seq_len = padded_length(shape.seq_len, shape.world, layout)
-    values = shape.values(seq_len)
-    found, refused = _candidates(mask, shape, layout, seq_len)
-    costs = [evaluate_expr(c.forward + (c.backward if training else 0), **values) for c in found]
-    best = found[costs.index(min(costs))]
-    estimate = _estimate(best.label, best.forward, best.backward, mask, seq_len, operands)
-    listed = tuple((c.label, cost) for c, cost in zip(found, costs))
-    return StrategyChoice(best.strategy, estimate, _reason(best.label, listed, refused, training),
-                          listed, seq_len, best.ulysses_size, best.plan)
-
-
-def _reason(label: str, listed: tuple[tuple[str, int], ...], refused: list[str], training: bool) -> str:
-    what = "forward+backward" if training else "forward"
-    costs = ", ".join(f"{name} {cost:,}" for name, cost in listed)
-    return "; ".join([f"{label} sends the fewest bytes per device per layer ({what}): {costs}", *refused])

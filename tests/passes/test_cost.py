@@ -12,9 +12,11 @@ from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.score_mod import NoScoreMod
 from seqweave.ir.sharding import Layout, padded_length, plan_ring, shard_positions
 from seqweave.passes.cost import (
-    BATCH, ELEMENT_BYTES, HEAD_DIM, KV_HEADS, Q_HEADS, SEQ_LEN, WORLD, CostEstimate, LayerShape, Strategy,
-    allowed_pairs, attention_flops, choose_strategy, evaluate_expr, hybrid_bytes, hybrid_estimate,
-    ring_bytes, ring_estimate, ring_grad_messages, ring_kv_messages, ulysses_bytes, ulysses_estimate)
+    BATCH, ELEMENT_BYTES, HEAD_DIM, KV_HEADS, Q_HEADS, SEQ_LEN, WORLD, CostEstimate, Strategy, attention_flops,
+    evaluate_expr, hybrid_bytes, hybrid_estimate, ring_bytes, ring_estimate, ring_grad_messages, ring_kv_messages,
+    ulysses_bytes, ulysses_estimate)
+from seqweave.passes.strategy import LayerShape, choose_strategy
+from seqweave.ir.mask_pairs import allowed_pairs
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
@@ -313,7 +315,7 @@ def test_bytes_equal_the_runtime_counters() -> None:
 def test_data_masks_without_operands_count_an_upper_bound():
     """Padding / documents read as Full when their tensors are unknown (compile time): an upper bound."""
     from seqweave.ir.mask import Causal, Document, Padding, SlidingWindow
-    from seqweave.passes.cost import structural_bound
+    from seqweave.ir.mask_pairs import structural_bound
 
     assert structural_bound(Causal() & Padding(0)) == Causal()
     assert structural_bound(Causal() & SlidingWindow(3, 0) & Document(0)) == Causal() & SlidingWindow(3, 0)

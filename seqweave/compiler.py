@@ -12,11 +12,14 @@ from torch import fx
 
 from seqweave.codegen.lower import lower
 from seqweave.config import CompileOptions
+from seqweave.errors import OptionError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.frontend.dynamo import capture
 from seqweave.ir.graph import Graph
+from seqweave.ir.sharding import Layout, padded_length, shard_positions
 from seqweave.ir.verifier import verify
 from seqweave.passes.manager import PassRun, run_pipeline
+from seqweave.runtime.comm import Communicator
 
 
 @dataclass
@@ -42,16 +45,51 @@ class SeqweaveBackend:
     def _compile_graph(self, graph: Graph) -> Callable[[list], Any]:
         if self.options.verify:
             verify(graph)
-        runs = run_pipeline(graph, self.options.pipeline, check=self.options.verify, dump_dir=self.options.dump_dir)
+        world = self.options.mesh.sp
+        pipeline = self.options.pipeline
+        if world > 1:
+            pipeline += "," + sequence_parallel_pipeline(graph, world, self.options.balance)
+        runs = run_pipeline(graph, pipeline, check=self.options.verify, dump_dir=self.options.dump_dir)
         self.graphs.append(CompiledGraph(graph.name, graph, runs))
-        program = lower(graph)
-        return lambda args: program(args)
+        if world == 1:
+            program = lower(graph)
+            return lambda args: program(args)
+        return self._sharded_program(graph, world)
+
+    def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
+        """Run the sharded graph on this rank: its positions are appended as the last input."""
+        comm = Communicator(timeout_s=self.options.timeout)
+        if comm.world != world:
+            raise OptionError(f"Mesh(sp={world}) but the process group has {comm.world} ranks",
+                              hint="launch as many ranks as sp (seqweave run --nproc N / torchrun)")
+        program = lower(graph, comm)
+        length = int(graph.inputs[-1].type.shape[0]) * world
+        layout = Layout(self.options.balance)
+        # Built per call: compile time runs under fake tensors, where a cached tensor would be fake.
+        return lambda args: program([*args, shard_positions(layout, comm.rank, world, length)])
 
     def attention_count(self, kind: str = "forward") -> int:
         """attn.sdpa nodes in forward graphs (training `forward` or `inference`), or sdpa_backward in `backward`."""
         if kind == "backward":
             return sum(c.graph.count("attn.sdpa_backward") for c in self.graphs if c.kind == "backward")
         return sum(c.graph.count("attn.sdpa") for c in self.graphs if c.kind in ("forward", "inference"))
+
+
+def sequence_parallel_pipeline(graph: Graph, world: int, balance: str) -> str:
+    """The shard-sequence step for `graph`: N is read off its attention (training is not wired in yet)."""
+    if graph.name != "inference":
+        raise OptionError("sequence parallelism runs inference graphs only so far; training (the backward "
+                          "graph) is the next step", hint="call the compiled model under torch.no_grad()")
+    lengths = {int(node.args[0].type.shape[2]) for node in graph.nodes if node.op == "attn.sdpa"}
+    if len(lengths) != 1:
+        raise OptionError(f"sequence parallelism needs one sequence length across attentions, found {sorted(lengths)}",
+                          hint="compile a model whose attention layers share the sequence")
+    length = lengths.pop()
+    padded = padded_length(length, world, Layout(balance))
+    if padded != length:
+        raise OptionError(f"sequence length {length} does not split over {world} ranks with balance={balance}",
+                          hint=f"pad the batch to {padded} tokens (masked padding) or use balance='none'")
+    return f"shard-sequence{{world={world},layout={balance},length={length}}}"
 
 
 def seqweave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:

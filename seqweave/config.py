@@ -11,16 +11,19 @@ DEFAULT_PIPELINE = "canonicalize"
 DUMP_ENV = "SEQWEAVE_DUMP"
 
 
+BALANCES = ("zigzag", "striped", "none")
+
+
 @dataclass(frozen=True)
 class Mesh:
-    """The device mesh. Single device for now (sp=1); later issues add ulysses/ring axes."""
+    """The device mesh: `sp` ranks share the sequence (1 = single device)."""
 
     sp: int = 1
 
     def __post_init__(self) -> None:
-        if self.sp != 1:
-            raise OptionError(f"Mesh(sp={self.sp}): sequence parallelism is not available yet",
-                              hint="use Mesh(sp=1) (the default)")
+        if not isinstance(self.sp, int) or self.sp < 1:
+            raise OptionError(f"Mesh(sp={self.sp!r}): sp must be a positive number of ranks",
+                              hint="use Mesh(sp=1) for one device, Mesh(sp=P) for P sequence-parallel ranks")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class CompileOptions:
 
     mesh: Mesh = field(default_factory=Mesh)
     attention: str = "auto"
+    #: how the sequence is split over ranks: zigzag balances causal work, striped interleaves, none is contiguous
+    balance: str = "zigzag"
+    #: seconds a rank waits for a peer before failing with the rank, step and op named
+    timeout: float = 300.0
     pipeline: str = DEFAULT_PIPELINE
     verify: bool = True
     #: SEQWEAVE_DUMP=dir writes the IR before and after every pass there.
@@ -44,7 +51,9 @@ class CompileOptions:
             raise OptionError(f"unknown seqweave option(s) {unknown}", hint=f"valid options: {sorted(known)}")
         if isinstance(options.get("mesh"), dict):
             options["mesh"] = Mesh(**options["mesh"])
-        if options.get("attention", "auto") not in ("auto",):
-            raise OptionError(f"attention={options['attention']!r} needs sequence parallelism, not available yet",
-                              hint="use attention='auto'")
+        if options.get("attention", "auto") not in ("auto", "ring"):
+            raise OptionError(f"attention={options['attention']!r} is not available yet",
+                              hint="use attention='auto' or 'ring' (ulysses and hybrid are not wired in yet)")
+        if options.get("balance", "zigzag") not in BALANCES:
+            raise OptionError(f"balance={options['balance']!r} is not a sequence layout", hint=f"use one of {BALANCES}")
         return CompileOptions(**options)

@@ -26,7 +26,8 @@ def test_backend_compiles_a_function():
 @pytest.mark.parametrize("options, message", [
     ({"pipline": "canonicalize"}, "valid options"),
     ({"mesh": seqweave.Mesh()}, None),
-    ({"attention": "ring"}, "sequence parallelism"),
+    ({"attention": "ulysses"}, "not available yet"),
+    ({"balance": "diagonal"}, "not a sequence layout"),
 ])
 def test_compile_options_validate(options, message):
     if message is None:
@@ -36,6 +37,16 @@ def test_compile_options_validate(options, message):
         seqweave.compile_options(**options)
 
 
-def test_mesh_beyond_one_device_is_refused_with_a_hint():
-    with pytest.raises(OptionError, match="Mesh\\(sp=1\\)"):
-        seqweave.Mesh(sp=4)
+def test_mesh_needs_a_positive_rank_count():
+    assert seqweave.Mesh(sp=4).sp == 4
+    with pytest.raises(OptionError, match="positive number of ranks"):
+        seqweave.Mesh(sp=0)
+
+
+def test_sequence_parallel_training_is_refused_clearly():
+    """Only inference graphs are sharded so far: a training step says so instead of running wrong."""
+    from seqweave.compiler import sequence_parallel_pipeline
+    from seqweave.ir.graph import Graph
+
+    with pytest.raises(OptionError, match="inference graphs only"):
+        sequence_parallel_pipeline(Graph("forward", [], [], ()), 2, "zigzag")

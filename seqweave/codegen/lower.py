@@ -9,6 +9,8 @@ import functools
 
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.ops import op_def
+from seqweave.runtime.comm import Communicator
+from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS
 from seqweave.runtime.program import Program, Slot, Step
 
 
@@ -27,15 +29,24 @@ def _frees(graph: Graph, index: int, node: Node, last: dict[Value, int], slot_of
     return tuple(sorted(slot_of[v] for v in dead))
 
 
-def lower(graph: Graph) -> Program:
+def _implementation(node: Node, index: int, comm: Communicator | None):
+    """The op's plain-torch reference, or for ops that talk to other ranks, the runtime's, bound to `comm`."""
+    distributed = DISTRIBUTED_OPS.get(node.op)
+    if distributed is None:
+        return functools.partial(op_def(node.op).reference, node)
+    if comm is None:
+        raise ValueError(f"{node.op} needs a communicator: lower sharded graphs with lower(graph, comm)")
+    return functools.partial(distributed, comm, index, node)
+
+
+def lower(graph: Graph, comm: Communicator | None = None) -> Program:
     """One step per node, slots numbered in definition order."""
     slot_of = {value: index for index, value in enumerate(graph.values())}
     to_slot = lambda value: Slot(slot_of[value])  # noqa: E731
     last = _last_readers(graph)
     steps = []
     for index, node in enumerate(graph.nodes):
-        definition = op_def(node.op)
-        steps.append(Step(node.op, functools.partial(definition.reference, node),
+        steps.append(Step(node.op, _implementation(node, index, comm),
                           map_values(node.args, to_slot), map_values(node.kwargs, to_slot),
                           tuple(slot_of[r] for r in node.results), _frees(graph, index, node, last, slot_of)))
     stats = {"steps": len(steps), "attention": graph.count("attn.sdpa"),

@@ -19,8 +19,9 @@ from seqweave.ir.printer import print_graph
 from seqweave.ir.verifier import verify
 from seqweave.passes.base import Pass, PassResult
 from seqweave.passes.canonicalize import Canonicalize
+from seqweave.passes.shard_sequence import ShardSequence
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize,)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize, ShardSequence)}
 _STEP = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{(.*)\})?\s*$")
 
 

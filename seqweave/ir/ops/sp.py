@@ -1,0 +1,102 @@
+"""`sp.*`: the sequence-parallel dialect. Values in a sharded graph have LOCAL shapes; a
+tensor sharded on the sequence carries `Shard(dim)` on the `sp` axis.
+
+A sequence factor may sit inside a merged dim: `[B, S, H]` viewed as `[B*S, H]` keeps the
+sequence in dim 0 with `inner` = 1; the attrs `dim`, `inner` and `length` (global N) locate
+it. Ops that talk to other ranks (`sp.gather`, `sp.all_reduce`, `attn.ring`) have no plain
+reference: the runtime supplies their implementation with a communicator.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from seqweave.ir.graph import Node
+from seqweave.ir.ops.attn import Sdpa
+from seqweave.ir.ops.base import OpDef, fail
+from seqweave.ir.types import Replicate, Shard, TensorType, ValueType
+
+SP_AXIS = "sp"
+
+
+def split_factor(shape: tuple[int, ...], dim: int, length: int, inner: int) -> tuple[int, ...]:
+    """`shape` with `dim` split into (outer, length, inner): the sequence factor made explicit."""
+    outer = shape[dim] // (length * inner)
+    return shape[:dim] + (outer, length, inner) + shape[dim + 1:]
+
+
+def take_positions(x: torch.Tensor, positions: torch.Tensor, dim: int, length: int, inner: int) -> torch.Tensor:
+    """The rows of the sequence factor at `positions`, from a tensor holding all `length` of them."""
+    split = x.reshape(split_factor(tuple(x.shape), dim, length, inner))
+    local = split.index_select(dim + 1, positions.to(x.device))
+    return local.reshape(x.shape[:dim] + (-1,) + x.shape[dim + 1:])
+
+
+def with_placement(t: TensorType, placement: Any) -> TensorType:
+    return TensorType(t.shape, t.dtype, ((SP_AXIS, placement),))
+
+
+class ShardOp(OpDef):
+    """x (whole sequence) , positions [N/P] int64 -> x's rows at this rank's positions.
+
+    `sp.shard(x, positions, dim=d, inner=i, length=N)`: free, no communication (every rank
+    holds the whole x).
+    """
+
+    name = "sp.shard"
+
+    def infer(self, node: Node) -> list[ValueType]:
+        x, positions = node.args[0].type, node.args[1].type
+        local = int(positions.shape[0]) * int(x.shape[node.kwargs["dim"]]) // node.kwargs["length"]
+        shape = list(x.shape)
+        shape[node.kwargs["dim"]] = local
+        return [TensorType.of(shape, x.dtype, ((SP_AXIS, Shard(node.kwargs["dim"])),))]
+
+    def verify(self, node: Node) -> None:
+        x = node.args[0].type
+        step = node.kwargs["length"] * node.kwargs["inner"]
+        if int(x.shape[node.kwargs["dim"]]) % step:
+            raise fail(node, f"dim {node.kwargs['dim']} of {x} does not hold a sequence factor of {step}")
+
+    def reference(self, node: Node, x, positions, **kwargs: Any) -> torch.Tensor:
+        return take_positions(x, positions, kwargs["dim"], kwargs["length"], kwargs["inner"])
+
+
+class GatherOp(OpDef):
+    """x (this rank's rows) -> the whole sequence in global order, on every rank.
+
+    `sp.gather(x, dim=d, inner=i, length=N, world=P, layout="zigzag")`.
+    """
+
+    name = "sp.gather"
+    pure = False
+
+    def infer(self, node: Node) -> list[ValueType]:
+        x = node.args[0].type
+        shape = list(x.shape)
+        shape[node.kwargs["dim"]] = shape[node.kwargs["dim"]] * node.kwargs["world"]
+        return [TensorType(tuple(shape), x.dtype, ((SP_AXIS, Replicate()),))]
+
+
+class AllReduceOp(OpDef):
+    """x (a partial sum on every rank) -> the sum over ranks. `sp.all_reduce(x)`."""
+
+    name = "sp.all_reduce"
+    pure = False
+
+    def infer(self, node: Node) -> list[ValueType]:
+        return [with_placement(node.args[0].type, Replicate())]
+
+
+class RingAttention(Sdpa):
+    """`attn.sdpa` on sequence shards: q, k, v hold this rank's positions; K/V travel the ring.
+
+    Same operands and attributes as attn.sdpa plus `layout`, `world` and `length` (global N).
+    """
+
+    name = "attn.ring"
+    pure = False
+
+    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attn.ring runs only in the runtime, with a communicator")

@@ -1,0 +1,268 @@
+"""One rule per op for `shard-sequence`: given the sharded operands, how the op runs on a shard.
+
+A rule sees the node with operands already mapped into the sharded graph and returns the
+(op, args, kwargs) to emit and where the sequence sits in each result (`Seq` or None for
+replicated). Rules may ask `ctx.shard(value, seq)` for the local rows of a replicated value
+(free: every rank holds it whole). A rule that cannot run an op on shards raises
+`Unshardable` with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from seqweave.ir.graph import Node, Value, values_in
+from seqweave.ir.types import TensorType
+
+MAX_INDEX = 2 ** 62  # `slice(..., end=huge)` means "to the end"
+
+
+@dataclass(frozen=True)
+class Seq:
+    """The sequence factor of a value: in dim `dim`, with `inner` elements per position inside that dim."""
+
+    dim: int
+    inner: int = 1
+
+
+class Unshardable(Exception):
+    """This op cannot run on sequence shards (yet); the message says why."""
+
+
+class Context(Protocol):
+    length: int      # global sequence length N (padded)
+    world: int
+    layout: str      # Layout value: "none" | "zigzag" | "striped"
+
+    def seq(self, value: Any) -> Seq | None: ...
+    def global_shape(self, value: Value) -> tuple[int, ...]: ...
+    def shard(self, value: Value, seq: Seq) -> Value: ...
+
+
+Emit = tuple[str, tuple, dict, list[Seq | None]]
+Rule = Callable[[Context, Node, tuple, dict], Emit]
+
+ELEMENTWISE = frozenset(f"core.{name}" for name in (
+    "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "add.Scalar", "mul.Scalar", "div.Scalar", "neg",
+    "pow.Tensor_Scalar", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "relu", "cos", "sin",
+    "_to_copy", "clone", "detach", "alias", "where.self", "eq.Scalar", "ne.Scalar", "eq.Tensor", "ne.Tensor",
+    "lt.Scalar", "le.Scalar", "gt.Scalar", "ge.Scalar", "masked_fill.Scalar", "bitwise_and.Tensor", "abs",
+    "reciprocal", "erf", "maximum", "minimum", "clamp_min", "clamp", "mean.default"))
+
+
+def _tensor_args(args: tuple) -> list[Value]:
+    return [v for v in values_in(args) if isinstance(v.type, TensorType)]
+
+
+def elementwise(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """Broadcasting ops: the sequence dim aligns from the right; full-length replicated operands are sliced."""
+    out_rank = len(node.results[0].type.shape)
+    sharded = [(v, ctx.seq(v)) for v in _tensor_args(args) if ctx.seq(v) is not None]
+    if not sharded:
+        return node.op, args, kwargs, [None]
+    anchor, seq = sharded[0]
+    out_dim = seq.dim + out_rank - len(anchor.type.shape)
+    full = int(node.results[0].type.shape[out_dim])
+
+    def align(value: Any) -> Any:
+        if not isinstance(value, Value) or not isinstance(value.type, TensorType):
+            return value
+        dim = out_dim - (out_rank - len(value.type.shape))
+        if dim < 0 or ctx.global_shape(value)[dim] == 1:
+            return value
+        have = ctx.seq(value)
+        if have is None and ctx.global_shape(value)[dim] == full:
+            return ctx.shard(value, Seq(dim, seq.inner))
+        if have == Seq(dim, seq.inner):
+            return value
+        raise Unshardable(f"{node.op}: operands hold the sequence in different places ({have} vs {seq})")
+
+    return node.op, _map(args, align), _map(kwargs, align), [Seq(out_dim, seq.inner)]
+
+
+def _map(template: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(template, tuple):
+        return tuple(_map(item, fn) for item in template)
+    if isinstance(template, list):
+        return [_map(item, fn) for item in template]
+    if isinstance(template, dict):
+        return {key: _map(item, fn) for key, item in template.items()}
+    return fn(template)
+
+
+def _prod(values) -> int:
+    result = 1
+    for value in values:
+        result *= int(value)
+    return result
+
+
+def _resolve(shape: list[int], numel: int) -> list[int]:
+    """A view's shape with its -1 filled in."""
+    if -1 in shape:
+        known = _prod(d for d in shape if d != -1)
+        shape = [numel // known if d == -1 else d for d in shape]
+    return [int(d) for d in shape]
+
+
+def view(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """view/reshape: views keep row-major order, so the sequence factor keeps its flat stride."""
+    source, shape = args[0], list(args[1])
+    seq = ctx.seq(source)
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    in_shape = ctx.global_shape(source)
+    stride = seq.inner * _prod(in_shape[seq.dim + 1:])  # flat stride of one sequence position
+    out = _resolve(shape, _prod(in_shape))
+    for dim in range(len(out)):
+        dim_stride = _prod(out[dim + 1:])
+        if dim_stride <= stride and stride % dim_stride == 0 and stride * ctx.length <= dim_stride * out[dim]:
+            local = list(out)
+            local[dim] = out[dim] // ctx.world
+            return node.op, (source, local, *args[2:]), kwargs, [Seq(dim, stride // dim_stride)]
+    raise Unshardable(f"{node.op} to {out} splits the sequence across dims")
+
+
+def unsqueeze(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    dim = args[1] % (len(ctx.global_shape(args[0])) + 1)
+    return node.op, args, kwargs, [Seq(seq.dim + (dim <= seq.dim), seq.inner)]
+
+
+def transpose(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    rank = len(ctx.global_shape(args[0]))
+    a, b = (args[1] % rank, args[2] % rank) if node.op == "core.transpose.int" else (0, 1)
+    moved = b if seq.dim == a else a if seq.dim == b else seq.dim
+    return node.op, args, kwargs, [Seq(moved, seq.inner)]
+
+
+def expand(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    sizes = list(args[1])
+    offset = len(sizes) - len(ctx.global_shape(args[0]))
+    sizes[seq.dim + offset] = -1
+    return node.op, (args[0], sizes, *args[2:]), kwargs, [Seq(seq.dim + offset, seq.inner)]
+
+
+def slice_(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    rank = len(ctx.global_shape(args[0]))
+    dim = (args[1] if len(args) > 1 else 0) % rank
+    if dim != seq.dim:
+        return node.op, args, kwargs, [seq]
+    start, end = (list(args[2:4]) + [None, None])[:2]
+    if (start in (None, 0)) and (end is None or end >= ctx.global_shape(args[0])[dim]):
+        return node.op, (args[0], dim, 0, MAX_INDEX, *args[4:]), kwargs, [seq]
+    raise Unshardable(f"{node.op} takes part of the sharded sequence dim ({start}:{end})")
+
+
+def reduce_other_dims(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """mean/sum/amax over dims that are not the sequence dim keep the shard."""
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    rank = len(ctx.global_shape(args[0]))
+    dims = [d % rank for d in (args[1] if isinstance(args[1], (list, tuple)) else [args[1]])]
+    if seq.dim in dims:
+        raise Unshardable(f"{node.op} reduces over the sequence")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dim = seq.dim if keepdim else seq.dim - sum(d < seq.dim for d in dims)
+    return node.op, args, kwargs, [Seq(dim, seq.inner)]
+
+
+def row_wise(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """Ops that treat rows independently (mm, addmm's rows, log_softmax over the last dim)."""
+    tensors = [v for v in _tensor_args(args) if ctx.seq(v) is not None]
+    if not tensors:
+        return node.op, args, kwargs, [None] * len(node.results)
+    if node.op in ("core.mm", "core.addmm"):
+        left = args[0] if node.op == "core.mm" else args[1]
+        if ctx.seq(left) is None or ctx.seq(left).dim != 0 or len(tensors) != 1:
+            raise Unshardable(f"{node.op} contracts over the sequence")
+        return node.op, args, kwargs, [ctx.seq(left)]
+    seq = ctx.seq(tensors[0])
+    return node.op, args, kwargs, [seq] * len(node.results)
+
+
+def embedding(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """The seed: slice the token ids (not the embeddings) to this rank's positions."""
+    weight, ids = args[0], args[1]
+    shape = ctx.global_shape(ids)
+    if ctx.seq(ids) is None and shape and shape[-1] == ctx.length:
+        ids = ctx.shard(ids, Seq(len(shape) - 1))
+    seq = ctx.seq(ids)
+    return node.op, (weight, ids, *args[2:]), kwargs, [seq]
+
+
+def layer_norm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is not None and seq.dim >= len(ctx.global_shape(args[0])) - len(args[1]):
+        raise Unshardable("layer norm over the sequence dim")
+    return node.op, args, kwargs, [seq] * len(node.results)
+
+
+def split(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % len(ctx.global_shape(args[0]))
+    if seq is not None and dim == seq.dim:
+        raise Unshardable(f"{node.op} splits the sequence dim")
+    return node.op, args, kwargs, [seq] * len(node.results)
+
+
+def cat(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    tensors = list(args[0])
+    seqs = {ctx.seq(t) for t in tensors} - {None}
+    if not seqs:
+        return node.op, args, kwargs, [None]
+    if len(seqs) > 1:
+        raise Unshardable("cat of tensors sharded in different places")
+    seq = seqs.pop()
+    dim = (args[1] if len(args) > 1 else 0) % len(ctx.global_shape(tensors[0]))
+    if dim == seq.dim:
+        raise Unshardable("cat along the sequence dim")
+    tensors = [t if ctx.seq(t) else ctx.shard(t, seq) for t in tensors]
+    return node.op, (tensors, *args[1:]), kwargs, [seq]
+
+
+def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """attn.sdpa on shards becomes attn.ring; mask operands stay whole (they are indexed by global position)."""
+    q, k, v, operands = args
+    if any(ctx.seq(t) is not None for t in operands):
+        raise Unshardable("a mask operand is sharded; mask operands must be whole on every rank")
+    qkv = [t if ctx.seq(t) == Seq(2) else ctx.shard(t, Seq(2)) if ctx.seq(t) is None else None for t in (q, k, v)]
+    if None in qkv:
+        raise Unshardable("q, k, v are not sharded on their sequence dim")
+    extra = {"layout": ctx.layout, "world": ctx.world, "length": ctx.length}
+    return "attn.ring", (*qkv, operands), {**kwargs, **extra}, [Seq(2), Seq(2)]
+
+
+RULES: dict[str, Rule] = {
+    **{name: elementwise for name in ELEMENTWISE},
+    **{f"core.{name}": view for name in ("view", "_unsafe_view", "reshape")},
+    "core.unsqueeze": unsqueeze, "core.transpose.int": transpose, "core.t": transpose,
+    "core.expand": expand, "core.slice.Tensor": slice_,
+    "core.mean.dim": reduce_other_dims, "core.sum.dim_IntList": reduce_other_dims, "core.amax": reduce_other_dims,
+    "core.mm": row_wise, "core.addmm": row_wise, "core._log_softmax": row_wise, "core._softmax": row_wise,
+    "core.embedding": embedding, "core.native_layer_norm": layer_norm,
+    "core.split.Tensor": split, "core.split_with_sizes": split, "core.cat": cat,
+    "attn.sdpa": attention,
+}
+
+
+def rule_for(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """The rule's emission; ops without a rule run replicated when no operand is sharded."""
+    rule = RULES.get(node.op)
+    if rule is not None:
+        return rule(ctx, node, args, kwargs)
+    if any(ctx.seq(v) is not None for v in _tensor_args((args, kwargs))):
+        raise Unshardable(f"no sequence-sharding rule for {node.op}")
+    return node.op, args, kwargs, [None] * len(node.results)

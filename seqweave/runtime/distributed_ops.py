@@ -1,0 +1,46 @@
+"""Implementations of the ops that talk to other ranks (`sp.gather`, `sp.all_reduce`,
+`attn.ring`), bound to a Communicator when a sharded graph is lowered."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from seqweave.ir.graph import Node
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
+from seqweave.ir.ops.sp import split_factor
+from seqweave.ir.sharding import Layout, plan_ring, shard_positions
+from seqweave.runtime.comm import Communicator
+from seqweave.runtime.sequence_parallel import ring_attention_forward
+
+
+def _positions_of(layout: str, world: int, length: int) -> Callable[[int], torch.Tensor]:
+    return lambda rank: shard_positions(Layout(layout), rank, world, length)
+
+
+def ring(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask = parse_mask(kw["mask"])
+    plan = plan_ring(mask, Layout(kw["layout"]), kw["world"], kw["length"])
+    return ring_attention_forward(comm, q, k, v, mask, parse_score_mod(kw["score_mod"]), kw["scale"], plan,
+                                  _positions_of(kw["layout"], kw["world"], kw["length"]), operands)
+
+
+def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """Every rank's rows, put back at their global positions (undoing zigzag / striping)."""
+    pieces = comm.all_to_all([x.contiguous()] * comm.world, step, f"gather of %{node.results[0].name}")
+    dim, inner, length, world = kw["dim"], kw["inner"], kw["length"], kw["world"]
+    shape = list(x.shape)
+    shape[dim] *= world
+    whole = x.new_empty(split_factor(tuple(shape), dim, length, inner))
+    positions_of = _positions_of(kw["layout"], world, length)
+    for rank, piece in enumerate(pieces):
+        local = piece.reshape(split_factor(tuple(x.shape), dim, length // world, inner))
+        whole.index_copy_(dim + 1, positions_of(rank), local)
+    return whole.reshape(shape)
+
+
+def all_reduce(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+    return comm.all_reduce(x.clone(), step, f"all_reduce of %{node.results[0].name}")
+
+
+DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "sp.gather": gather, "sp.all_reduce": all_reduce}

@@ -122,6 +122,9 @@ class ShardSequence(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         layout = Layout(self.layout)
+        if self.length < 2:
+            raise PassError(f"sequence length {self.length}: nothing to split", pass_name=self.name,
+                            hint="compile with a sequence of at least 2 tokens, or without sequence parallelism")
         if self.length != padded_length(self.length, self.world, layout):
             raise PassError(f"sequence length {self.length} does not split over {self.world} ranks ({layout.value})",
                             pass_name=self.name, hint=f"pad the inputs to {padded_length(self.length, self.world, layout)}")

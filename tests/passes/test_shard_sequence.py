@@ -1,0 +1,121 @@
+"""`shard-sequence`: golden text, refusals, a property over lengths / worlds / layouts, and the
+shard <-> gather round trip. The end-to-end numeric test on real ranks is
+tests/e2e/test_sequence_parallel_inference.py."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqweave.errors import PassError
+from seqweave.ir.graph import Node, Value
+from seqweave.ir.ops.sp import take_positions
+from seqweave.ir.parser import parse_graph
+from seqweave.ir.printer import print_graph
+from seqweave.ir.sharding import Layout, padded_length, shard_positions
+from seqweave.ir.types import TensorType
+from seqweave.ir.verifier import verify
+from seqweave.passes.shard_sequence import ShardSequence
+from seqweave.runtime.distributed_ops import gather
+
+MODEL = '''graph inference(%ids: i64[2, {n}], %w: f32[16, 4], %cos: f32[1, {n}, 4], %wq: f32[4, 4]) {{
+  %emb = core.embedding(%w, %ids) : f32[2, {n}, 4]
+  %flat = core.view(%emb, [{n2}, 4]) : f32[{n2}, 4]
+  %t = core.t(%wq) : f32[4, 4]
+  %mm = core.mm(%flat, %t) : f32[{n2}, 4]
+  %x = core.view(%mm, [2, {n}, 1, 4]) : f32[2, {n}, 1, 4]
+  %q = core.transpose.int(%x, 1, 2) : f32[2, 1, {n}, 4]
+  %c = core.unsqueeze(%cos, 1) : f32[1, 1, {n}, 4]
+  %qr = core.mul.Tensor(%q, %c) : f32[2, 1, {n}, 4]
+  %out, %lse = attn.sdpa(%qr, %qr, %qr, [], mask="causal", score_mod="none", scale=0.5, kv_heads=1) : f32[2, 1, {n}, 4], f32[2, 1, {n}]
+  return (%out,)
+}}
+'''
+
+GOLDEN = '''graph inference(%ids: i64[2, 8]{sp: R}, %w: f32[16, 4]{sp: R}, %cos: f32[1, 8, 4]{sp: R}, %wq: f32[4, 4]{sp: R}, %sp_positions: i64[4]{sp: R}) {
+  %shard = sp.shard(%ids, %sp_positions, dim=1, inner=1, length=8) : i64[2, 4]{sp: S(1)}
+  %emb = core.embedding(%w, %shard) : f32[2, 4, 4]{sp: S(1)}
+  %flat = core.view(%emb, [8, 4]) : f32[8, 4]{sp: S(0)}
+  %t = core.t(%wq) : f32[4, 4]{sp: R}
+  %mm = core.mm(%flat, %t) : f32[8, 4]{sp: S(0)}
+  %x = core.view(%mm, [2, 4, 1, 4]) : f32[2, 4, 1, 4]{sp: S(1)}
+  %q = core.transpose.int(%x, 1, 2) : f32[2, 1, 4, 4]{sp: S(2)}
+  %c = core.unsqueeze(%cos, 1) : f32[1, 1, 8, 4]{sp: R}
+  %shard_1 = sp.shard(%c, %sp_positions, dim=2, inner=1, length=8) : f32[1, 1, 4, 4]{sp: S(2)}
+  %qr = core.mul.Tensor(%q, %shard_1) : f32[2, 1, 4, 4]{sp: S(2)}
+  %out, %lse = attn.ring(%qr, %qr, %qr, [], mask="causal", score_mod="none", scale=0.5, kv_heads=1, layout="none", world=2, length=8) : f32[2, 1, 4, 4]{sp: S(2)}, f32[2, 1, 4]{sp: S(2)}
+  %gather = sp.gather(%out, dim=2, inner=1, length=8, world=2, layout="none") : f32[2, 1, 8, 4]{sp: R}
+  return (%gather,)
+}
+'''
+
+
+def _model(n: int):
+    return parse_graph(MODEL.format(n=n, n2=2 * n))
+
+
+def test_golden():
+    graph = _model(8)
+    result = ShardSequence(world=2, layout="none", length=8).run(graph)
+    assert print_graph(graph) == GOLDEN
+    assert result.rewrites == 2 and "1 ring attentions" in result.detail
+
+
+def test_refuses_a_reduction_over_the_sequence():
+    graph = parse_graph('''graph inference(%ids: i64[1, 8], %w: f32[16, 4]) {
+  %emb = core.embedding(%w, %ids) : f32[1, 8, 4]
+  %total = core.sum.dim_IntList(%emb, [1]) : f32[1, 4]
+  return (%total,)
+}
+''')
+    with pytest.raises(PassError, match="reduces over the sequence") as caught:
+        ShardSequence(world=2, layout="none", length=8).run(graph)
+    assert "core.sum.dim_IntList" in str(caught.value)
+
+
+def test_refuses_a_length_that_does_not_split():
+    with pytest.raises(PassError, match="pad the inputs to 12"):
+        ShardSequence(world=3, layout="zigzag", length=9).run(_model(9))
+
+
+def test_leaves_a_graph_without_sequence_alone():
+    """No token ids and no attention: nothing is sharded, every value stays whole."""
+    graph = parse_graph('''graph inference(%x: f32[3, 4]) {
+  %y = core.relu(%x) : f32[3, 4]
+  return (%y,)
+}
+''')
+    assert ShardSequence(world=2, layout="zigzag", length=8).run(graph).rewrites == 0
+    assert [node.op for node in graph.nodes] == ["core.relu"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(world=st.sampled_from([1, 2, 3, 4]), layout=st.sampled_from(list(Layout)), n=st.integers(2, 24))
+def test_sharded_graph_verifies_with_local_shapes(world, layout, n):
+    length = padded_length(n, world, layout)
+    graph = _model(length)
+    ShardSequence(world=world, layout=layout.value, length=length).run(graph)
+    verify(graph)
+    ring = next(node for node in graph.nodes if node.op == "attn.ring")
+    assert int(ring.args[0].type.shape[2]) == length // world
+    assert graph.output_values()[0].type.shape[2] == length
+
+
+class _AllRanks:
+    """Stands in for a Communicator in one process: all_to_all returns every rank's piece."""
+
+    def __init__(self, pieces):
+        self.world, self.pieces = len(pieces), pieces
+
+    def all_to_all(self, chunks, step, op):
+        return self.pieces
+
+
+@pytest.mark.parametrize("layout", list(Layout))
+@pytest.mark.parametrize("dim, inner", [(1, 1), (0, 3)])
+def test_gather_undoes_shard(layout, dim, inner):
+    world, length = 4, 16
+    x = torch.randn(2 if dim == 1 else 2 * length * inner, length if dim == 1 else 5)
+    pieces = [take_positions(x, shard_positions(layout, r, world, length), dim, length, inner) for r in range(world)]
+    node = Node("sp.gather", (), {}, [Value("y", TensorType.from_tensor(x))])
+    kwargs = {"dim": dim, "inner": inner, "length": length, "world": world, "layout": layout.value}
+    torch.testing.assert_close(gather(_AllRanks(pieces), 0, node, pieces[0], **kwargs), x, rtol=0, atol=0)

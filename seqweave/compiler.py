@@ -18,7 +18,8 @@ from seqweave.frontend.dynamo import capture
 from seqweave.ir.graph import Graph
 from seqweave.ir.sharding import Layout, padded_length, shard_positions
 from seqweave.ir.verifier import verify
-from seqweave.passes.manager import PassRun, run_pipeline
+from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
+from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.comm import Communicator
 
 
@@ -38,23 +39,38 @@ class SeqweaveBackend:
         self.options = options or CompileOptions()
         self.reports: list[AttentionReport] = []
         self.graphs: list[CompiledGraph] = []
+        self._saved_seqs: list[list] = []  # per compiled training forward, how its saved activations are sharded
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         return capture(gm, example_inputs, self._compile_graph, self.reports)
 
-    def _compile_graph(self, graph: Graph) -> Callable[[list], Any]:
+    def _compile_graph(self, graph: Graph, user_outputs: int | None = None) -> Callable[[list], Any]:
         if self.options.verify:
             verify(graph)
         world = self.options.mesh.sp
-        pipeline = self.options.pipeline
-        if world > 1:
-            pipeline += "," + sequence_parallel_pipeline(graph, world, self.options.balance)
-        runs = run_pipeline(graph, pipeline, check=self.options.verify, dump_dir=self.options.dump_dir)
+        passes = parse_pipeline(self.options.pipeline)
+        shard = self._shard_pass(graph, world, user_outputs) if world > 1 else None
+        runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
+                            dump_dir=self.options.dump_dir)
         self.graphs.append(CompiledGraph(graph.name, graph, runs))
-        if world == 1:
+        if shard is None:
             program = lower(graph)
             return lambda args: program(args)
+        if graph.name == "forward":  # the backward's first inputs are these saved activations
+            self._saved_seqs.append(shard.report["output_seqs"][user_outputs:])
         return self._sharded_program(graph, world)
+
+    def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None) -> ShardSequence:
+        """shard-sequence for this graph: a training forward keeps its saved activations sharded,
+        and the backward receives them sharded, as the forward left them."""
+        length = sequence_length(graph, world, self.options.balance)
+        if graph.name == "forward":
+            return ShardSequence(world, self.options.balance, length, keep_sharded_from=user_outputs)
+        if graph.name == "backward":
+            saved = self._saved_seqs.pop()
+            seqs = tuple((i, *seq) for i, seq in enumerate(saved) if seq is not None)
+            return ShardSequence(world, self.options.balance, length, input_seqs=seqs)
+        return ShardSequence(world, self.options.balance, length)
 
     def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
         """Run the sharded graph on this rank: its positions are appended as the last input."""
@@ -75,12 +91,10 @@ class SeqweaveBackend:
         return sum(c.graph.count("attn.sdpa") for c in self.graphs if c.kind in ("forward", "inference"))
 
 
-def sequence_parallel_pipeline(graph: Graph, world: int, balance: str) -> str:
-    """The shard-sequence step for `graph`: N is read off its attention (training is not wired in yet)."""
-    if graph.name != "inference":
-        raise OptionError("sequence parallelism runs inference graphs only so far; training (the backward "
-                          "graph) is the next step", hint="call the compiled model under torch.no_grad()")
-    lengths = {int(node.args[0].type.shape[2]) for node in graph.nodes if node.op == "attn.sdpa"}
+def sequence_length(graph: Graph, world: int, balance: str) -> int:
+    """The global sequence length N, read off the graph's attention; it must split over the ranks."""
+    lengths = {int(node.args[1 if node.op == "attn.sdpa_backward" else 0].type.shape[2])
+               for node in graph.nodes if node.op in ("attn.sdpa", "attn.sdpa_backward")}
     if len(lengths) != 1:
         raise OptionError(f"sequence parallelism needs one sequence length across attentions, found {sorted(lengths)}",
                           hint="compile a model whose attention layers share the sequence")
@@ -89,7 +103,7 @@ def sequence_parallel_pipeline(graph: Graph, world: int, balance: str) -> str:
     if padded != length:
         raise OptionError(f"sequence length {length} does not split over {world} ranks with balance={balance}",
                           hint=f"pad the batch to {padded} tokens (masked padding) or use balance='none'")
-    return f"shard-sequence{{world={world},layout={balance},length={length}}}"
+    return length
 
 
 def seqweave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:

@@ -43,10 +43,9 @@ def test_mesh_needs_a_positive_rank_count():
         seqweave.Mesh(sp=0)
 
 
-def test_sequence_parallel_training_is_refused_clearly():
-    """Only inference graphs are sharded so far: a training step says so instead of running wrong."""
-    from seqweave.compiler import sequence_parallel_pipeline
+def test_sequence_parallel_needs_attention_to_read_the_length_from():
+    from seqweave.compiler import sequence_length
     from seqweave.ir.graph import Graph
 
-    with pytest.raises(OptionError, match="inference graphs only"):
-        sequence_parallel_pipeline(Graph("forward", [], [], ()), 2, "zigzag")
+    with pytest.raises(OptionError, match="one sequence length"):
+        sequence_length(Graph("forward", [], [], ()), 2, "zigzag")

@@ -10,14 +10,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import default_partition
 
 from seqweave.errors import CaptureError
 from seqweave.frontend.attention import AttentionReport, replace_attention
 from seqweave.frontend.fx import import_fx
 from seqweave.ir.graph import Graph
 
-#: Turns one imported IR graph (`forward`, `backward` or `inference`) into a boxed callable.
-GraphCompiler = Callable[[Graph], Callable[[list], Any]]
+#: Turns one imported IR graph (`forward`, `backward` or `inference`) into a boxed callable. The
+#: second argument is, for a training forward, how many leading outputs the caller sees (the
+#: rest are activations saved for the backward, whose first inputs they become); else None.
+GraphCompiler = Callable[[Graph, "int | None"], Callable[[list], Any]]
 
 
 def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: GraphCompiler,
@@ -27,14 +30,19 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: Gr
         raise CaptureError("dynamic shapes reached the seqweave backend",
                            hint="compile with torch.compile(..., dynamic=False)")
     reports.extend(replace_attention(gm, example_inputs))
+    user_outputs: dict[str, int] = {}
+
+    def partition(joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
+        user_outputs["forward"] = num_fwd_outputs  # recorded here: the forward compiler is not told
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
 
     def aten_compiler(kind: str) -> Callable:
         def compile_aten(aten_gm: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
-            run = compile_graph(import_fx(aten_gm, kind))
+            run = compile_graph(import_fx(aten_gm, kind), user_outputs.get(kind))
             run._boxed_call = True  # aot_autograd passes the argument list itself
             return run
         return compile_aten
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=aten_compiler("forward"),
                                  bw_compiler=aten_compiler("backward"),
-                                 inference_compiler=aten_compiler("inference"))
+                                 inference_compiler=aten_compiler("inference"), partition_fn=partition)

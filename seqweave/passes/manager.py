@@ -10,7 +10,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 from seqweave.errors import OptionError, PassError
 from seqweave.ir.graph import Graph
@@ -81,12 +81,15 @@ def _dump(graph: Graph, directory: str, index: int, name: str) -> None:
     os.replace(handle.name, target)
 
 
-def run_pipeline(graph: Graph, pipeline: str, *, check: bool = True, dump_dir: str | None = None) -> list[PassRun]:
-    """Run every pass of `pipeline` on `graph` in place; raises PassError naming the pass that broke it."""
+def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], *, check: bool = True,
+                 dump_dir: str | None = None) -> list[PassRun]:
+    """Run every pass of `pipeline` (a pipeline string or pass objects) on `graph` in place;
+    raises PassError naming the pass that broke it."""
+    passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     runs = []
     if dump_dir:
         _dump(graph, dump_dir, 0, "input")
-    for index, pass_ in enumerate(parse_pipeline(pipeline), start=1):
+    for index, pass_ in enumerate(passes, start=1):
         start = time.perf_counter()
         result = pass_.run(graph)
         millis = (time.perf_counter() - start) * 1e3

@@ -12,40 +12,56 @@ with no rule only ever sees whole values, else the pass refuses with the op's na
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from seqweave.errors import PassError
-from seqweave.ir.graph import Graph, Node, Value, map_values
+from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.sp import SP_AXIS
 from seqweave.ir.sharding import Layout, padded_length
-from seqweave.ir.types import Replicate, Shard, TensorType
+from seqweave.ir.types import Partial, Replicate, Shard, TensorType
 from seqweave.passes.base import Pass, PassResult
-from seqweave.passes.sharding_rules import Seq, Unshardable, rule_for
+from seqweave.passes.sharding_rules import EMITTED, PARTIAL, Seq, Unshardable, rule_for
 
 POSITIONS_INPUT = "sp_positions"
+#: Ops linear in their first operand: a partial sum stays a partial sum through them.
+PARTIAL_LINEAR = frozenset(f"core.{name}" for name in (
+    "view", "_unsafe_view", "reshape", "t", "transpose.int", "clone", "neg", "unsqueeze", "squeeze.dim",
+    "mul.Scalar", "div.Scalar", "sum.dim_IntList", "detach", "_to_copy", "alias"))
 
 
-def _placed(t: Any, seq: Seq | None) -> Any:
+def _placed(t: Any, seq: Any) -> Any:
     if not isinstance(t, TensorType):
         return t
-    return TensorType(t.shape, t.dtype, ((SP_AXIS, Shard(seq.dim) if seq else Replicate()),))
+    placement = Partial() if seq is PARTIAL else Shard(seq.dim) if seq else Replicate()
+    return TensorType(t.shape, t.dtype, ((SP_AXIS, placement),))
+
+
+def _local(t: Any, seq: Seq | None, world: int) -> Any:
+    """The type of this rank's piece of a value arriving sharded."""
+    if seq is None or not isinstance(t, TensorType):
+        return t
+    shape = list(t.shape)
+    shape[seq.dim] = shape[seq.dim] // world
+    return TensorType(tuple(shape), t.dtype, t.placements)
 
 
 class _Builder:
     """Builds the sharded graph; implements the rules' Context."""
 
-    def __init__(self, graph: Graph, world: int, layout: Layout, length: int) -> None:
+    def __init__(self, graph: Graph, world: int, layout: Layout, length: int,
+                 input_seqs: dict[int, Seq]) -> None:
         self.world, self.layout, self.length = world, layout.value, length
-        self.seqs: dict[Value, Seq | None] = {}
+        self.seqs: dict[Value, Any] = {}
         self.global_shapes: dict[Value, tuple[int, ...]] = {}
         self.positions = Value(POSITIONS_INPUT, TensorType.of((length // world,), torch.int64, ((SP_AXIS, Replicate()),)))
-        inputs = [Value(v.name, _placed(v.type, None)) for v in graph.inputs]
-        for old, new in zip(graph.inputs, inputs):
-            self._record(new, old, None)
+        inputs = [Value(v.name, _placed(_local(v.type, input_seqs.get(i), world), input_seqs.get(i)))
+                  for i, v in enumerate(graph.inputs)]
+        for index, (old, new) in enumerate(zip(graph.inputs, inputs)):
+            self._record(new, old, input_seqs.get(index))
         self.mapping: dict[Value, Value] = dict(zip(graph.inputs, inputs))
         self.out = Graph(graph.name, [*inputs, self.positions], [], (), list(graph.notes))
         self.taken = {value.name for value in graph.values()} | {POSITIONS_INPUT}
@@ -58,7 +74,14 @@ class _Builder:
 
     # -- Context
     def seq(self, value: Any) -> Seq | None:
-        return self.seqs.get(value) if isinstance(value, Value) else None
+        found = self.seqs.get(value) if isinstance(value, Value) else None
+        return found if isinstance(found, Seq) else None
+
+    def partial(self, value: Any) -> bool:
+        return isinstance(value, Value) and self.seqs.get(value) is PARTIAL
+
+    def all_reduce(self, value: Value) -> Value:
+        return self.emit("sp.all_reduce", (value,), {}, [None], "", self.global_shape(value))[0]
 
     def global_shape(self, value: Value) -> tuple[int, ...]:
         return self.global_shapes[value]
@@ -93,22 +116,49 @@ class _Builder:
         self.out.nodes.append(node)
         return node.results
 
+    def _partial_rule(self, old: Node, args: tuple, kwargs: dict) -> tuple:
+        """Partial sums pass through ops linear in them; anything else sees them all-reduced first."""
+        operands = [v for v in values_in((args, kwargs)) if isinstance(v.type, TensorType)]
+        partial = [v for v in operands if self.partial(v)]
+        others_whole = all(self.seqs.get(v) is None for v in operands if v not in partial)
+        if old.op in PARTIAL_LINEAR and partial == [args[0]] and others_whole:
+            return old.op, args, kwargs, [PARTIAL]
+        if old.op in ("core.add.Tensor", "core.sub.Tensor") and len(partial) == len(operands) == 2:
+            return old.op, args, kwargs, [PARTIAL]
+        if old.op == "core.mul.Tensor" and len(partial) == 1 and others_whole:
+            return old.op, args, kwargs, [PARTIAL]
+        reduce = lambda v: self.all_reduce(v) if self.partial(v) else v  # noqa: E731
+        return rule_for(self, old, map_values(args, reduce), map_values(kwargs, reduce))
+
     def node(self, old: Node) -> None:
         args = map_values(old.args, self.mapping.__getitem__)
         kwargs = map_values(old.kwargs, self.mapping.__getitem__)
-        op, args, kwargs, seqs = rule_for(self, old, args, kwargs)
-        shapes = [tuple(int(d) for d in r.type.shape) if isinstance(r.type, TensorType) else () for r in old.results]
-        names = [value.name for value in old.results]  # the sharded graph keeps the original names
-        for old_value, new_value in zip(old.results, self.emit(op, args, kwargs, seqs, old.loc, *shapes, names=names)):
+        if any(self.partial(v) for v in values_in((args, kwargs))):
+            op, args, kwargs, seqs = self._partial_rule(old, args, kwargs)
+        else:
+            op, args, kwargs, seqs = rule_for(self, old, args, kwargs)
+        if op == EMITTED:
+            results = list(args)
+        else:
+            shapes = [tuple(int(d) for d in r.type.shape) if isinstance(r.type, TensorType) else () for r in old.results]
+            names = [value.name for value in old.results]  # the sharded graph keeps the original names
+            results = self.emit(op, args, kwargs, seqs, old.loc, *shapes, names=names)
+        for old_value, new_value in zip(old.results, results):
             self.mapping[old_value] = new_value
 
     def gathered(self, value: Value) -> Value:
+        if self.partial(value):
+            return self.all_reduce(value)
         seq = self.seq(value)
         if seq is None:
             return value
         kwargs = {"dim": seq.dim, "inner": seq.inner, "length": self.length, "world": self.world,
                   "layout": self.layout}
         return self.emit("sp.gather", (value,), kwargs, [None], "", self.global_shape(value))[0]
+
+
+def _flat_outputs(outputs: Any) -> list:
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
 
 
 @dataclass(frozen=True)
@@ -119,6 +169,12 @@ class ShardSequence(Pass):
     world: int = 2
     layout: str = "zigzag"
     length: int = 0  # the global sequence length N; must split evenly (pad the inputs first)
+    #: outputs from this index on stay sharded (a training forward's activations saved for backward)
+    keep_sharded_from: int = -1
+    #: inputs that arrive sharded: (input index, dim, inner) (a backward's saved activations)
+    input_seqs: tuple[tuple[int, int, int], ...] = ()
+    #: filled by run(): "output_seqs", one (dim, inner) or None per output, in order
+    report: dict = field(default_factory=dict, compare=False, repr=False)
 
     def run(self, graph: Graph) -> PassResult:
         layout = Layout(self.layout)
@@ -128,13 +184,27 @@ class ShardSequence(Pass):
         if self.length != padded_length(self.length, self.world, layout):
             raise PassError(f"sequence length {self.length} does not split over {self.world} ranks ({layout.value})",
                             pass_name=self.name, hint=f"pad the inputs to {padded_length(self.length, self.world, layout)}")
-        builder = _Builder(graph, self.world, layout, self.length)
+        builder = _Builder(graph, self.world, layout, self.length,
+                           {index: Seq(dim, inner) for index, dim, inner in self.input_seqs})
         for node in graph.nodes:
             try:
                 builder.node(node)
             except Unshardable as why:
                 raise PassError(str(why), pass_name=self.name, op=node.op, layer=node.loc,
                                 hint="run this model without sequence parallelism, or report the op") from None
-        builder.out.outputs = map_values(graph.outputs, lambda v: builder.gathered(builder.mapping[v]))
+        builder.out.outputs = self._outputs(builder, graph)
         graph.inputs, graph.nodes, graph.outputs = builder.out.inputs, builder.out.nodes, builder.out.outputs
         return PassResult(builder.shards, f"{builder.shards} shards taken, {graph.count('attn.ring')} ring attentions")
+
+    def _outputs(self, builder: _Builder, graph: Graph) -> Any:
+        """Gather (or all-reduce) what the caller sees; keep saved activations sharded, and say how."""
+        outputs, seqs = [], []
+        for index, value in enumerate(_flat_outputs(graph.outputs)):
+            mapped = builder.mapping.get(value) if isinstance(value, Value) else value
+            keep = 0 <= self.keep_sharded_from <= index and builder.seq(mapped) is not None
+            mapped = mapped if keep or not isinstance(mapped, Value) else builder.gathered(mapped)
+            seq = builder.seq(mapped) if isinstance(mapped, Value) else None
+            outputs.append(mapped)
+            seqs.append((seq.dim, seq.inner) if seq else None)
+        self.report["output_seqs"] = seqs
+        return tuple(outputs) if isinstance(graph.outputs, tuple) else outputs

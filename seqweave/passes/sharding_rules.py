@@ -25,6 +25,14 @@ class Seq:
     inner: int = 1
 
 
+@dataclass(frozen=True)
+class PartialSum:
+    """Each rank holds a partial sum of the value (a contraction over its sequence rows)."""
+
+
+PARTIAL = PartialSum()
+
+
 class Unshardable(Exception):
     """This op cannot run on sequence shards (yet); the message says why."""
 
@@ -37,9 +45,13 @@ class Context(Protocol):
     def seq(self, value: Any) -> Seq | None: ...
     def global_shape(self, value: Value) -> tuple[int, ...]: ...
     def shard(self, value: Value, seq: Seq) -> Value: ...
+    def emit(self, op: str, args: tuple, kwargs: dict, seqs: list, loc: str, *shapes: tuple) -> list[Value]: ...
+    def all_reduce(self, value: Value) -> Value: ...
 
 
-Emit = tuple[str, tuple, dict, list[Seq | None]]
+Emit = tuple[str, tuple, dict, list]  # (op, args, kwargs, one Seq | None | PARTIAL per result)
+#: An Emit whose op is EMITTED carries, in place of args, the result values the rule built itself.
+EMITTED = "="
 Rule = Callable[[Context, Node, tuple, dict], Emit]
 
 ELEMENTWISE = frozenset(f"core.{name}" for name in (
@@ -47,7 +59,8 @@ ELEMENTWISE = frozenset(f"core.{name}" for name in (
     "pow.Tensor_Scalar", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid", "silu", "gelu", "relu", "cos", "sin",
     "_to_copy", "clone", "detach", "alias", "where.self", "eq.Scalar", "ne.Scalar", "eq.Tensor", "ne.Tensor",
     "lt.Scalar", "le.Scalar", "gt.Scalar", "ge.Scalar", "masked_fill.Scalar", "bitwise_and.Tensor", "abs",
-    "reciprocal", "erf", "maximum", "minimum", "clamp_min", "clamp", "mean.default"))
+    "reciprocal", "erf", "maximum", "minimum", "clamp_min", "clamp", "silu_backward", "gelu_backward",
+    "threshold_backward", "sigmoid_backward", "tanh_backward"))
 
 
 def _tensor_args(args: tuple) -> list[Value]:
@@ -173,6 +186,8 @@ def reduce_other_dims(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Em
     rank = len(ctx.global_shape(args[0]))
     dims = [d % rank for d in (args[1] if isinstance(args[1], (list, tuple)) else [args[1]])]
     if seq.dim in dims:
+        if node.op == "core.sum.dim_IntList":
+            return node.op, args, kwargs, [PARTIAL]  # e.g. bias and norm-weight gradients
         raise Unshardable(f"{node.op} reduces over the sequence")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     dim = seq.dim if keepdim else seq.dim - sum(d < seq.dim for d in dims)
@@ -185,7 +200,10 @@ def row_wise(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     if not tensors:
         return node.op, args, kwargs, [None] * len(node.results)
     if node.op in ("core.mm", "core.addmm"):
-        left = args[0] if node.op == "core.mm" else args[1]
+        left, right = (args[0], args[1]) if node.op == "core.mm" else (args[1], args[2])
+        ls, rs = ctx.seq(left), ctx.seq(right)
+        if node.op == "core.mm" and ls and rs and (ls.dim, rs.dim) == (1, 0) and ls.inner == rs.inner:
+            return node.op, args, kwargs, [PARTIAL]  # weight gradient: a sum over this rank's rows
         if ctx.seq(left) is None or ctx.seq(left).dim != 0 or len(tensors) != 1:
             raise Unshardable(f"{node.op} contracts over the sequence")
         return node.op, args, kwargs, [ctx.seq(left)]
@@ -245,6 +263,84 @@ def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     return "attn.ring", (*qkv, operands), {**kwargs, **extra}, [Seq(2), Seq(2)]
 
 
+def _rows_aligned(ctx: Context, value: Value, seq: Seq) -> Value:
+    """`value` (e.g. the targets of a loss) sharded like the rows it goes with."""
+    return value if ctx.seq(value) is not None else ctx.shard(value, seq)
+
+
+def nll_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """A mean loss is the global mean: sum on each rank, all-reduce sum and count, then divide
+    (never a mean of per-rank means; no 0/0 on a rank whose targets are all ignored)."""
+    logp, target, weight, reduction, ignore_index = args
+    seq = ctx.seq(logp)
+    if seq is None:
+        return node.op, args, kwargs, [None, None]
+    if seq.dim != 0 or reduction not in (1, 2):
+        raise Unshardable(f"{node.op} with reduction={reduction} on rows sharded in dim {seq.dim}")
+    target = _rows_aligned(ctx, target, Seq(0, seq.inner))
+    shapes = [(), ()]
+    total, count = ctx.emit(node.op, (logp, target, weight, 2, ignore_index), kwargs, [PARTIAL, PARTIAL],
+                            node.loc, *shapes)
+    total, count = ctx.all_reduce(total), ctx.all_reduce(count)
+    if reduction == 2:
+        return EMITTED, (total, count), {}, [None, None]
+    (mean,) = ctx.emit("core.div.Tensor", (total, count), {}, [None], node.loc, ())
+    return EMITTED, (mean, count), {}, [None, None]
+
+
+def nll_loss_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """Rows of the gradient; the saved total_weight is already the global count."""
+    grad, logp, target, *rest = args
+    seq = ctx.seq(logp)
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    return node.op, (grad, logp, _rows_aligned(ctx, target, Seq(0, seq.inner)), *rest), kwargs, [seq]
+
+
+def embedding_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    grad, indices, *rest = args
+    seq = ctx.seq(grad)
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    indices = _rows_aligned(ctx, indices, Seq(seq.dim, seq.inner))
+    return node.op, (grad, indices, *rest), kwargs, [PARTIAL]
+
+
+def layer_norm_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None] * len(node.results)
+    aligned = tuple(_rows_aligned(ctx, a, seq) if i in (1, 3, 4) and isinstance(a, Value) else a
+                    for i, a in enumerate(args))
+    return node.op, aligned, kwargs, [seq, PARTIAL, PARTIAL]
+
+
+def slice_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    grad, sizes, dim, start, end, step = args
+    seq = ctx.seq(grad)
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    dim %= len(sizes)
+    if dim == seq.dim and not (start == 0 and end >= sizes[dim] and step == 1):
+        raise Unshardable(f"{node.op} of part of the sequence dim")
+    local = list(sizes)
+    local[seq.dim] = sizes[seq.dim] // ctx.world
+    end = MAX_INDEX if dim == seq.dim else end
+    return node.op, (grad, local, dim, start, end, step), kwargs, [seq]
+
+
+def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """attn.sdpa_backward on shards becomes the backward ring."""
+    *tensors, operands = args
+    if any(ctx.seq(t) is not None for t in operands):
+        raise Unshardable("a mask operand is sharded; mask operands must be whole on every rank")
+    tensors = [t if ctx.seq(t) == Seq(2) else ctx.shard(t, Seq(2)) if ctx.seq(t) is None else None for t in tensors]
+    if None in tensors:
+        raise Unshardable("attention backward operands are not sharded on their sequence dim")
+    extra = {"layout": ctx.layout, "world": ctx.world, "length": ctx.length}
+    return "attn.ring_backward", (*tensors, operands), {**kwargs, **extra}, [Seq(2)] * 3
+
+
 RULES: dict[str, Rule] = {
     **{name: elementwise for name in ELEMENTWISE},
     **{f"core.{name}": view for name in ("view", "_unsafe_view", "reshape")},
@@ -252,6 +348,10 @@ RULES: dict[str, Rule] = {
     "core.expand": expand, "core.slice.Tensor": slice_,
     "core.mean.dim": reduce_other_dims, "core.sum.dim_IntList": reduce_other_dims, "core.amax": reduce_other_dims,
     "core.mm": row_wise, "core.addmm": row_wise, "core._log_softmax": row_wise, "core._softmax": row_wise,
+    "core._log_softmax_backward_data": row_wise, "core._softmax_backward_data": row_wise,
+    "core.nll_loss_forward": nll_loss, "core.nll_loss_backward": nll_loss_backward,
+    "core.embedding_dense_backward": embedding_backward, "core.native_layer_norm_backward": layer_norm_backward,
+    "core.slice_backward": slice_backward, "attn.sdpa_backward": attention_backward,
     "core.embedding": embedding, "core.native_layer_norm": layer_norm,
     "core.split.Tensor": split, "core.split_with_sizes": split, "core.cat": cat,
     "attn.sdpa": attention,

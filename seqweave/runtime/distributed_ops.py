@@ -11,18 +11,28 @@ from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.sp import split_factor
 from seqweave.ir.sharding import Layout, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
-from seqweave.runtime.sequence_parallel import ring_attention_forward
+from seqweave.runtime.sequence_parallel import ring_attention_backward, ring_attention_forward
 
 
 def _positions_of(layout: str, world: int, length: int) -> Callable[[int], torch.Tensor]:
     return lambda rank: shard_positions(Layout(layout), rank, world, length)
 
 
-def ring(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+def _ring_args(kw: dict[str, Any]) -> tuple:
+    """(mask, score mod, scale, plan, positions_of): what both ring directions take after the tensors."""
     mask = parse_mask(kw["mask"])
     plan = plan_ring(mask, Layout(kw["layout"]), kw["world"], kw["length"])
-    return ring_attention_forward(comm, q, k, v, mask, parse_score_mod(kw["score_mod"]), kw["scale"], plan,
-                                  _positions_of(kw["layout"], kw["world"], kw["length"]), operands)
+    return (mask, parse_score_mod(kw["score_mod"]), kw["scale"], plan,
+            _positions_of(kw["layout"], kw["world"], kw["length"]))
+
+
+def ring(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    return ring_attention_forward(comm, q, k, v, *_ring_args(kw), operands)
+
+
+def ring_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out, lse, operands,
+                  **kw: Any) -> tuple[torch.Tensor, ...]:
+    return ring_attention_backward(comm, dout, q, k, v, out, lse, *_ring_args(kw), operands)
 
 
 def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -43,4 +53,5 @@ def all_reduce(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw:
     return comm.all_reduce(x.clone(), step, f"all_reduce of %{node.results[0].name}")
 
 
-DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "sp.gather": gather, "sp.all_reduce": all_reduce}
+DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_backward": ring_backward,
+                                                  "sp.gather": gather, "sp.all_reduce": all_reduce}

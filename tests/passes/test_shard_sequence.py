@@ -60,16 +60,30 @@ def test_golden():
     assert result.rewrites == 2 and "1 ring attentions" in result.detail
 
 
-def test_refuses_a_reduction_over_the_sequence():
+def test_refuses_a_mean_over_the_sequence():
     graph = parse_graph('''graph inference(%ids: i64[1, 8], %w: f32[16, 4]) {
   %emb = core.embedding(%w, %ids) : f32[1, 8, 4]
-  %total = core.sum.dim_IntList(%emb, [1]) : f32[1, 4]
-  return (%total,)
+  %avg = core.mean.dim(%emb, [1]) : f32[1, 4]
+  return (%avg,)
 }
 ''')
     with pytest.raises(PassError, match="reduces over the sequence") as caught:
         ShardSequence(world=2, layout="none", length=8).run(graph)
-    assert "core.sum.dim_IntList" in str(caught.value)
+    assert "core.mean.dim" in str(caught.value)
+
+
+def test_a_sum_over_the_sequence_is_partial_then_all_reduced():
+    graph = parse_graph('''graph inference(%ids: i64[1, 8], %w: f32[16, 4]) {
+  %emb = core.embedding(%w, %ids) : f32[1, 8, 4]
+  %total = core.sum.dim_IntList(%emb, [1]) : f32[1, 4]
+  %scaled = core.mul.Scalar(%total, 2.0) : f32[1, 4]
+  return (%scaled,)
+}
+''')
+    ShardSequence(world=2, layout="none", length=8).run(graph)
+    verify(graph)
+    assert [node.op for node in graph.nodes][-2:] == ["core.mul.Scalar", "sp.all_reduce"]
+    assert str(graph.nodes[-2].results[0].type) == "f32[1, 4]{sp: P(sum)}"
 
 
 def test_refuses_a_length_that_does_not_split():

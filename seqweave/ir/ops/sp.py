@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from seqweave.ir.graph import Node
-from seqweave.ir.ops.attn import Sdpa
+from seqweave.ir.ops.attn import Sdpa, SdpaBackward
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.types import Replicate, Shard, TensorType, ValueType
 
@@ -100,3 +100,16 @@ class RingAttention(Sdpa):
 
     def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("attn.ring runs only in the runtime, with a communicator")
+
+
+class RingAttentionBackward(SdpaBackward):
+    """`attn.sdpa_backward` on sequence shards (the backward ring): dq, dk, dv of this rank's rows.
+
+    Same operands and attributes as attn.sdpa_backward plus `layout`, `world` and `length`.
+    """
+
+    name = "attn.ring_backward"
+    pure = False
+
+    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attn.ring_backward runs only in the runtime, with a communicator")

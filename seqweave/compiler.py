@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from torch import fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from seqweave.codegen.lower import lower
 from seqweave.config import CompileOptions
@@ -50,8 +51,9 @@ class SeqweaveBackend:
         world = self.options.mesh.sp
         passes = parse_pipeline(self.options.pipeline)
         shard = self._shard_pass(graph, world, user_outputs) if world > 1 else None
-        runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
-                            dump_dir=self.options.dump_dir)
+        with unset_fake_temporarily():  # aot_autograd compiles under fake tensors; passes compute on real ones
+            runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
+                                dump_dir=self.options.dump_dir)
         self.graphs.append(CompiledGraph(graph.name, graph, runs))
         if shard is None:
             program = lower(graph)
@@ -64,13 +66,13 @@ class SeqweaveBackend:
         """shard-sequence for this graph: a training forward keeps its saved activations sharded,
         and the backward receives them sharded, as the forward left them."""
         length = sequence_length(graph, world, self.options.balance)
+        common = dict(world=world, layout=self.options.balance, length=length, attention=self.options.attention)
         if graph.name == "forward":
-            return ShardSequence(world, self.options.balance, length, keep_sharded_from=user_outputs)
+            return ShardSequence(**common, keep_sharded_from=user_outputs)
         if graph.name == "backward":
             saved = self._saved_seqs.pop()
-            seqs = tuple((i, *seq) for i, seq in enumerate(saved) if seq is not None)
-            return ShardSequence(world, self.options.balance, length, input_seqs=seqs)
-        return ShardSequence(world, self.options.balance, length)
+            return ShardSequence(**common, input_seqs=tuple((i, *seq) for i, seq in enumerate(saved) if seq))
+        return ShardSequence(**common)
 
     def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
         """Run the sharded graph on this rank: its positions are appended as the last input."""

@@ -12,6 +12,7 @@ DUMP_ENV = "SEQWEAVE_DUMP"
 
 
 BALANCES = ("zigzag", "striped", "none")
+ATTENTION_STRATEGIES = ("auto", "ring", "ulysses")
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,9 @@ class CompileOptions:
             raise OptionError(f"unknown seqweave option(s) {unknown}", hint=f"valid options: {sorted(known)}")
         if isinstance(options.get("mesh"), dict):
             options["mesh"] = Mesh(**options["mesh"])
-        if options.get("attention", "auto") not in ("auto", "ring"):
-            raise OptionError(f"attention={options['attention']!r} is not available yet",
-                              hint="use attention='auto' or 'ring' (ulysses and hybrid are not wired in yet)")
+        if options.get("attention", "auto") not in ATTENTION_STRATEGIES:
+            raise OptionError(f"attention={options['attention']!r} is not available",
+                              hint=f"use one of {ATTENTION_STRATEGIES} (hybrid is not wired in yet)")
         if options.get("balance", "zigzag") not in BALANCES:
             raise OptionError(f"balance={options['balance']!r} is not a sequence layout", hint=f"use one of {BALANCES}")
         return CompileOptions(**options)

@@ -26,7 +26,7 @@ def test_backend_compiles_a_function():
 @pytest.mark.parametrize("options, message", [
     ({"pipline": "canonicalize"}, "valid options"),
     ({"mesh": seqweave.Mesh()}, None),
-    ({"attention": "ulysses"}, "not available yet"),
+    ({"attention": "hybrid"}, "not available"),
     ({"balance": "diagonal"}, "not a sequence layout"),
 ])
 def test_compile_options_validate(options, message):

@@ -53,8 +53,8 @@ class _Builder:
     """Builds the sharded graph; implements the rules' Context."""
 
     def __init__(self, graph: Graph, world: int, layout: Layout, length: int,
-                 input_seqs: dict[int, Seq]) -> None:
-        self.world, self.layout, self.length = world, layout.value, length
+                 input_seqs: dict[int, Seq], attention: str) -> None:
+        self.world, self.layout, self.length, self.attention = world, layout.value, length, attention
         self.seqs: dict[Value, Any] = {}
         self.global_shapes: dict[Value, tuple[int, ...]] = {}
         self.positions = Value(POSITIONS_INPUT, TensorType.of((length // world,), torch.int64, ((SP_AXIS, Replicate()),)))
@@ -163,12 +163,14 @@ def _flat_outputs(outputs: Any) -> list:
 
 @dataclass(frozen=True)
 class ShardSequence(Pass):
-    """Split the sequence over `world` ranks (`layout`: zigzag, striped or none)."""
+    """Split the sequence over `world` ranks (`layout`: zigzag, striped or none); attention runs as
+    ring or Ulysses (`attention`)."""
 
     name = "shard-sequence"
     world: int = 2
     layout: str = "zigzag"
     length: int = 0  # the global sequence length N; must split evenly (pad the inputs first)
+    attention: str = "ring"  # "ring" | "ulysses" | "auto": per layer, the fewest bytes by the cost model
     #: outputs from this index on stay sharded (a training forward's activations saved for backward)
     keep_sharded_from: int = -1
     #: inputs that arrive sharded: (input index, dim, inner) (a backward's saved activations)
@@ -185,7 +187,7 @@ class ShardSequence(Pass):
             raise PassError(f"sequence length {self.length} does not split over {self.world} ranks ({layout.value})",
                             pass_name=self.name, hint=f"pad the inputs to {padded_length(self.length, self.world, layout)}")
         builder = _Builder(graph, self.world, layout, self.length,
-                           {index: Seq(dim, inner) for index, dim, inner in self.input_seqs})
+                           {index: Seq(dim, inner) for index, dim, inner in self.input_seqs}, self.attention)
         for node in graph.nodes:
             try:
                 builder.node(node)
@@ -194,7 +196,8 @@ class ShardSequence(Pass):
                                 hint="run this model without sequence parallelism, or report the op") from None
         builder.out.outputs = self._outputs(builder, graph)
         graph.inputs, graph.nodes, graph.outputs = builder.out.inputs, builder.out.nodes, builder.out.outputs
-        return PassResult(builder.shards, f"{builder.shards} shards taken, {graph.count('attn.ring')} ring attentions")
+        strategies = ", ".join(f"{graph.count(op)} {op}" for op in ("attn.ring", "attn.ulysses") if graph.count(op))
+        return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}")
 
     def _outputs(self, builder: _Builder, graph: Graph) -> Any:
         """Gather (or all-reduce) what the caller sees; keep saved activations sharded, and say how."""

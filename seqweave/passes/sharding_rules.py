@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from seqweave.ir.graph import Node, Value, values_in
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
+from seqweave.passes.strategy import LayerShape, choose_strategy, head_split_problem
 
 MAX_INDEX = 2 ** 62  # `slice(..., end=huge)` means "to the end"
 
@@ -41,6 +44,7 @@ class Context(Protocol):
     length: int      # global sequence length N (padded)
     world: int
     layout: str      # Layout value: "none" | "zigzag" | "striped"
+    attention: str   # "ring" | "ulysses" | "auto" (per layer, by the cost model)
 
     def seq(self, value: Any) -> Seq | None: ...
     def global_shape(self, value: Value) -> tuple[int, ...]: ...
@@ -251,16 +255,45 @@ def cat(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     return node.op, (tensors, *args[1:]), kwargs, [seq]
 
 
-def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    """attn.sdpa on shards becomes attn.ring; mask operands stay whole (they are indexed by global position)."""
-    q, k, v, operands = args
+def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
+    """"ring" or "ulysses" for one attention: as asked, or (auto) the cheaper by the cost model.
+    The forward and the backward of a layer see the same mask and shapes, so they agree."""
+    b, q_heads, _, head_dim = ctx.global_shape(q)
+    kv_heads = ctx.global_shape(k)[1]
+    problem = head_split_problem(q_heads, kv_heads, ctx.world)
+    if ctx.attention == "ulysses":
+        if problem:
+            raise Unshardable(f"ulysses attention refused: {problem}; use attention='ring' or 'auto'")
+        return "ulysses"
+    if ctx.attention == "ring" or problem:
+        return "ring"
+    shape = LayerShape(b, ctx.length, q_heads, kv_heads, head_dim, ctx.world, q.type.dtype.itemsize)
+    wired = [(cost, label) for label, cost in choose_strategy(mask_of_kwargs(kwargs), shape).candidates
+             if label in ("ring", "halo", "ulysses")]
+    return "ulysses" if min(wired)[1] == "ulysses" else "ring"
+
+
+def mask_of_kwargs(kwargs: dict) -> MaskSpec:
+    return parse_mask(kwargs["mask"])
+
+
+def _sharded_operands(ctx: Context, tensors: list[Value], operands: list, what: str) -> list[Value]:
+    """q/k/v-like operands sharded on dim 2 (slicing whole ones); mask operands must stay whole."""
     if any(ctx.seq(t) is not None for t in operands):
         raise Unshardable("a mask operand is sharded; mask operands must be whole on every rank")
-    qkv = [t if ctx.seq(t) == Seq(2) else ctx.shard(t, Seq(2)) if ctx.seq(t) is None else None for t in (q, k, v)]
-    if None in qkv:
-        raise Unshardable("q, k, v are not sharded on their sequence dim")
+    sharded = [t if ctx.seq(t) == Seq(2) else ctx.shard(t, Seq(2)) if ctx.seq(t) is None else None for t in tensors]
+    if None in sharded:
+        raise Unshardable(f"{what} are not sharded on their sequence dim")
+    return sharded
+
+
+def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """attn.sdpa on shards becomes attn.ring or attn.ulysses; mask operands stay whole (global positions)."""
+    q, k, v, operands = args
+    qkv = _sharded_operands(ctx, [q, k, v], operands, "q, k, v")
     extra = {"layout": ctx.layout, "world": ctx.world, "length": ctx.length}
-    return "attn.ring", (*qkv, operands), {**kwargs, **extra}, [Seq(2), Seq(2)]
+    op = f"attn.{strategy(ctx, q, k, kwargs)}"
+    return op, (*qkv, operands), {**kwargs, **extra}, [Seq(2), Seq(2)]
 
 
 def _rows_aligned(ctx: Context, value: Value, seq: Seq) -> Value:
@@ -330,15 +363,12 @@ def slice_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
 
 
 def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    """attn.sdpa_backward on shards becomes the backward ring."""
+    """attn.sdpa_backward on shards becomes the backward of the forward's choice (ring or Ulysses)."""
     *tensors, operands = args
-    if any(ctx.seq(t) is not None for t in operands):
-        raise Unshardable("a mask operand is sharded; mask operands must be whole on every rank")
-    tensors = [t if ctx.seq(t) == Seq(2) else ctx.shard(t, Seq(2)) if ctx.seq(t) is None else None for t in tensors]
-    if None in tensors:
-        raise Unshardable("attention backward operands are not sharded on their sequence dim")
+    op = f"attn.{strategy(ctx, tensors[1], tensors[2], kwargs)}_backward"
+    tensors = _sharded_operands(ctx, tensors, operands, "attention backward operands")
     extra = {"layout": ctx.layout, "world": ctx.world, "length": ctx.length}
-    return "attn.ring_backward", (*tensors, operands), {**kwargs, **extra}, [Seq(2)] * 3
+    return op, (*tensors, operands), {**kwargs, **extra}, [Seq(2)] * 3
 
 
 RULES: dict[str, Rule] = {

@@ -11,7 +11,8 @@ from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.sp import split_factor
 from seqweave.ir.sharding import Layout, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
-from seqweave.runtime.sequence_parallel import ring_attention_backward, ring_attention_forward
+from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
+                                                ulysses_attention_backward, ulysses_attention_forward)
 
 
 def _positions_of(layout: str, world: int, length: int) -> Callable[[int], torch.Tensor]:
@@ -35,6 +36,17 @@ def ring_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out,
     return ring_attention_backward(comm, dout, q, k, v, out, lse, *_ring_args(kw), operands)
 
 
+def ulysses(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+    return ulysses_attention_forward(comm, q, k, v, mask, score_mod, scale, positions_of, operands)
+
+
+def ulysses_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out, lse, operands,
+                     **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+    return ulysses_attention_backward(comm, dout, q, k, v, out, lse, mask, score_mod, scale, positions_of, operands)
+
+
 def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
     """Every rank's rows, put back at their global positions (undoing zigzag / striping)."""
     pieces = comm.all_to_all([x.contiguous()] * comm.world, step, f"gather of %{node.results[0].name}")
@@ -54,4 +66,5 @@ def all_reduce(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw:
 
 
 DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_backward": ring_backward,
+                                                  "attn.ulysses": ulysses, "attn.ulysses_backward": ulysses_backward,
                                                   "sp.gather": gather, "sp.all_reduce": all_reduce}

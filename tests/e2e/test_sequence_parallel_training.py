@@ -12,29 +12,32 @@ from seqweave.testing.models import SampleSpec, build_sample
 
 TOLERANCE = 1e-5
 
-CASES = [  # (sample, attn_implementation, padded, packed, balance)
-    ("llama-tiny", "sdpa", False, False, "zigzag"),
-    ("llama-tiny", "sdpa", False, True, "striped"),
-    ("mistral-tiny", "eager", True, False, "none"),
-    ("gpt2-tiny", "sdpa", False, False, "zigzag"),
+CASES = [  # (sample, attn_implementation, padded, packed, balance, attention)
+    ("llama-tiny", "sdpa", False, False, "zigzag", "ring"),
+    ("llama-tiny", "sdpa", False, True, "striped", "ring"),
+    ("mistral-tiny", "eager", True, False, "none", "ring"),
+    ("gpt2-tiny", "sdpa", False, False, "zigzag", "ring"),
+    ("llama-tiny", "sdpa", True, False, "zigzag", "ulysses"),   # 2 kv heads: replicated to 4 ranks
+    ("mistral-tiny", "sdpa", False, False, "none", "auto"),
 ]
+ATTENTION_OPS = ("attn.ring_backward", "attn.ulysses_backward")
 
 
 def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float, str, int]]:
-    """On each rank: (|loss - eager|, worst relative gradient error, worst parameter, ring backwards)."""
+    """On each rank: (|loss - eager|, worst relative gradient error, worst parameter, attention backwards)."""
     results = []
-    for name, impl, padded, packed, balance in cases:
+    for name, impl, padded, packed, balance, attention in cases:
         torch._dynamo.reset()
         model, inputs = build_sample(SampleSpec(name, seq_len=32, layers=2, attn_implementation=impl,
                                                 padded=padded, packed=packed))
         reference = copy.deepcopy(model)
-        backend = seqweave.backend(mesh=seqweave.Mesh(sp=world), balance=balance, timeout=60)
+        backend = seqweave.backend(mesh=seqweave.Mesh(sp=world), balance=balance, attention=attention, timeout=60)
         loss = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(**inputs).loss
         loss.backward()
         expected = reference(**inputs).loss
         expected.backward()
         worst, param = grad_errors(model, reference)
-        rings = sum(c.graph.count("attn.ring_backward") for c in backend.graphs)
+        rings = sum(c.graph.count(op) for c in backend.graphs for op in ATTENTION_OPS)
         results.append((float((loss - expected).detach().abs()), worst, param, rings))
     return results
 

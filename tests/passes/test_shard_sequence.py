@@ -57,7 +57,7 @@ def test_golden():
     graph = _model(8)
     result = ShardSequence(world=2, layout="none", length=8).run(graph)
     assert print_graph(graph) == GOLDEN
-    assert result.rewrites == 2 and "1 ring attentions" in result.detail
+    assert result.rewrites == 2 and "1 attn.ring" in result.detail
 
 
 def test_refuses_a_mean_over_the_sequence():
@@ -133,3 +133,23 @@ def test_gather_undoes_shard(layout, dim, inner):
     node = Node("sp.gather", (), {}, [Value("y", TensorType.from_tensor(x))])
     kwargs = {"dim": dim, "inner": inner, "length": length, "world": world, "layout": layout.value}
     torch.testing.assert_close(gather(_AllRanks(pieces), 0, node, pieces[0], **kwargs), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention, world, expected", [
+    ("ulysses", 2, "attn.ulysses"),  # 2 heads split over 2 ranks
+    ("ring", 2, "attn.ring"),
+])
+def test_attention_strategy_is_chosen_per_option(attention, world, expected):
+    text = MODEL.format(n=8, n2=16).replace("[2, {n}, 1, 4]".format(n=8), "[2, 8, 2, 2]").replace(
+        "f32[2, 8, 1, 4]", "f32[2, 8, 2, 2]").replace("f32[2, 1, 8, 4]", "f32[2, 2, 8, 2]").replace(
+        "kv_heads=1", "kv_heads=2").replace("f32[2, 1, 8]", "f32[2, 2, 8]").replace(
+        "%cos: f32[1, 8, 4]", "%cos: f32[1, 8, 2]").replace("f32[1, 1, 8, 4]", "f32[1, 1, 8, 2]")
+    graph = parse_graph(text)
+    ShardSequence(world=world, layout="zigzag", length=8, attention=attention).run(graph)
+    verify(graph)
+    assert graph.count(expected) == 1
+
+
+def test_ulysses_refuses_heads_that_do_not_split():
+    with pytest.raises(PassError, match="not divisible by P=2"):
+        ShardSequence(world=2, layout="zigzag", length=8, attention="ulysses").run(_model(8))

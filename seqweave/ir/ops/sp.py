@@ -113,3 +113,21 @@ class RingAttentionBackward(SdpaBackward):
 
     def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("attn.ring_backward runs only in the runtime, with a communicator")
+
+
+class UlyssesAttention(RingAttention):
+    """`attn.sdpa` on sequence shards via two all-to-alls (sequence <-> heads); same attributes as attn.ring."""
+
+    name = "attn.ulysses"
+
+    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attn.ulysses runs only in the runtime, with a communicator")
+
+
+class UlyssesAttentionBackward(RingAttentionBackward):
+    """`attn.sdpa_backward` on sequence shards via all-to-alls; same attributes as attn.ring_backward."""
+
+    name = "attn.ulysses_backward"
+
+    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("attn.ulysses_backward runs only in the runtime, with a communicator")

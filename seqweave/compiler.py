@@ -40,6 +40,7 @@ class SeqweaveBackend:
         self.options = options or CompileOptions()
         self.reports: list[AttentionReport] = []
         self.graphs: list[CompiledGraph] = []
+        self.communicators: list[Communicator] = []  # one per sharded graph; their stats count every byte sent
         self._saved_seqs: list[list] = []  # per compiled training forward, how its saved activations are sharded
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -77,6 +78,7 @@ class SeqweaveBackend:
     def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
         """Run the sharded graph on this rank: its positions are appended as the last input."""
         comm = Communicator(timeout_s=self.options.timeout)
+        self.communicators.append(comm)
         if comm.world != world:
             raise OptionError(f"Mesh(sp={world}) but the process group has {comm.world} ranks",
                               hint="launch as many ranks as sp (seqweave run --nproc N / torchrun)")
@@ -85,6 +87,16 @@ class SeqweaveBackend:
         layout = Layout(self.options.balance)
         # Built per call: compile time runs under fake tensors, where a cached tensor would be fake.
         return lambda args: program([*args, shard_positions(layout, comm.rank, world, length)])
+
+    def comm_stats(self) -> dict[str, dict[str, int]]:
+        """Calls and bytes this rank sent, per collective kind, over every graph run so far."""
+        total: dict[str, dict[str, int]] = {}
+        for comm in self.communicators:
+            for kind, entry in comm.stats.items():
+                slot = total.setdefault(kind, {"calls": 0, "bytes_sent": 0})
+                slot["calls"] += entry["calls"]
+                slot["bytes_sent"] += entry["bytes_sent"]
+        return total
 
     def attention_count(self, kind: str = "forward") -> int:
         """attn.sdpa nodes in forward graphs (training `forward` or `inference`), or sdpa_backward in `backward`."""

@@ -78,3 +78,12 @@ def test_explain_sp_picks_a_halo_for_a_window_narrower_than_a_shard():
 def test_explain_without_sp_has_no_strategy():
     report = _explain_json("llama-tiny", "--seq-len", "16")
     assert all("sp" not in layer for layer in report["layers"])
+
+
+@pytest.mark.slow
+def test_demo_sp_trains_on_two_ranks_and_bytes_match_the_cost_model():
+    result = runner.invoke(app, ["demo", "--sp", "2", "--seq-len", "64"])
+    assert result.exit_code == 0, result.output
+    for label in ("ring (zigzag)", "ring (striped)", "ulysses", "auto"):
+        assert label in result.stdout
+    assert "NO" not in result.stdout

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from seqweave.errors import SeqweaveError
 
 #: Collective kinds counted in `Communicator.stats`.
-KINDS = ("shift", "p2p", "all_to_all", "all_reduce")
+KINDS = ("shift", "p2p", "all_to_all", "all_reduce", "gather")  # gather: outputs put back together
 #: Message tags are step * MAX_CHANNELS + channel, so messages of different steps or
 #: channels between the same two ranks can never be matched with each other.
 MAX_CHANNELS = 16
@@ -126,7 +126,8 @@ class Communicator:
         self.stats[kind]["calls"] += bool(transfers)
         return Pending(self, transfers, received, step, op)
 
-    def all_to_all(self, chunks: Sequence[torch.Tensor], step: int, op: str) -> list[torch.Tensor]:
+    def all_to_all(self, chunks: Sequence[torch.Tensor], step: int, op: str,
+                   kind: str = "all_to_all") -> list[torch.Tensor]:
         """Send chunks[j] to rank j; return what each rank i sent here (same shape as chunks[i]).
 
         Every chunk must have one shape and dtype (Ulysses' equal head/sequence splits).
@@ -139,8 +140,8 @@ class Communicator:
         start = functools.partial(dist.all_to_all_single, output, stacked, group=self.group, async_op=True)
         transfer = self._start(start, None, True, step, op)
         self._await(transfer, time.monotonic() + self.timeout_s, step, op)
-        self.stats["all_to_all"]["calls"] += 1
-        self.stats["all_to_all"]["bytes_sent"] += (self.world - 1) * chunks[0].numel() * chunks[0].element_size()
+        self.stats[kind]["calls"] += 1
+        self.stats[kind]["bytes_sent"] += (self.world - 1) * chunks[0].numel() * chunks[0].element_size()
         return list(output.unbind(0))
 
     def all_reduce(self, tensor: torch.Tensor, step: int, op: str,

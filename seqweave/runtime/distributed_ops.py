@@ -49,7 +49,7 @@ def ulysses_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, o
 
 def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
     """Every rank's rows, put back at their global positions (undoing zigzag / striping)."""
-    pieces = comm.all_to_all([x.contiguous()] * comm.world, step, f"gather of %{node.results[0].name}")
+    pieces = comm.all_to_all([x.contiguous()] * comm.world, step, f"gather of %{node.results[0].name}", kind="gather")
     dim, inner, length, world = kw["dim"], kw["inner"], kw["length"], kw["world"]
     shape = list(x.shape)
     shape[dim] *= world

@@ -1,0 +1,89 @@
+"""`seqweave demo --sp P`: tiny Llama trained one step on P local gloo ranks under each
+sequence-parallel strategy, against one process running eager."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from seqweave.compiler import SeqweaveBackend
+from seqweave.config import CompileOptions, Mesh
+from seqweave.ir.mask_parser import parse_mask
+from seqweave.ir.sharding import Layout, plan_ring
+from seqweave.passes.cost import evaluate_expr, ring_bytes, ulysses_bytes
+from seqweave.passes.strategy import LayerShape
+from seqweave.testing.compare import grad_errors
+from seqweave.testing.distributed import run_ranks
+from seqweave.testing.models import HEADS, SampleSpec, build_sample
+
+#: (label, balance, attention)
+STRATEGIES = (("ring (zigzag)", "zigzag", "ring"), ("ring (striped)", "striped", "ring"),
+              ("ulysses", "zigzag", "ulysses"), ("auto", "zigzag", "auto"))
+LAYERS = 2
+ATTENTION_KINDS = {"attn.ring": ("shift", "p2p"), "attn.ulysses": ("all_to_all",)}
+
+
+@dataclass(frozen=True)
+class SpRow:
+    label: str
+    attention_op: str
+    loss_error: float
+    grad_error: float
+    bytes_measured: int       # attention traffic of the busiest rank, forward + backward, all layers
+    bytes_predicted: int
+    time_ratio: float         # compiled step / eager step (one process, whole sequence)
+
+    def passed(self, tolerance: float) -> bool:
+        return self.loss_error <= tolerance and self.grad_error <= tolerance and \
+            self.bytes_measured == self.bytes_predicted
+
+
+def _timed_step(model, inputs) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), time.perf_counter() - start
+
+
+def run_strategy(rank: int, world: int, seq_len: int, balance: str, attention: str) -> dict:
+    """One rank's view of one compiled training step (run by run_ranks in every process)."""
+    model, inputs = build_sample(SampleSpec("llama-tiny", seq_len=seq_len, layers=LAYERS))
+    reference = copy.deepcopy(model)
+    backend = SeqweaveBackend(CompileOptions(mesh=Mesh(sp=world), balance=balance, attention=attention))
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    loss, _ = _timed_step(compiled, inputs)
+    expected, eager_s = _timed_step(reference, inputs)
+    grad_error, _ = grad_errors(model, reference)
+    model.zero_grad()
+    before = backend.comm_stats()
+    _, compiled_s = _timed_step(compiled, inputs)
+    after = backend.comm_stats()
+    ops = {node.op for c in backend.graphs for node in c.graph.nodes if node.op in ATTENTION_KINDS}
+    kinds = [kind for op in ops for kind in ATTENTION_KINDS[op]]
+    sent = sum(after[k]["bytes_sent"] - before.get(k, {"bytes_sent": 0})["bytes_sent"] for k in kinds)
+    return {"loss_error": float((loss - expected).abs()), "grad_error": grad_error, "bytes": sent,
+            "op": ",".join(sorted(ops)), "time_ratio": compiled_s / eager_s, "mask": backend.reports[0].mask}
+
+
+def predicted_bytes(op: str, mask: str, world: int, seq_len: int, balance: str) -> int:
+    """The cost model's forward + backward bytes of the busiest rank, times the layers."""
+    shape = LayerShape(2, seq_len, HEADS, HEADS // 2, 16, world, 4)
+    values = shape.values(seq_len)
+    if op == "attn.ulysses":
+        return LAYERS * evaluate_expr(ulysses_bytes() + ulysses_bytes(backward=True), **values)
+    plan = plan_ring(parse_mask(mask), Layout(balance), world, seq_len)
+    return LAYERS * evaluate_expr(ring_bytes(plan) + ring_bytes(plan, backward=True), **values)
+
+
+def run_demo(world: int, seq_len: int) -> list[SpRow]:
+    rows = []
+    for label, balance, attention in STRATEGIES:
+        ranks = run_ranks(world, run_strategy, seq_len, balance, attention, timeout_s=900)
+        first = ranks[0]
+        predicted = predicted_bytes(first["op"], first["mask"], world, seq_len, balance)
+        rows.append(SpRow(f"{label}", first["op"], max(r["loss_error"] for r in ranks),
+                          max(r["grad_error"] for r in ranks), max(r["bytes"] for r in ranks), predicted,
+                          sum(r["time_ratio"] for r in ranks) / world))
+    return rows

@@ -15,7 +15,9 @@ from seqweave.ir.graph import Node, Value, values_in
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
-from seqweave.passes.strategy import LayerShape, choose_strategy, head_split_problem
+from seqweave.ir.sharding import Layout, plan_ring
+from seqweave.passes.cost import evaluate_expr, ring_bytes, ulysses_bytes
+from seqweave.passes.strategy import LayerShape, head_split_problem
 
 MAX_INDEX = 2 ** 62  # `slice(..., end=huge)` means "to the end"
 
@@ -256,7 +258,8 @@ def cat(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
 
 
 def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
-    """"ring" or "ulysses" for one attention: as asked, or (auto) the cheaper by the cost model.
+    """"ring" or "ulysses" for one attention: as asked, or (auto) the one sending fewer bytes per
+    device (forward + backward) by the cost model, the ring under this layout's mask-aware plan.
     The forward and the backward of a layer see the same mask and shapes, so they agree."""
     b, q_heads, _, head_dim = ctx.global_shape(q)
     kv_heads = ctx.global_shape(k)[1]
@@ -268,9 +271,11 @@ def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
     if ctx.attention == "ring" or problem:
         return "ring"
     shape = LayerShape(b, ctx.length, q_heads, kv_heads, head_dim, ctx.world, q.type.dtype.itemsize)
-    wired = [(cost, label) for label, cost in choose_strategy(mask_of_kwargs(kwargs), shape).candidates
-             if label in ("ring", "halo", "ulysses")]
-    return "ulysses" if min(wired)[1] == "ulysses" else "ring"
+    plan = plan_ring(mask_of_kwargs(kwargs), Layout(ctx.layout), ctx.world, ctx.length)
+    values = shape.values(ctx.length)
+    ring_cost = evaluate_expr(ring_bytes(plan) + ring_bytes(plan, backward=True), **values)
+    ulysses_cost = evaluate_expr(ulysses_bytes() + ulysses_bytes(backward=True), **values)
+    return "ulysses" if ulysses_cost < ring_cost else "ring"
 
 
 def mask_of_kwargs(kwargs: dict) -> MaskSpec:

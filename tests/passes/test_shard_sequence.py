@@ -120,7 +120,7 @@ class _AllRanks:
     def __init__(self, pieces):
         self.world, self.pieces = len(pieces), pieces
 
-    def all_to_all(self, chunks, step, op):
+    def all_to_all(self, chunks, step, op, kind="all_to_all"):
         return self.pieces
 
 

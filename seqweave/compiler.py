@@ -17,7 +17,7 @@ from seqweave.errors import OptionError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.frontend.dynamo import capture
 from seqweave.ir.graph import Graph
-from seqweave.ir.sharding import Layout, padded_length, shard_positions
+from seqweave.ir.sharding import Layout, shard_positions
 from seqweave.ir.verifier import verify
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
@@ -106,18 +106,13 @@ class SeqweaveBackend:
 
 
 def sequence_length(graph: Graph, world: int, balance: str) -> int:
-    """The global sequence length N, read off the graph's attention; it must split over the ranks."""
+    """The global sequence length N, read off the graph's attention (shard-sequence pads it to split)."""
     lengths = {int(node.args[1 if node.op == "attn.sdpa_backward" else 0].type.shape[2])
                for node in graph.nodes if node.op in ("attn.sdpa", "attn.sdpa_backward")}
     if len(lengths) != 1:
         raise OptionError(f"sequence parallelism needs one sequence length across attentions, found {sorted(lengths)}",
                           hint="compile a model whose attention layers share the sequence")
-    length = lengths.pop()
-    padded = padded_length(length, world, Layout(balance))
-    if padded != length:
-        raise OptionError(f"sequence length {length} does not split over {world} ranks with balance={balance}",
-                          hint=f"pad the batch to {padded} tokens (masked padding) or use balance='none'")
-    return length
+    return lengths.pop()
 
 
 def seqweave_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:

@@ -40,13 +40,13 @@ def _placed(t: Any, seq: Any) -> Any:
     return TensorType(t.shape, t.dtype, ((SP_AXIS, placement),))
 
 
-def _local(t: Any, seq: Seq | None, world: int) -> Any:
-    """The type of this rank's piece of a value arriving sharded."""
+def _local(t: Any, seq: Seq | None, local: Any) -> Any:
+    """The type of this rank's piece of a value arriving sharded (`local` maps a dim's size)."""
     if seq is None or not isinstance(t, TensorType):
         return t
     shape = list(t.shape)
-    shape[seq.dim] = shape[seq.dim] // world
-    return TensorType(tuple(shape), t.dtype, t.placements)
+    shape[seq.dim] = local(int(shape[seq.dim]))
+    return TensorType.of(shape, t.dtype, t.placements)
 
 
 class _Builder:
@@ -55,10 +55,12 @@ class _Builder:
     def __init__(self, graph: Graph, world: int, layout: Layout, length: int,
                  input_seqs: dict[int, Seq], attention: str) -> None:
         self.world, self.layout, self.length, self.attention = world, layout.value, length, attention
+        self.padded = padded_length(length, world, layout)
         self.seqs: dict[Value, Any] = {}
         self.global_shapes: dict[Value, tuple[int, ...]] = {}
-        self.positions = Value(POSITIONS_INPUT, TensorType.of((length // world,), torch.int64, ((SP_AXIS, Replicate()),)))
-        inputs = [Value(v.name, _placed(_local(v.type, input_seqs.get(i), world), input_seqs.get(i)))
+        self.positions = Value(POSITIONS_INPUT, TensorType.of((self.padded // world,), torch.int64,
+                                                              ((SP_AXIS, Replicate()),)))
+        inputs = [Value(v.name, _placed(_local(v.type, input_seqs.get(i), self.local), input_seqs.get(i)))
                   for i, v in enumerate(graph.inputs)]
         for index, (old, new) in enumerate(zip(graph.inputs, inputs)):
             self._record(new, old, input_seqs.get(index))
@@ -86,8 +88,14 @@ class _Builder:
     def global_shape(self, value: Value) -> tuple[int, ...]:
         return self.global_shapes[value]
 
-    def shard(self, value: Value, seq: Seq) -> Value:
+    def local(self, size: int) -> int:
+        """This rank's size of a dim holding the sequence factor: outer * N * inner -> outer * N'/P * inner."""
+        return size // self.length * (self.padded // self.world)
+
+    def shard(self, value: Value, seq: Seq, fill: int = 0) -> Value:
         kwargs = {"dim": seq.dim, "inner": seq.inner, "length": self.length}
+        if self.padded != self.length:
+            kwargs.update(padded=self.padded, fill=fill)
         (result,) = self.emit("sp.shard", (value, self.positions), kwargs, [seq], "", self.global_shape(value))
         self.shards += 1
         return result
@@ -152,8 +160,10 @@ class _Builder:
         seq = self.seq(value)
         if seq is None:
             return value
-        kwargs = {"dim": seq.dim, "inner": seq.inner, "length": self.length, "world": self.world,
+        kwargs = {"dim": seq.dim, "inner": seq.inner, "length": self.padded, "world": self.world,
                   "layout": self.layout}
+        if self.padded != self.length:
+            kwargs["true_length"] = self.length
         return self.emit("sp.gather", (value,), kwargs, [None], "", self.global_shape(value))[0]
 
 
@@ -169,7 +179,7 @@ class ShardSequence(Pass):
     name = "shard-sequence"
     world: int = 2
     layout: str = "zigzag"
-    length: int = 0  # the global sequence length N; must split evenly (pad the inputs first)
+    length: int = 0  # the global sequence length N; padded (and masked) up to what splits over the ranks
     attention: str = "ring"  # "ring" | "ulysses" | "auto": per layer, the fewest bytes by the cost model
     #: outputs from this index on stay sharded (a training forward's activations saved for backward)
     keep_sharded_from: int = -1
@@ -183,9 +193,6 @@ class ShardSequence(Pass):
         if self.length < 2:
             raise PassError(f"sequence length {self.length}: nothing to split", pass_name=self.name,
                             hint="compile with a sequence of at least 2 tokens, or without sequence parallelism")
-        if self.length != padded_length(self.length, self.world, layout):
-            raise PassError(f"sequence length {self.length} does not split over {self.world} ranks ({layout.value})",
-                            pass_name=self.name, hint=f"pad the inputs to {padded_length(self.length, self.world, layout)}")
         builder = _Builder(graph, self.world, layout, self.length,
                            {index: Seq(dim, inner) for index, dim, inner in self.input_seqs}, self.attention)
         for node in graph.nodes:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from seqweave.ir.graph import Node, Value, values_in
-from seqweave.ir.mask import MaskSpec
+from seqweave.ir.mask import MaskSpec, Sinks
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, plan_ring
@@ -43,15 +43,17 @@ class Unshardable(Exception):
 
 
 class Context(Protocol):
-    length: int      # global sequence length N (padded)
+    length: int      # global sequence length N, as the model sees it
+    padded: int      # N rounded up so it splits over the ranks; positions >= N are masked padding
     world: int
     layout: str      # Layout value: "none" | "zigzag" | "striped"
     attention: str   # "ring" | "ulysses" | "auto" (per layer, by the cost model)
 
     def seq(self, value: Any) -> Seq | None: ...
     def global_shape(self, value: Value) -> tuple[int, ...]: ...
-    def shard(self, value: Value, seq: Seq) -> Value: ...
+    def shard(self, value: Value, seq: Seq, fill: int = 0) -> Value: ...
     def emit(self, op: str, args: tuple, kwargs: dict, seqs: list, loc: str, *shapes: tuple) -> list[Value]: ...
+    def local(self, size: int) -> int: ...
     def all_reduce(self, value: Value) -> Value: ...
 
 
@@ -137,7 +139,7 @@ def view(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         dim_stride = _prod(out[dim + 1:])
         if dim_stride <= stride and stride % dim_stride == 0 and stride * ctx.length <= dim_stride * out[dim]:
             local = list(out)
-            local[dim] = out[dim] // ctx.world
+            local[dim] = ctx.local(out[dim])
             return node.op, (source, local, *args[2:]), kwargs, [Seq(dim, stride // dim_stride)]
     raise Unshardable(f"{node.op} to {out} splits the sequence across dims")
 
@@ -270,9 +272,9 @@ def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
         return "ulysses"
     if ctx.attention == "ring" or problem:
         return "ring"
-    shape = LayerShape(b, ctx.length, q_heads, kv_heads, head_dim, ctx.world, q.type.dtype.itemsize)
-    plan = plan_ring(mask_of_kwargs(kwargs), Layout(ctx.layout), ctx.world, ctx.length)
-    values = shape.values(ctx.length)
+    shape = LayerShape(b, ctx.padded, q_heads, kv_heads, head_dim, ctx.world, q.type.dtype.itemsize)
+    plan = plan_ring(parse_mask(_distributed_attrs(ctx, kwargs)["mask"]), Layout(ctx.layout), ctx.world, ctx.padded)
+    values = shape.values(ctx.padded)
     ring_cost = evaluate_expr(ring_bytes(plan) + ring_bytes(plan, backward=True), **values)
     ulysses_cost = evaluate_expr(ulysses_bytes() + ulysses_bytes(backward=True), **values)
     return "ulysses" if ulysses_cost < ring_cost else "ring"
@@ -292,18 +294,35 @@ def _sharded_operands(ctx: Context, tensors: list[Value], operands: list, what: 
     return sharded
 
 
+def _distributed_attrs(ctx: Context, kwargs: dict) -> dict:
+    """The attention's attributes on shards: padded length, and padding keys masked (`& sinks(N)`)."""
+    mask = parse_mask(kwargs["mask"])
+    if ctx.padded != ctx.length:
+        mask = mask & Sinks(ctx.length)
+    return {**kwargs, "mask": str(mask), "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
+
+
+def _padded_operands(ctx: Context, operands: list) -> list:
+    """Mask operands ([B, N] segment ids or key flags) padded with zeros to the padded length, so
+    positions >= N can be looked up; the `sinks(N)` term masks those keys whatever they hold."""
+    if ctx.padded == ctx.length:
+        return operands
+    grow = [0, ctx.padded - ctx.length]
+    return [ctx.emit("core.constant_pad_nd", (t, grow, 0), {}, [None], "", ctx.global_shape(t)[:-1] + (ctx.padded,))[0]
+            for t in operands]
+
+
 def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     """attn.sdpa on shards becomes attn.ring or attn.ulysses; mask operands stay whole (global positions)."""
     q, k, v, operands = args
     qkv = _sharded_operands(ctx, [q, k, v], operands, "q, k, v")
-    extra = {"layout": ctx.layout, "world": ctx.world, "length": ctx.length}
     op = f"attn.{strategy(ctx, q, k, kwargs)}"
-    return op, (*qkv, operands), {**kwargs, **extra}, [Seq(2), Seq(2)]
+    return op, (*qkv, _padded_operands(ctx, operands)), _distributed_attrs(ctx, kwargs), [Seq(2), Seq(2)]
 
 
-def _rows_aligned(ctx: Context, value: Value, seq: Seq) -> Value:
-    """`value` (e.g. the targets of a loss) sharded like the rows it goes with."""
-    return value if ctx.seq(value) is not None else ctx.shard(value, seq)
+def _rows_aligned(ctx: Context, value: Value, seq: Seq, fill: int = 0) -> Value:
+    """`value` (e.g. the targets of a loss) sharded like the rows it goes with; padding rows get `fill`."""
+    return value if ctx.seq(value) is not None else ctx.shard(value, seq, fill)
 
 
 def nll_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
@@ -315,7 +334,7 @@ def nll_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         return node.op, args, kwargs, [None, None]
     if seq.dim != 0 or reduction not in (1, 2):
         raise Unshardable(f"{node.op} with reduction={reduction} on rows sharded in dim {seq.dim}")
-    target = _rows_aligned(ctx, target, Seq(0, seq.inner))
+    target = _rows_aligned(ctx, target, Seq(0, seq.inner), fill=ignore_index)  # padding rows are ignored
     shapes = [(), ()]
     total, count = ctx.emit(node.op, (logp, target, weight, 2, ignore_index), kwargs, [PARTIAL, PARTIAL],
                             node.loc, *shapes)
@@ -332,7 +351,8 @@ def nll_loss_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Em
     seq = ctx.seq(logp)
     if seq is None:
         return node.op, args, kwargs, [None]
-    return node.op, (grad, logp, _rows_aligned(ctx, target, Seq(0, seq.inner)), *rest), kwargs, [seq]
+    target = _rows_aligned(ctx, target, Seq(0, seq.inner), fill=rest[2])  # rest: weight, reduction, ignore_index
+    return node.op, (grad, logp, target, *rest), kwargs, [seq]
 
 
 def embedding_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
@@ -362,7 +382,7 @@ def slice_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     if dim == seq.dim and not (start == 0 and end >= sizes[dim] and step == 1):
         raise Unshardable(f"{node.op} of part of the sequence dim")
     local = list(sizes)
-    local[seq.dim] = sizes[seq.dim] // ctx.world
+    local[seq.dim] = ctx.local(sizes[seq.dim])
     end = MAX_INDEX if dim == seq.dim else end
     return node.op, (grad, local, dim, start, end, step), kwargs, [seq]
 
@@ -372,8 +392,7 @@ def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> E
     *tensors, operands = args
     op = f"attn.{strategy(ctx, tensors[1], tensors[2], kwargs)}_backward"
     tensors = _sharded_operands(ctx, tensors, operands, "attention backward operands")
-    extra = {"layout": ctx.layout, "world": ctx.world, "length": ctx.length}
-    return op, (*tensors, operands), {**kwargs, **extra}, [Seq(2)] * 3
+    return op, (*tensors, _padded_operands(ctx, operands)), _distributed_attrs(ctx, kwargs), [Seq(2)] * 3
 
 
 RULES: dict[str, Rule] = {

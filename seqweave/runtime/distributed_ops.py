@@ -58,6 +58,9 @@ def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any
     for rank, piece in enumerate(pieces):
         local = piece.reshape(split_factor(tuple(x.shape), dim, length // world, inner))
         whole.index_copy_(dim + 1, positions_of(rank), local)
+    true_length = kw.get("true_length", length)
+    whole = whole.narrow(dim + 1, 0, true_length)  # drop padding rows
+    shape[dim] = shape[dim] * true_length // length
     return whole.reshape(shape)
 
 

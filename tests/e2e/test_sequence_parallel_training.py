@@ -12,8 +12,14 @@ from seqweave.testing.models import SampleSpec, build_sample
 
 TOLERANCE = 1e-5
 
-CASES = [  # (sample, attn_implementation, padded, packed, balance, attention)
+SEQ_LEN = 32
+ODD_SEQ_LEN = 37  # does not split over 2 or 4 ranks (nor 2P for zigzag): padded and masked
+
+CASES = [  # (sample, attn_implementation, padded, packed, balance, attention[, seq_len])
     ("llama-tiny", "sdpa", False, False, "zigzag", "ring"),
+    ("llama-tiny", "sdpa", False, False, "zigzag", "ring", ODD_SEQ_LEN),
+    ("mistral-tiny", "sdpa", False, True, "none", "ulysses", ODD_SEQ_LEN),
+    ("llama-tiny", "sdpa", False, False, "zigzag", "auto", 1001),  # the issue's odd length
     ("llama-tiny", "sdpa", False, True, "striped", "ring"),
     ("mistral-tiny", "eager", True, False, "none", "ring"),
     ("gpt2-tiny", "sdpa", False, False, "zigzag", "ring"),
@@ -26,9 +32,10 @@ ATTENTION_OPS = ("attn.ring_backward", "attn.ulysses_backward")
 def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float, str, int]]:
     """On each rank: (|loss - eager|, worst relative gradient error, worst parameter, attention backwards)."""
     results = []
-    for name, impl, padded, packed, balance, attention in cases:
+    for name, impl, padded, packed, balance, attention, *length in cases:
         torch._dynamo.reset()
-        model, inputs = build_sample(SampleSpec(name, seq_len=32, layers=2, attn_implementation=impl,
+        model, inputs = build_sample(SampleSpec(name, seq_len=(length or [SEQ_LEN])[0], layers=2,
+                                                attn_implementation=impl,
                                                 padded=padded, packed=packed))
         reference = copy.deepcopy(model)
         backend = seqweave.backend(mesh=seqweave.Mesh(sp=world), balance=balance, attention=attention, timeout=60)

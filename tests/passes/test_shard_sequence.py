@@ -86,9 +86,14 @@ def test_a_sum_over_the_sequence_is_partial_then_all_reduced():
     assert str(graph.nodes[-2].results[0].type) == "f32[1, 4]{sp: P(sum)}"
 
 
-def test_refuses_a_length_that_does_not_split():
-    with pytest.raises(PassError, match="pad the inputs to 12"):
-        ShardSequence(world=3, layout="zigzag", length=9).run(_model(9))
+def test_a_length_that_does_not_split_is_padded_and_masked():
+    graph = _model(9)
+    ShardSequence(world=3, layout="zigzag", length=9).run(graph)
+    verify(graph)
+    ring = next(node for node in graph.nodes if node.op == "attn.ring")
+    assert ring.kwargs["mask"] == "causal & sinks(9)" and ring.kwargs["length"] == 12  # padding keys masked
+    assert int(ring.args[0].type.shape[2]) == 4  # 12 padded positions over 3 ranks
+    assert graph.output_values()[0].type.shape[2] == 9  # padding rows dropped on the way out
 
 
 def test_leaves_a_graph_without_sequence_alone():
@@ -105,13 +110,12 @@ def test_leaves_a_graph_without_sequence_alone():
 @settings(max_examples=25, deadline=None)
 @given(world=st.sampled_from([1, 2, 3, 4]), layout=st.sampled_from(list(Layout)), n=st.integers(2, 24))
 def test_sharded_graph_verifies_with_local_shapes(world, layout, n):
-    length = padded_length(n, world, layout)
-    graph = _model(length)
-    ShardSequence(world=world, layout=layout.value, length=length).run(graph)
+    graph = _model(n)
+    ShardSequence(world=world, layout=layout.value, length=n).run(graph)
     verify(graph)
     ring = next(node for node in graph.nodes if node.op == "attn.ring")
-    assert int(ring.args[0].type.shape[2]) == length // world
-    assert graph.output_values()[0].type.shape[2] == length
+    assert int(ring.args[0].type.shape[2]) == padded_length(n, world, layout) // world
+    assert graph.output_values()[0].type.shape[2] == n
 
 
 class _AllRanks:

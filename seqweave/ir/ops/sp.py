@@ -26,9 +26,14 @@ def split_factor(shape: tuple[int, ...], dim: int, length: int, inner: int) -> t
     return shape[:dim] + (outer, length, inner) + shape[dim + 1:]
 
 
-def take_positions(x: torch.Tensor, positions: torch.Tensor, dim: int, length: int, inner: int) -> torch.Tensor:
-    """The rows of the sequence factor at `positions`, from a tensor holding all `length` of them."""
+def take_positions(x: torch.Tensor, positions: torch.Tensor, dim: int, length: int, inner: int,
+                   padded: int | None = None, fill: float = 0) -> torch.Tensor:
+    """The rows of the sequence factor at `positions`, from a tensor holding all `length` of them;
+    positions from `length` up to `padded` are padding rows holding `fill`."""
     split = x.reshape(split_factor(tuple(x.shape), dim, length, inner))
+    if padded is not None and padded > length:
+        grow = [0, 0] * (split.dim() - dim - 2) + [0, padded - length]
+        split = torch.nn.functional.pad(split, grow, value=fill)
     local = split.index_select(dim + 1, positions.to(x.device))
     return local.reshape(x.shape[:dim] + (-1,) + x.shape[dim + 1:])
 
@@ -60,13 +65,15 @@ class ShardOp(OpDef):
             raise fail(node, f"dim {node.kwargs['dim']} of {x} does not hold a sequence factor of {step}")
 
     def reference(self, node: Node, x, positions, **kwargs: Any) -> torch.Tensor:
-        return take_positions(x, positions, kwargs["dim"], kwargs["length"], kwargs["inner"])
+        return take_positions(x, positions, kwargs["dim"], kwargs["length"], kwargs["inner"],
+                              kwargs.get("padded"), kwargs.get("fill", 0))
 
 
 class GatherOp(OpDef):
     """x (this rank's rows) -> the whole sequence in global order, on every rank.
 
-    `sp.gather(x, dim=d, inner=i, length=N, world=P, layout="zigzag")`.
+    `sp.gather(x, dim=d, inner=i, length=N', world=P, layout="zigzag"[, true_length=N])`: N' is the
+    padded length the ranks split; padding rows (positions >= N) are dropped.
     """
 
     name = "sp.gather"
@@ -75,7 +82,9 @@ class GatherOp(OpDef):
     def infer(self, node: Node) -> list[ValueType]:
         x = node.args[0].type
         shape = list(x.shape)
-        shape[node.kwargs["dim"]] = shape[node.kwargs["dim"]] * node.kwargs["world"]
+        length = node.kwargs["length"]  # padded length; `true_length` drops the padding rows
+        shape[node.kwargs["dim"]] = shape[node.kwargs["dim"]] * node.kwargs["world"] * \
+            node.kwargs.get("true_length", length) // length
         return [TensorType(tuple(shape), x.dtype, ((SP_AXIS, Replicate()),))]
 
 

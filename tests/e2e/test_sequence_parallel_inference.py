@@ -32,7 +32,7 @@ def sharded_logits(rank: int, world: int, cases: list) -> list[tuple[float, int,
         with torch.no_grad():
             got, expected = compiled(**inputs).logits, model(**inputs).logits
         valid = inputs["attention_mask"].bool() if padded else torch.ones(got.shape[:2], dtype=torch.bool)
-        rings = sum(c.graph.count("attn.ring") for c in backend.graphs)
+        rings = sum(c.graph.count(op) for c in backend.graphs for op in ("attn.ring", "attn.ulysses"))
         results.append((float((got - expected)[valid].abs().max()), rings, backend.reports[0].mask))
     return results
 

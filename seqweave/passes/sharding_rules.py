@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from seqweave.ir.graph import Node, Value, values_in
+from seqweave.ir.graph import Node, Value, map_values, values_in
 from seqweave.ir.mask import MaskSpec, Sinks
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
@@ -98,17 +98,7 @@ def elementwise(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
             return value
         raise Unshardable(f"{node.op}: operands hold the sequence in different places ({have} vs {seq})")
 
-    return node.op, _map(args, align), _map(kwargs, align), [Seq(out_dim, seq.inner)]
-
-
-def _map(template: Any, fn: Callable[[Any], Any]) -> Any:
-    if isinstance(template, tuple):
-        return tuple(_map(item, fn) for item in template)
-    if isinstance(template, list):
-        return [_map(item, fn) for item in template]
-    if isinstance(template, dict):
-        return {key: _map(item, fn) for key, item in template.items()}
-    return fn(template)
+    return node.op, map_values(args, align), map_values(kwargs, align), [Seq(out_dim, seq.inner)]
 
 
 def _prod(values) -> int:

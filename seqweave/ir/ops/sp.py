@@ -69,7 +69,17 @@ class ShardOp(OpDef):
                               kwargs.get("padded"), kwargs.get("fill", 0))
 
 
-class GatherOp(OpDef):
+class _RunsInRuntime(OpDef):
+    """An op that talks to other ranks: the runtime binds its implementation to a communicator."""
+
+    pure = False  # a collective is never removed because one rank does not read its result
+
+    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{self.name} exchanges data between ranks: run it through the runtime "
+                        "(codegen.lower(graph, comm)), not the single-process interpreter")
+
+
+class GatherOp(_RunsInRuntime):
     """x (this rank's rows) -> the whole sequence in global order, on every rank.
 
     `sp.gather(x, dim=d, inner=i, length=N', world=P, layout="zigzag"[, true_length=N])`: N' is the
@@ -77,7 +87,6 @@ class GatherOp(OpDef):
     """
 
     name = "sp.gather"
-    pure = False
 
     def infer(self, node: Node) -> list[ValueType]:
         x = node.args[0].type
@@ -88,40 +97,32 @@ class GatherOp(OpDef):
         return [TensorType(tuple(shape), x.dtype, ((SP_AXIS, Replicate()),))]
 
 
-class AllReduceOp(OpDef):
+class AllReduceOp(_RunsInRuntime):
     """x (a partial sum on every rank) -> the sum over ranks. `sp.all_reduce(x)`."""
 
     name = "sp.all_reduce"
-    pure = False
 
     def infer(self, node: Node) -> list[ValueType]:
         return [with_placement(node.args[0].type, Replicate())]
 
 
-class RingAttention(Sdpa):
+class RingAttention(_RunsInRuntime, Sdpa):
     """`attn.sdpa` on sequence shards: q, k, v hold this rank's positions; K/V travel the ring.
 
-    Same operands and attributes as attn.sdpa plus `layout`, `world` and `length` (global N).
+    Same operands and attributes as attn.sdpa plus `layout`, `world` and `length` (the padded
+    global length the ranks split; the mask then ends in `& sinks(N)` when padding was added).
     """
 
     name = "attn.ring"
-    pure = False
-
-    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("attn.ring runs only in the runtime, with a communicator")
 
 
-class RingAttentionBackward(SdpaBackward):
+class RingAttentionBackward(_RunsInRuntime, SdpaBackward):
     """`attn.sdpa_backward` on sequence shards (the backward ring): dq, dk, dv of this rank's rows.
 
     Same operands and attributes as attn.sdpa_backward plus `layout`, `world` and `length`.
     """
 
     name = "attn.ring_backward"
-    pure = False
-
-    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("attn.ring_backward runs only in the runtime, with a communicator")
 
 
 class UlyssesAttention(RingAttention):
@@ -129,14 +130,8 @@ class UlyssesAttention(RingAttention):
 
     name = "attn.ulysses"
 
-    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("attn.ulysses runs only in the runtime, with a communicator")
-
 
 class UlyssesAttentionBackward(RingAttentionBackward):
     """`attn.sdpa_backward` on sequence shards via all-to-alls; same attributes as attn.ring_backward."""
 
     name = "attn.ulysses_backward"
-
-    def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("attn.ulysses_backward runs only in the runtime, with a communicator")

@@ -22,6 +22,7 @@ from seqweave.ir.verifier import verify
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.comm import Communicator
+from seqweave.runtime.hybrid import HybridCommunicator
 
 
 @dataclass
@@ -67,7 +68,10 @@ class SeqweaveBackend:
         """shard-sequence for this graph: a training forward keeps its saved activations sharded,
         and the backward receives them sharded, as the forward left them."""
         length = sequence_length(graph, world, self.options.balance)
-        common = dict(world=world, layout=self.options.balance, length=length, attention=self.options.attention)
+        mesh = self.options.mesh
+        attention = "hybrid" if mesh.hybrid and self.options.attention == "auto" else self.options.attention
+        common = dict(world=world, layout=self.options.balance, length=length, attention=attention,
+                      ulysses=mesh.ulysses)
         if graph.name == "forward":
             return ShardSequence(**common, keep_sharded_from=user_outputs)
         if graph.name == "backward":
@@ -77,8 +81,10 @@ class SeqweaveBackend:
 
     def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
         """Run the sharded graph on this rank: its positions are appended as the last input."""
-        comm = Communicator(timeout_s=self.options.timeout)
-        self.communicators.append(comm)
+        mesh = self.options.mesh
+        comm = HybridCommunicator(mesh.ulysses, self.options.timeout) if mesh.hybrid \
+            else Communicator(timeout_s=self.options.timeout)
+        self.communicators += [comm, comm.inner, comm.outer] if mesh.hybrid else [comm]
         if comm.world != world:
             raise OptionError(f"Mesh(sp={world}) but the process group has {comm.world} ranks",
                               hint="launch as many ranks as sp (seqweave run --nproc N / torchrun)")

@@ -12,19 +12,34 @@ DUMP_ENV = "SEQWEAVE_DUMP"
 
 
 BALANCES = ("zigzag", "striped", "none")
-ATTENTION_STRATEGIES = ("auto", "ring", "ulysses")
+ATTENTION_STRATEGIES = ("auto", "ring", "ulysses", "hybrid")
 
 
 @dataclass(frozen=True)
 class Mesh:
-    """The device mesh: `sp` ranks share the sequence (1 = single device)."""
+    """The device mesh: `sp` ranks share the sequence (1 = single device). `Mesh(ulysses=U, ring=R)`
+    is a hybrid mesh of U*R ranks: Ulysses inside groups of U consecutive ranks, ring across groups."""
 
-    sp: int = 1
+    sp: int = 0
+    ulysses: int = 1
+    ring: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("ulysses", "ring"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise OptionError(f"Mesh({name}={getattr(self, name)!r}) must be a positive number of ranks")
+        if self.sp == 0:
+            object.__setattr__(self, "sp", self.ulysses * self.ring)
         if not isinstance(self.sp, int) or self.sp < 1:
             raise OptionError(f"Mesh(sp={self.sp!r}): sp must be a positive number of ranks",
                               hint="use Mesh(sp=1) for one device, Mesh(sp=P) for P sequence-parallel ranks")
+        if self.sp != self.ulysses * self.ring and (self.ulysses, self.ring) != (1, 1):
+            raise OptionError(f"Mesh(sp={self.sp}, ulysses={self.ulysses}, ring={self.ring}): sp must be ulysses*ring",
+                              hint="give either sp or ulysses and ring")
+
+    @property
+    def hybrid(self) -> bool:
+        return self.ulysses > 1 and self.ring > 1
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,10 @@ class CompileOptions:
             options["mesh"] = Mesh(**options["mesh"])
         if options.get("attention", "auto") not in ATTENTION_STRATEGIES:
             raise OptionError(f"attention={options['attention']!r} is not available",
-                              hint=f"use one of {ATTENTION_STRATEGIES} (hybrid is not wired in yet)")
+                              hint=f"use one of {ATTENTION_STRATEGIES}")
         if options.get("balance", "zigzag") not in BALANCES:
             raise OptionError(f"balance={options['balance']!r} is not a sequence layout", hint=f"use one of {BALANCES}")
-        return CompileOptions(**options)
+        built = CompileOptions(**options)
+        if built.attention == "hybrid" and not built.mesh.hybrid:
+            raise OptionError("attention='hybrid' needs a hybrid mesh", hint="use Mesh(ulysses=U, ring=R) with U, R > 1")
+        return built

@@ -26,7 +26,8 @@ def test_backend_compiles_a_function():
 @pytest.mark.parametrize("options, message", [
     ({"pipline": "canonicalize"}, "valid options"),
     ({"mesh": seqweave.Mesh()}, None),
-    ({"attention": "hybrid"}, "not available"),
+    ({"attention": "striped-ring"}, "not available"),
+    ({"attention": "hybrid"}, "needs a hybrid mesh"),
     ({"balance": "diagonal"}, "not a sequence layout"),
 ])
 def test_compile_options_validate(options, message):
@@ -39,8 +40,13 @@ def test_compile_options_validate(options, message):
 
 def test_mesh_needs_a_positive_rank_count():
     assert seqweave.Mesh(sp=4).sp == 4
+    assert seqweave.Mesh(ulysses=2, ring=2).sp == 4 and seqweave.Mesh(ulysses=2, ring=2).hybrid
     with pytest.raises(OptionError, match="positive number of ranks"):
-        seqweave.Mesh(sp=0)
+        seqweave.Mesh(sp=-1)
+    with pytest.raises(OptionError, match="positive number of ranks"):
+        seqweave.Mesh(ring=0)
+    with pytest.raises(OptionError, match="sp must be ulysses\\*ring"):
+        seqweave.Mesh(sp=4, ulysses=2, ring=4)
 
 
 def test_sequence_parallel_needs_attention_to_read_the_length_from():

@@ -115,7 +115,12 @@ def _needed_later(classes, source: int, holder: int, world: int) -> bool:
 
 def plan_ring(mask: MaskSpec, layout: Layout, world: int, seq_len: int) -> RingPlan:
     """The mask-aware ring schedule for `world` ranks over a (padded) length `seq_len`."""
-    positions = [shard_positions(layout, rank, world, seq_len) for rank in range(world)]
+    return plan_from_positions(mask, [shard_positions(layout, rank, world, seq_len) for rank in range(world)])
+
+
+def plan_from_positions(mask: MaskSpec, positions: list[torch.Tensor]) -> RingPlan:
+    """The ring schedule for ranks holding these global positions (one tensor per ring rank)."""
+    world = len(positions)
     classes = tuple(tuple(pair_class(mask, positions[r], positions[s]) for s in range(world)) for r in range(world))
     sends = tuple(tuple(_needed_later(classes, (r - t) % world, r, world) for r in range(world))
                   for t in range(world - 1))

@@ -53,8 +53,9 @@ class _Builder:
     """Builds the sharded graph; implements the rules' Context."""
 
     def __init__(self, graph: Graph, world: int, layout: Layout, length: int,
-                 input_seqs: dict[int, Seq], attention: str) -> None:
+                 input_seqs: dict[int, Seq], attention: str, ulysses: int) -> None:
         self.world, self.layout, self.length, self.attention = world, layout.value, length, attention
+        self.ulysses = ulysses
         self.padded = padded_length(length, world, layout)
         self.seqs: dict[Value, Any] = {}
         self.global_shapes: dict[Value, tuple[int, ...]] = {}
@@ -180,7 +181,8 @@ class ShardSequence(Pass):
     world: int = 2
     layout: str = "zigzag"
     length: int = 0  # the global sequence length N; padded (and masked) up to what splits over the ranks
-    attention: str = "ring"  # "ring" | "ulysses" | "auto": per layer, the fewest bytes by the cost model
+    attention: str = "ring"  # "ring" | "ulysses" | "hybrid" | "auto": per layer, the fewest bytes by the cost model
+    ulysses: int = 1  # ranks per Ulysses group under "hybrid" (ring across world // ulysses groups)
     #: outputs from this index on stay sharded (a training forward's activations saved for backward)
     keep_sharded_from: int = -1
     #: inputs that arrive sharded: (input index, dim, inner) (a backward's saved activations)
@@ -194,7 +196,8 @@ class ShardSequence(Pass):
             raise PassError(f"sequence length {self.length}: nothing to split", pass_name=self.name,
                             hint="compile with a sequence of at least 2 tokens, or without sequence parallelism")
         builder = _Builder(graph, self.world, layout, self.length,
-                           {index: Seq(dim, inner) for index, dim, inner in self.input_seqs}, self.attention)
+                           {index: Seq(dim, inner) for index, dim, inner in self.input_seqs}, self.attention,
+                           self.ulysses)
         for node in graph.nodes:
             try:
                 builder.node(node)
@@ -203,7 +206,8 @@ class ShardSequence(Pass):
                                 hint="run this model without sequence parallelism, or report the op") from None
         builder.out.outputs = self._outputs(builder, graph)
         graph.inputs, graph.nodes, graph.outputs = builder.out.inputs, builder.out.nodes, builder.out.outputs
-        strategies = ", ".join(f"{graph.count(op)} {op}" for op in ("attn.ring", "attn.ulysses") if graph.count(op))
+        ops = ("attn.ring", "attn.ulysses", "attn.hybrid")
+        strategies = ", ".join(f"{graph.count(op)} {op}" for op in ops if graph.count(op))
         return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}")
 
     def _outputs(self, builder: _Builder, graph: Graph) -> Any:

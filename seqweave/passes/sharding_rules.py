@@ -47,7 +47,8 @@ class Context(Protocol):
     padded: int      # N rounded up so it splits over the ranks; positions >= N are masked padding
     world: int
     layout: str      # Layout value: "none" | "zigzag" | "striped"
-    attention: str   # "ring" | "ulysses" | "auto" (per layer, by the cost model)
+    attention: str   # "ring" | "ulysses" | "hybrid" | "auto" (per layer, by the cost model)
+    ulysses: int     # ranks per Ulysses group under "hybrid"
 
     def seq(self, value: Any) -> Seq | None: ...
     def global_shape(self, value: Value) -> tuple[int, ...]: ...
@@ -255,6 +256,11 @@ def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
     The forward and the backward of a layer see the same mask and shapes, so they agree."""
     b, q_heads, _, head_dim = ctx.global_shape(q)
     kv_heads = ctx.global_shape(k)[1]
+    if ctx.attention == "hybrid":
+        problem = head_split_problem(q_heads, kv_heads, ctx.ulysses, "U")
+        if problem:
+            raise Unshardable(f"hybrid attention refused: {problem}; use attention='ring'")
+        return "hybrid"
     problem = head_split_problem(q_heads, kv_heads, ctx.world)
     if ctx.attention == "ulysses":
         if problem:
@@ -289,7 +295,8 @@ def _distributed_attrs(ctx: Context, kwargs: dict) -> dict:
     mask = parse_mask(kwargs["mask"])
     if ctx.padded != ctx.length:
         mask = mask & Sinks(ctx.length)
-    return {**kwargs, "mask": str(mask), "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
+    attrs = {**kwargs, "mask": str(mask), "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
+    return {**attrs, "ulysses": ctx.ulysses} if ctx.attention == "hybrid" else attrs
 
 
 def _padded_operands(ctx: Context, operands: list) -> list:

@@ -11,6 +11,7 @@ from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.sp import split_factor
 from seqweave.ir.sharding import Layout, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
+from seqweave.runtime.hybrid import HybridCommunicator, hybrid_attention_backward, hybrid_attention_forward
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
 
@@ -47,6 +48,24 @@ def ulysses_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, o
     return ulysses_attention_backward(comm, dout, q, k, v, out, lse, mask, score_mod, scale, positions_of, operands)
 
 
+def _hybrid(comm: Communicator) -> tuple[Communicator, Communicator]:
+    if not isinstance(comm, HybridCommunicator):
+        raise TypeError("attn.hybrid needs a HybridCommunicator (Mesh(ulysses=U, ring=R))")
+    return comm.inner, comm.outer
+
+
+def hybrid(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+    return hybrid_attention_forward(*_hybrid(comm), q, k, v, mask, score_mod, scale, positions_of, operands)
+
+
+def hybrid_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out, lse, operands,
+                    **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+    return hybrid_attention_backward(*_hybrid(comm), dout, q, k, v, out, lse, mask, score_mod, scale, positions_of,
+                                     operands)
+
+
 def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
     """Every rank's rows, put back at their global positions (undoing zigzag / striping)."""
     pieces = comm.all_to_all([x.contiguous()] * comm.world, step, f"gather of %{node.results[0].name}", kind="gather")
@@ -70,4 +89,5 @@ def all_reduce(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw:
 
 DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_backward": ring_backward,
                                                   "attn.ulysses": ulysses, "attn.ulysses_backward": ulysses_backward,
+                                                  "attn.hybrid": hybrid, "attn.hybrid_backward": hybrid_backward,
                                                   "sp.gather": gather, "sp.all_reduce": all_reduce}

@@ -20,13 +20,14 @@ CASES = [  # (sample, attn_implementation, padded, packed, balance, attention[, 
     ("llama-tiny", "sdpa", False, False, "zigzag", "ring", ODD_SEQ_LEN),
     ("mistral-tiny", "sdpa", False, True, "none", "ulysses", ODD_SEQ_LEN),
     ("llama-tiny", "sdpa", False, False, "zigzag", "auto", 1001),  # the odd length
+    ("llama-tiny", "sdpa", True, False, "zigzag", "hybrid"),       # Ulysses 2 x ring 2 (4 ranks only)
     ("llama-tiny", "sdpa", False, True, "striped", "ring"),
     ("mistral-tiny", "eager", True, False, "none", "ring"),
     ("gpt2-tiny", "sdpa", False, False, "zigzag", "ring"),
     ("llama-tiny", "sdpa", True, False, "zigzag", "ulysses"),   # 2 kv heads: replicated to 4 ranks
     ("mistral-tiny", "sdpa", False, False, "none", "auto"),
 ]
-ATTENTION_OPS = ("attn.ring_backward", "attn.ulysses_backward")
+ATTENTION_OPS = ("attn.ring_backward", "attn.ulysses_backward", "attn.hybrid_backward")
 
 
 def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float, str, int]]:
@@ -38,7 +39,10 @@ def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float,
                                                 attn_implementation=impl,
                                                 padded=padded, packed=packed))
         reference = copy.deepcopy(model)
-        backend = seqweave.backend(mesh=seqweave.Mesh(sp=world), balance=balance, attention=attention, timeout=60)
+        if attention == "hybrid" and world < 4:
+            continue
+        mesh = seqweave.Mesh(ulysses=2, ring=world // 2) if attention == "hybrid" else seqweave.Mesh(sp=world)
+        backend = seqweave.backend(mesh=mesh, balance=balance, attention=attention, timeout=60)
         loss = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(**inputs).loss
         loss.backward()
         expected = reference(**inputs).loss
@@ -53,8 +57,10 @@ def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float,
 @pytest.mark.parametrize("world", [2, 4])
 def test_loss_and_gradients_match_one_process(world):
     per_rank = run_ranks(world, sharded_step, CASES, timeout_s=300)
+    cases = [case for case in CASES if world >= 4 or case[5] != "hybrid"]
     for rank, results in enumerate(per_rank):
-        for case, (loss_error, grad_error, param, rings) in zip(CASES, results):
+        assert len(results) == len(cases)
+        for case, (loss_error, grad_error, param, rings) in zip(cases, results):
             assert rings == 2, (rank, case)
             assert loss_error <= TOLERANCE, (rank, case, loss_error)
             assert grad_error <= TOLERANCE, (rank, case, param, grad_error)

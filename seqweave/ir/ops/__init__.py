@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from seqweave.ir.ops.attn import Sdpa, SdpaBackward
-from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, RingAttention, RingAttentionBackward, ShardOp,
-                                UlyssesAttention, UlyssesAttentionBackward)
+from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAttentionBackward, RingAttention,
+                                RingAttentionBackward, ShardOp, UlyssesAttention, UlyssesAttentionBackward)
 from seqweave.ir.ops.base import OpDef, VerificationError
 from seqweave.ir.ops.core import CORE_PREFIX, core_op
 
 _DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward(), ShardOp(), GatherOp(),
                                                           AllReduceOp(), RingAttention(), RingAttentionBackward(),
-                                                          UlyssesAttention(), UlyssesAttentionBackward())}
+                                                          UlyssesAttention(), UlyssesAttentionBackward(),
+                                                          HybridAttention(), HybridAttentionBackward())}
 
 
 def op_def(name: str) -> OpDef:

@@ -135,3 +135,15 @@ class UlyssesAttentionBackward(RingAttentionBackward):
     """`attn.sdpa_backward` on sequence shards via all-to-alls; same attributes as attn.ring_backward."""
 
     name = "attn.ulysses_backward"
+
+
+class HybridAttention(RingAttention):
+    """`attn.sdpa` on sequence shards: Ulysses inside groups of `ulysses` ranks, ring across groups."""
+
+    name = "attn.hybrid"
+
+
+class HybridAttentionBackward(RingAttentionBackward):
+    """`attn.sdpa_backward` on sequence shards, the hybrid way; same attributes as attn.hybrid."""
+
+    name = "attn.hybrid_backward"

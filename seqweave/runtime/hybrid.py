@@ -1,0 +1,100 @@
+"""Hybrid sequence parallelism (USP): Ulysses inside groups of U ranks, ring across the R groups.
+
+Ranks g*U .. g*U+U-1 form Ulysses group g; ranks with the same index j inside their group
+form a ring. The all-to-all turns each group's sequence shards into head shards over the
+group's positions; the ring then runs across groups on those heads (each group is one ring
+"rank" holding its members' positions), and a second all-to-all restores sequence shards.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.distributed as dist
+from torch import Tensor
+
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.score_mod import ScoreMod
+from seqweave.ir.sharding import RingPlan, plan_from_positions
+from seqweave.runtime.comm import Communicator
+from seqweave.runtime.sequence_parallel import (PositionsOf, _gathered_order, _to_heads, _to_sequence, _ulysses_kv,
+                                                ring_attention_backward, ring_attention_forward)
+
+
+def group_positions(positions_of: PositionsOf, ulysses: int, group: int) -> PositionsOf:
+    """Positions held by each member of Ulysses group `group` (members are consecutive ranks)."""
+    return lambda member: positions_of(group * ulysses + member)
+
+
+def ring_positions(positions_of: PositionsOf, ulysses: int) -> PositionsOf:
+    """Positions one ring 'rank' (a whole Ulysses group) holds, in global order."""
+    return lambda group: _gathered_order(ulysses, group_positions(positions_of, ulysses, group))[0]
+
+
+def hybrid_plan(mask: MaskSpec, positions_of: PositionsOf, ulysses: int, rings: int) -> RingPlan:
+    by_group = ring_positions(positions_of, ulysses)
+    return plan_from_positions(mask, [by_group(g) for g in range(rings)])
+
+
+def hybrid_attention_forward(inner: Communicator, outer: Communicator, q: Tensor, k: Tensor, v: Tensor,
+                             mask: MaskSpec, score_mod: ScoreMod, scale: float, positions_of: PositionsOf,
+                             operands: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+    """This rank's (out, lse): all-to-all in the Ulysses group, ring across groups, all-to-all back."""
+    group = outer.rank
+    _, k, v = _ulysses_kv(inner, q, k, v)
+    _, perm, inverse = _gathered_order(inner.world, group_positions(positions_of, inner.world, group))
+    qh, kh, vh = _to_heads(inner, (q, k, v), perm, 0, "hybrid forward all-to-all of q/k/v")
+    plan = hybrid_plan(mask, positions_of, inner.world, outer.world)
+    out, lse = ring_attention_forward(outer, qh, kh, vh, mask, score_mod, scale, plan,
+                                      ring_positions(positions_of, inner.world), operands)
+    out, lse = _to_sequence(inner, (out, lse), inverse, 1, "hybrid forward all-to-all of out/lse")
+    return out, lse
+
+
+def hybrid_attention_backward(inner: Communicator, outer: Communicator, dout: Tensor, q: Tensor, k: Tensor,
+                              v: Tensor, out: Tensor, lse: Tensor, mask: MaskSpec, score_mod: ScoreMod,
+                              scale: float, positions_of: PositionsOf,
+                              operands: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
+    """(dq, dk, dv) of this rank's shards: the forward's path in reverse; replicated K/V heads summed."""
+    group = outer.rank
+    heads, k_rep, v_rep = _ulysses_kv(inner, q, k, v)
+    _, perm, inverse = _gathered_order(inner.world, group_positions(positions_of, inner.world, group))
+    tensors = _to_heads(inner, (dout, q, k_rep, v_rep, out, lse), perm, 0, "hybrid backward all-to-all")
+    plan = hybrid_plan(mask, positions_of, inner.world, outer.world)
+    grads = ring_attention_backward(outer, *tensors, mask, score_mod, scale, plan,
+                                    ring_positions(positions_of, inner.world), operands)
+    dq, dk, dv = _to_sequence(inner, grads, inverse, 1, "hybrid backward all-to-all of dq/dk/dv")
+    if heads.kv_repeat > 1:
+        dk = dk.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)
+        dv = dv.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)
+    return dq, dk, dv
+
+
+def hybrid_groups(world: int, ulysses: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(Ulysses groups, ring groups) of global ranks: consecutive ranks share a Ulysses group."""
+    rings = world // ulysses
+    inner = [[g * ulysses + j for j in range(ulysses)] for g in range(rings)]
+    outer = [[g * ulysses + j for g in range(rings)] for j in range(ulysses)]
+    return inner, outer
+
+
+class HybridCommunicator(Communicator):
+    """The whole group's communicator, carrying this rank's Ulysses-group (`inner`) and ring-group
+    (`outer`) communicators for `attn.hybrid`."""
+
+    def __init__(self, ulysses: int, timeout_s: float) -> None:
+        super().__init__(timeout_s=timeout_s)
+        self.inner, self.outer = make_hybrid_communicators(ulysses, timeout_s)
+
+
+def make_hybrid_communicators(ulysses: int, timeout_s: float) -> tuple[Communicator, Communicator]:
+    """This rank's Ulysses-group and ring-group communicators (every rank creates every group, in order)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inner_groups, outer_groups = hybrid_groups(world, ulysses)
+    mine = {}
+    for kind, groups in (("inner", inner_groups), ("outer", outer_groups)):
+        for members in groups:
+            handle = dist.new_group(members, backend="gloo")
+            if rank in members:
+                mine[kind] = Communicator(handle, timeout_s=timeout_s)
+    return mine["inner"], mine["outer"]
+

@@ -11,18 +11,22 @@ import torch
 from seqweave.compiler import SeqweaveBackend
 from seqweave.config import CompileOptions, Mesh
 from seqweave.ir.mask_parser import parse_mask
-from seqweave.ir.sharding import Layout, plan_ring
-from seqweave.passes.cost import evaluate_expr, ring_bytes, ulysses_bytes
+from seqweave.ir.sharding import Layout, plan_ring, shard_positions
+from seqweave.passes.cost import evaluate_expr, hybrid_bytes, ring_bytes, ulysses_bytes
 from seqweave.passes.strategy import LayerShape
+from seqweave.runtime.hybrid import hybrid_plan
 from seqweave.testing.compare import grad_errors
 from seqweave.testing.distributed import run_ranks
 from seqweave.testing.models import HEADS, SampleSpec, build_sample
 
 #: (label, balance, attention)
 STRATEGIES = (("ring (zigzag)", "zigzag", "ring"), ("ring (striped)", "striped", "ring"),
-              ("ulysses", "zigzag", "ulysses"), ("auto", "zigzag", "auto"))
+              ("ulysses", "zigzag", "ulysses"), ("hybrid (ulysses 2 x ring)", "zigzag", "hybrid"),
+              ("auto", "zigzag", "auto"))
+HYBRID_ULYSSES = 2
 LAYERS = 2
-ATTENTION_KINDS = {"attn.ring": ("shift", "p2p"), "attn.ulysses": ("all_to_all",)}
+ATTENTION_KINDS = {"attn.ring": ("shift", "p2p"), "attn.ulysses": ("all_to_all",),
+                   "attn.hybrid": ("shift", "p2p", "all_to_all")}
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ def run_strategy(rank: int, world: int, seq_len: int, balance: str, attention: s
     """One rank's view of one compiled training step (run by run_ranks in every process)."""
     model, inputs = build_sample(SampleSpec("llama-tiny", seq_len=seq_len, layers=LAYERS))
     reference = copy.deepcopy(model)
-    backend = SeqweaveBackend(CompileOptions(mesh=Mesh(sp=world), balance=balance, attention=attention))
+    mesh = Mesh(ulysses=HYBRID_ULYSSES, ring=world // HYBRID_ULYSSES) if attention == "hybrid" else Mesh(sp=world)
+    backend = SeqweaveBackend(CompileOptions(mesh=mesh, balance=balance, attention=attention))
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     loss, _ = _timed_step(compiled, inputs)
     expected, eager_s = _timed_step(reference, inputs)
@@ -73,6 +78,12 @@ def predicted_bytes(op: str, mask: str, world: int, seq_len: int, balance: str) 
     values = shape.values(seq_len)
     if op == "attn.ulysses":
         return LAYERS * evaluate_expr(ulysses_bytes() + ulysses_bytes(backward=True), **values)
+    if op == "attn.hybrid":
+        rings = world // HYBRID_ULYSSES
+        positions_of = lambda r: shard_positions(Layout(balance), r, world, seq_len)  # noqa: E731
+        plan = hybrid_plan(parse_mask(mask), positions_of, HYBRID_ULYSSES, rings)
+        both = hybrid_bytes(HYBRID_ULYSSES, rings, plan) + hybrid_bytes(HYBRID_ULYSSES, rings, plan, backward=True)
+        return LAYERS * evaluate_expr(both, **values)
     plan = plan_ring(parse_mask(mask), Layout(balance), world, seq_len)
     return LAYERS * evaluate_expr(ring_bytes(plan) + ring_bytes(plan, backward=True), **values)
 
@@ -80,6 +91,8 @@ def predicted_bytes(op: str, mask: str, world: int, seq_len: int, balance: str) 
 def run_demo(world: int, seq_len: int) -> list[SpRow]:
     rows = []
     for label, balance, attention in STRATEGIES:
+        if attention == "hybrid" and (world < 2 * HYBRID_ULYSSES or world % HYBRID_ULYSSES):
+            continue
         ranks = run_ranks(world, run_strategy, seq_len, balance, attention, timeout_s=900)
         first = ranks[0]
         predicted = predicted_bytes(first["op"], first["mask"], world, seq_len, balance)

@@ -26,23 +26,24 @@ class SampleSpec:
     attn_implementation: str = "sdpa"
     padded: bool = False      # left-pad the first row (attention_mask with leading zeros)
     packed: bool = False      # position ids restart: several documents per row
+    kv_heads: int = HEADS // 2  # grouped-query attention; 1 = multi-query
     seed: int = 0
 
 
 def _llama(spec: SampleSpec) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(**_decoder_sizes(spec), num_key_value_heads=HEADS // 2))
+    return LlamaForCausalLM(LlamaConfig(**_decoder_sizes(spec), num_key_value_heads=spec.kv_heads))
 
 
 def _qwen2(spec: SampleSpec) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2ForCausalLM(Qwen2Config(**_decoder_sizes(spec), num_key_value_heads=HEADS // 2))
+    return Qwen2ForCausalLM(Qwen2Config(**_decoder_sizes(spec), num_key_value_heads=spec.kv_heads))
 
 
 def _mistral(spec: SampleSpec) -> torch.nn.Module:
     from transformers import MistralConfig, MistralForCausalLM
     window = max(2, spec.seq_len // 4)  # shorter than the sequence, so the window really masks
-    return MistralForCausalLM(MistralConfig(**_decoder_sizes(spec), num_key_value_heads=HEADS // 2,
+    return MistralForCausalLM(MistralConfig(**_decoder_sizes(spec), num_key_value_heads=spec.kv_heads,
                                             sliding_window=window))
 
 

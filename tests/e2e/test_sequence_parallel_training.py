@@ -21,6 +21,7 @@ CASES = [  # (sample, attn_implementation, padded, packed, balance, attention[, 
     ("mistral-tiny", "sdpa", False, True, "none", "ulysses", ODD_SEQ_LEN),
     ("llama-tiny", "sdpa", False, False, "zigzag", "auto", 1001),  # the odd length
     ("llama-tiny", "sdpa", True, False, "zigzag", "hybrid"),       # Ulysses 2 x ring 2 (4 ranks only)
+    ("llama-tiny-mqa", "sdpa", False, False, "zigzag", "ulysses"),  # 1 kv head, replicated to every rank
     ("llama-tiny", "sdpa", False, True, "striped", "ring"),
     ("mistral-tiny", "eager", True, False, "none", "ring"),
     ("gpt2-tiny", "sdpa", False, False, "zigzag", "ring"),
@@ -35,9 +36,9 @@ def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float,
     results = []
     for name, impl, padded, packed, balance, attention, *length in cases:
         torch._dynamo.reset()
-        model, inputs = build_sample(SampleSpec(name, seq_len=(length or [SEQ_LEN])[0], layers=2,
-                                                attn_implementation=impl,
-                                                padded=padded, packed=packed))
+        kv_heads = {"kv_heads": 1} if name.endswith("-mqa") else {}
+        model, inputs = build_sample(SampleSpec(name.removesuffix("-mqa"), seq_len=(length or [SEQ_LEN])[0], layers=2,
+                                                attn_implementation=impl, padded=padded, packed=packed, **kv_heads))
         reference = copy.deepcopy(model)
         if attention == "hybrid" and world < 4:
             continue

@@ -49,3 +49,34 @@ def test_hybrid_equals_single_process(kv_heads):
             for name, value, expected in zip(("out", "lse", "dq", "dk", "dv"), got, (out, lse, dq, dk, dv)):
                 torch.testing.assert_close(value, expected[:, :, mine], atol=1e-10, rtol=1e-10,
                                            msg=lambda m, n=name: f"{mask} rank {rank} {n}: {m}")
+
+
+def _sent(*comms) -> int:
+    return sum(comm.bytes_sent for comm in comms)
+
+
+def hybrid_bytes_rank(rank: int, world: int, kv_heads: int) -> tuple[int, int]:
+    """(forward bytes, backward bytes) this rank sent for one causal hybrid attention."""
+    inner, outer = make_hybrid_communicators(ULYSSES, timeout_s=30)
+    q, k, v, dout, segments = _full_inputs(kv_heads)
+    positions_of = lambda r: shard_positions(Layout.ZIGZAG, r, world, LENGTH)  # noqa: E731
+    local = [t[:, :, positions_of(rank)] for t in (q, k, v, dout)]
+    args = (Causal(), NoScoreMod(), SCALE, positions_of)
+    out, lse = hybrid_attention_forward(inner, outer, *local[:3], *args)
+    forward = _sent(inner, outer)
+    hybrid_attention_backward(inner, outer, local[3], *local[:3], out, lse, *args)
+    return forward, _sent(inner, outer) - forward
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_hybrid_bytes_equal_the_cost_model(kv_heads):
+    from seqweave.passes.cost import evaluate_expr, hybrid_bytes
+    from seqweave.runtime.hybrid import hybrid_plan
+
+    per_rank = run_ranks(WORLD, hybrid_bytes_rank, kv_heads, timeout_s=120)
+    positions_of = lambda r: shard_positions(Layout.ZIGZAG, r, WORLD, LENGTH)  # noqa: E731
+    plan = hybrid_plan(Causal(), positions_of, ULYSSES, WORLD // ULYSSES)
+    values = dict(B=1, N=LENGTH, Hq=4, Hkv=kv_heads, D=8, P=WORLD, e=8)  # float64
+    for index, backward in enumerate((False, True)):
+        predicted = evaluate_expr(hybrid_bytes(ULYSSES, WORLD // ULYSSES, plan, backward=backward), **values)
+        assert max(sent[index] for sent in per_rank) == predicted, ("backward" if backward else "forward")

@@ -5,6 +5,7 @@ and the stage before it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from seqweave.errors import OptionError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.frontend.dynamo import capture
 from seqweave.ir.graph import Graph
+from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, shard_positions
 from seqweave.ir.verifier import verify
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
@@ -32,6 +34,8 @@ class CompiledGraph:
     kind: str
     graph: Graph
     passes: list[PassRun]
+    #: training forward: bytes of the activations it saves for the backward (this rank's share)
+    saved_bytes: int = 0
 
 
 class SeqweaveBackend:
@@ -56,7 +60,8 @@ class SeqweaveBackend:
         with unset_fake_temporarily():  # aot_autograd compiles under fake tensors; passes compute on real ones
             runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
                                 dump_dir=self.options.dump_dir)
-        self.graphs.append(CompiledGraph(graph.name, graph, runs))
+        saved = graph.output_values()[user_outputs:] if graph.name == "forward" and user_outputs is not None else []
+        self.graphs.append(CompiledGraph(graph.name, graph, runs, sum(map(_tensor_bytes, saved))))
         if shard is None:
             program = lower(graph)
             return lambda args: program(args)
@@ -109,6 +114,11 @@ class SeqweaveBackend:
         if kind == "backward":
             return sum(c.graph.count("attn.sdpa_backward") for c in self.graphs if c.kind == "backward")
         return sum(c.graph.count("attn.sdpa") for c in self.graphs if c.kind in ("forward", "inference"))
+
+
+def _tensor_bytes(value: Any) -> int:
+    shape = value.type.concrete_shape() if isinstance(value.type, TensorType) else ()
+    return math.prod(shape) * value.type.dtype.itemsize if isinstance(value.type, TensorType) else 0
 
 
 def sequence_length(graph: Graph, world: int, balance: str) -> int:

@@ -38,6 +38,7 @@ class SpRow:
     bytes_measured: int       # attention traffic of the busiest rank, forward + backward, all layers
     bytes_predicted: int
     time_ratio: float         # compiled step / eager step (one process, whole sequence)
+    saved_ratio: float        # activations saved for backward per rank / by one process
 
     def passed(self, tolerance: float) -> bool:
         return self.loss_error <= tolerance and self.grad_error <= tolerance and \
@@ -60,6 +61,8 @@ def run_strategy(rank: int, world: int, seq_len: int, balance: str, attention: s
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     loss, _ = _timed_step(compiled, inputs)
     expected, eager_s = _timed_step(reference, inputs)
+    single = SeqweaveBackend()
+    _timed_step(torch.compile(copy.deepcopy(reference), backend=single, fullgraph=True, dynamic=False), inputs)
     grad_error, _ = grad_errors(model, reference)
     model.zero_grad()
     before = backend.comm_stats()
@@ -68,8 +71,10 @@ def run_strategy(rank: int, world: int, seq_len: int, balance: str, attention: s
     ops = {node.op for c in backend.graphs for node in c.graph.nodes if node.op in ATTENTION_KINDS}
     kinds = [kind for op in ops for kind in ATTENTION_KINDS[op]]
     sent = sum(after[k]["bytes_sent"] - before.get(k, {"bytes_sent": 0})["bytes_sent"] for k in kinds)
+    saved = sum(c.saved_bytes for c in backend.graphs) / sum(c.saved_bytes for c in single.graphs)
     return {"loss_error": float((loss - expected).abs()), "grad_error": grad_error, "bytes": sent,
-            "op": ",".join(sorted(ops)), "time_ratio": compiled_s / eager_s, "mask": backend.reports[0].mask}
+            "op": ",".join(sorted(ops)), "time_ratio": compiled_s / eager_s, "mask": backend.reports[0].mask,
+            "saved_ratio": saved}
 
 
 def predicted_bytes(op: str, mask: str, world: int, seq_len: int, balance: str) -> int:
@@ -98,5 +103,5 @@ def run_demo(world: int, seq_len: int) -> list[SpRow]:
         predicted = predicted_bytes(first["op"], first["mask"], world, seq_len, balance)
         rows.append(SpRow(f"{label}", first["op"], max(r["loss_error"] for r in ranks),
                           max(r["grad_error"] for r in ranks), max(r["bytes"] for r in ranks), predicted,
-                          sum(r["time_ratio"] for r in ranks) / world))
+                          sum(r["time_ratio"] for r in ranks) / world, max(r["saved_ratio"] for r in ranks)))
     return rows

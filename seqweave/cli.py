@@ -49,14 +49,19 @@ def _demo_sp(world: int, seq_len: int) -> None:
 
 
 @app.command()
-def demo(sp: int = typer.Option(1, "--sp", help="also train on this many local ranks, sequence parallel"),
-         seq_len: int = typer.Option(4096, "--seq-len", help="sequence length of the --sp demo")) -> None:
-    """Run built-in tiny HF models through the seqweave backend (forward + backward) and compare with eager."""
-    from seqweave.demo import DEMO_CASES, TOLERANCE, run_case
-
+def demo(sp: int = typer.Option(4, "--sp", help="local ranks for the sequence-parallel part (1: skip it)"),
+         seq_len: int = typer.Option(4096, "--seq-len", help="sequence length of the sequence-parallel part"),
+         single: bool = typer.Option(True, "--single/--no-single", help="run the single-device part")) -> None:
+    """Built-in tiny HF models through the seqweave backend (forward + backward) against eager on one
+    device, then tiny Llama trained on SP local ranks under each sequence-parallel strategy."""
+    if single:
+        _demo_single()
     if sp > 1:
         _demo_sp(sp, seq_len)
-        return
+
+
+def _demo_single() -> None:
+    from seqweave.demo import DEMO_CASES, TOLERANCE, run_case
 
     table = Table(title=f"seqweave vs eager (fp32, tolerance {TOLERANCE:g})")
     for column in ("model", "variant", "attention", "mask", "max|Δlogits|", "|Δloss|", "max grad err",

@@ -58,7 +58,7 @@ def test_explain_bad_target_says_what_to_do(target, message):
 
 @pytest.mark.slow
 def test_demo_prints_a_passing_table():
-    result = runner.invoke(app, ["demo"])
+    result = runner.invoke(app, ["demo", "--sp", "1"])
     assert result.exit_code == 0, result.output
     for name in ("llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny"):
         assert name in result.stdout
@@ -82,7 +82,7 @@ def test_explain_without_sp_has_no_strategy():
 
 @pytest.mark.slow
 def test_demo_sp_trains_on_two_ranks_and_bytes_match_the_cost_model():
-    result = runner.invoke(app, ["demo", "--sp", "2", "--seq-len", "64"])
+    result = runner.invoke(app, ["demo", "--no-single", "--sp", "2", "--seq-len", "64"])
     assert result.exit_code == 0, result.output
     for label in ("ring (zigzag)", "ring (striped)", "ulysses", "auto"):
         assert label in result.stdout

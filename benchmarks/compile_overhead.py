@@ -35,6 +35,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from results_io import write_json_atomic  # benchmarks/ is on sys.path when a script runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "compile_overhead.json")
 BASELINE = "eager"  # dynamo capture only: the graph is run as captured
@@ -475,15 +477,6 @@ def code_state() -> dict[str, Any]:
     status = git("status", "--porcelain", "--", "seqweave")
     return {"commit": git("rev-parse", "HEAD"),
             "seqweave_uncommitted": status.splitlines() if status else ([] if status is not None else None)}
-
-
-def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,9 +23,10 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+
+from results_io import write_json_atomic  # benchmarks/ is on sys.path when a script runs
 
 import torch
 
@@ -300,16 +301,6 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None
     return info
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write to a temporary file beside `path`, then os.replace it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:

@@ -10,7 +10,7 @@ import functools
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.ops import op_def
 from seqweave.runtime.comm import Communicator
-from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS
+from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS, bind
 from seqweave.runtime.program import Program, Slot, Step
 
 
@@ -31,12 +31,11 @@ def _frees(graph: Graph, index: int, node: Node, last: dict[Value, int], slot_of
 
 def _implementation(node: Node, index: int, comm: Communicator | None):
     """The op's plain-torch reference, or for ops that talk to other ranks, the runtime's, bound to `comm`."""
-    distributed = DISTRIBUTED_OPS.get(node.op)
-    if distributed is None:
+    if node.op not in DISTRIBUTED_OPS:
         return functools.partial(op_def(node.op).reference, node)
     if comm is None:
         raise ValueError(f"{node.op} needs a communicator: lower sharded graphs with lower(graph, comm)")
-    return functools.partial(distributed, comm, index, node)
+    return bind(comm, index, node)
 
 
 def lower(graph: Graph, comm: Communicator | None = None) -> Program:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from seqweave.ir.graph import Node, Value, map_values, values_in
-from seqweave.ir.mask import MaskSpec, Sinks
+from seqweave.ir.mask import Sinks
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, plan_ring
@@ -274,10 +274,6 @@ def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
     ring_cost = evaluate_expr(ring_bytes(plan) + ring_bytes(plan, backward=True), **values)
     ulysses_cost = evaluate_expr(ulysses_bytes() + ulysses_bytes(backward=True), **values)
     return "ulysses" if ulysses_cost < ring_cost else "ring"
-
-
-def mask_of_kwargs(kwargs: dict) -> MaskSpec:
-    return parse_mask(kwargs["mask"])
 
 
 def _sharded_operands(ctx: Context, tensors: list[Value], operands: list, what: str) -> list[Value]:

@@ -2,6 +2,7 @@
 `attn.ring`), bound to a Communicator when a sharded graph is lowered."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -28,23 +29,26 @@ def _ring_args(kw: dict[str, Any]) -> tuple:
             _positions_of(kw["layout"], kw["world"], kw["length"]))
 
 
-def ring(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
-    return ring_attention_forward(comm, q, k, v, *_ring_args(kw), operands)
+# Attention ops get `setup` = _ring_args(node.kwargs), computed once when the graph is lowered
+# (parsing the mask and planning the ring are not per-step work).
+
+def ring(comm: Communicator, step: int, setup: tuple, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    return ring_attention_forward(comm, q, k, v, *setup, operands)
 
 
-def ring_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out, lse, operands,
+def ring_backward(comm: Communicator, step: int, setup: tuple, dout, q, k, v, out, lse, operands,
                   **kw: Any) -> tuple[torch.Tensor, ...]:
-    return ring_attention_backward(comm, dout, q, k, v, out, lse, *_ring_args(kw), operands)
+    return ring_attention_backward(comm, dout, q, k, v, out, lse, *setup, operands)
 
 
-def ulysses(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+def ulysses(comm: Communicator, step: int, setup: tuple, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask, score_mod, scale, _, positions_of = setup
     return ulysses_attention_forward(comm, q, k, v, mask, score_mod, scale, positions_of, operands)
 
 
-def ulysses_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out, lse, operands,
+def ulysses_backward(comm: Communicator, step: int, setup: tuple, dout, q, k, v, out, lse, operands,
                      **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+    mask, score_mod, scale, _, positions_of = setup
     return ulysses_attention_backward(comm, dout, q, k, v, out, lse, mask, score_mod, scale, positions_of, operands)
 
 
@@ -54,14 +58,14 @@ def _hybrid(comm: Communicator) -> tuple[Communicator, Communicator]:
     return comm.inner, comm.outer
 
 
-def hybrid(comm: Communicator, step: int, node: Node, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+def hybrid(comm: Communicator, step: int, setup: tuple, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    mask, score_mod, scale, _, positions_of = setup
     return hybrid_attention_forward(*_hybrid(comm), q, k, v, mask, score_mod, scale, positions_of, operands)
 
 
-def hybrid_backward(comm: Communicator, step: int, node: Node, dout, q, k, v, out, lse, operands,
+def hybrid_backward(comm: Communicator, step: int, setup: tuple, dout, q, k, v, out, lse, operands,
                     **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = _ring_args(kw)
+    mask, score_mod, scale, _, positions_of = setup
     return hybrid_attention_backward(*_hybrid(comm), dout, q, k, v, out, lse, mask, score_mod, scale, positions_of,
                                      operands)
 
@@ -91,3 +95,11 @@ DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_
                                                   "attn.ulysses": ulysses, "attn.ulysses_backward": ulysses_backward,
                                                   "attn.hybrid": hybrid, "attn.hybrid_backward": hybrid_backward,
                                                   "sp.gather": gather, "sp.all_reduce": all_reduce}
+
+
+def bind(comm: Communicator, step: int, node: Node) -> Callable[..., Any]:
+    """The step function of a distributed node: its implementation bound to `comm`, with the
+    attention ops' mask, score mod and ring plan prepared once here."""
+    implementation = DISTRIBUTED_OPS[node.op]
+    setup = _ring_args(node.kwargs) if node.op.startswith("attn.") else node
+    return functools.partial(implementation, comm, step, setup)

@@ -52,14 +52,18 @@ class SeqweaveBackend:
         return capture(gm, example_inputs, self._compile_graph, self.reports)
 
     def _compile_graph(self, graph: Graph, user_outputs: int | None = None) -> Callable[[list], Any]:
+        # aot_autograd calls compilers under fake tensors; passes and lowering compute on real ones.
+        with unset_fake_temporarily():
+            return self._compile_real(graph, user_outputs)
+
+    def _compile_real(self, graph: Graph, user_outputs: int | None) -> Callable[[list], Any]:
         if self.options.verify:
             verify(graph)
         world = self.options.mesh.sp
         passes = parse_pipeline(self.options.pipeline)
         shard = self._shard_pass(graph, world, user_outputs) if world > 1 else None
-        with unset_fake_temporarily():  # aot_autograd compiles under fake tensors; passes compute on real ones
-            runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
-                                dump_dir=self.options.dump_dir)
+        runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
+                            dump_dir=self.options.dump_dir)
         saved = graph.output_values()[user_outputs:] if graph.name == "forward" and user_outputs is not None else []
         self.graphs.append(CompiledGraph(graph.name, graph, runs, sum(map(_tensor_bytes, saved))))
         if shard is None:
@@ -95,9 +99,8 @@ class SeqweaveBackend:
                               hint="launch as many ranks as sp (seqweave run --nproc N / torchrun)")
         program = lower(graph, comm)
         length = int(graph.inputs[-1].type.shape[0]) * world
-        layout = Layout(self.options.balance)
-        # Built per call: compile time runs under fake tensors, where a cached tensor would be fake.
-        return lambda args: program([*args, shard_positions(layout, comm.rank, world, length)])
+        positions = shard_positions(Layout(self.options.balance), comm.rank, world, length)
+        return lambda args: program([*args, positions])
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
         """Calls and bytes this rank sent, per collective kind, over every graph run so far."""

@@ -1,0 +1,1 @@
+"""Triton kernels seqweave generates: flash attention (mask-specialised) and chunked linear attention."""

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from seqweave.config import CompileOptions, Mesh
-from seqweave.errors import SeqweaveError
+from seqweave.codegen.triton.jit import request_interpreter_from_environment
+
+request_interpreter_from_environment()  # must run before anything imports triton.language
+
+from seqweave.config import CompileOptions, Mesh  # noqa: E402
+from seqweave.errors import SeqweaveError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,14 @@
 """Shared test set-up: a fixed, derandomised hypothesis profile so CI runs are repeatable."""
 import os
 
-import torch
+import torch  # does not import triton
+
+# Without a GPU, kernel tests run Triton's CPU interpreter. Triton reads this once, when
+# triton.language is first imported, so it is set before any test module loads. Compiled
+# models still run the torch reference on CPU unless a test sets SEQWEAVE_TRITON_INTERPRET=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,

@@ -9,6 +9,14 @@ EMPTY, FULL or PARTIAL without materialising it.
 
 Data-dependent masks (document ids, padding, dense fallbacks) refer to runtime
 tensors by their position in an ``operands`` list, written ``$N`` in text.
+
+:meth:`MaskSpec.to_triton` writes the same predicate as a Triton expression for generated
+kernels. Its names follow one contract with the kernel template: ``q`` / ``kv`` are the
+global-position expressions passed in (shapes [BLOCK_M, 1] and [1, BLOCK_N]), ``q_ok`` /
+``kv_ok`` say which of them lie inside the sequences, ``off_b`` / ``off_h`` are the batch and
+query-head indices, and operand ``$N`` is the pointer ``opN`` with element strides
+``stride_opN_b``, ``stride_opN_h``, ``stride_opN_q``, ``stride_opN_k`` (2-D ``[B, S]`` operands
+use ``_b`` and ``_k`` for their sequence dim).
 """
 
 from __future__ import annotations
@@ -184,6 +192,13 @@ class MaskSpec(_TextForm, ABC):
         return Or((self, other)) if isinstance(other, MaskSpec) else NotImplemented
 
     @abstractmethod
+    def to_triton(self, q: str, kv: str) -> str:
+        """This predicate as a Triton expression over the position expressions ``q`` and ``kv``.
+
+        Names besides ``q`` / ``kv`` follow the contract in the module docstring.
+        """
+
+    @abstractmethod
     def _evaluate(self, q_idx: Tensor, kv_idx: Tensor, operands: Operands) -> Tensor:
         """evaluate() after argument validation."""
 
@@ -213,6 +228,9 @@ class Full(_Structured):
     def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
         return torch.ones(1, 1, dtype=torch.bool, device=q.device)
 
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"({kv} >= 0)"  # positions are never negative: true, with kv's shape
+
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         return BlockClass.FULL
 
@@ -225,6 +243,9 @@ class Causal(_Structured):
 
     def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
         return kv <= q
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"({kv} <= {q})"
 
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         return _from_bounds(all_true=kv[1] - 1 <= q[0], all_false=kv[0] > q[1] - 1)
@@ -242,6 +263,9 @@ class SlidingWindow(_Structured):
 
     def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
         return (kv - q >= -self.left) & (kv - q <= self.right)
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"((({kv}) - ({q}) >= {-self.left}) & (({kv}) - ({q}) <= {self.right}))"
 
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         lo, hi = kv[0] - (q[1] - 1), (kv[1] - 1) - q[0]  # kv - q takes every value in [lo, hi]
@@ -261,6 +285,9 @@ class Sinks(_Structured):
     def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
         return kv < self.n
 
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"({kv} < {self.n})"
+
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         return _from_bounds(all_true=kv[1] - 1 < self.n, all_false=kv[0] >= self.n)
 
@@ -278,6 +305,9 @@ class Chunked(_Structured):
     def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
         chunk = functools.partial(torch.div, other=self.size, rounding_mode="floor")
         return chunk(q) == chunk(kv)
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"(({q}) // {self.size} == ({kv}) // {self.size})"  # positions >= 0: // is floor
 
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         q_lo, q_hi = q[0] // self.size, (q[1] - 1) // self.size
@@ -300,6 +330,12 @@ class _OperandMask(MaskSpec):
 
     def remap_operands(self, mapping: Mapping[int, int]) -> MaskSpec:
         return replace(self, operand=mapping.get(self.operand, self.operand))
+
+    def _load(self, index: str, in_bounds: str, other: int) -> str:
+        """Triton load of operand element [off_b, index] of a 2-D [B, S] operand."""
+        name = f"op{self.operand}"
+        return (f"tl.load({name} + off_b * stride_{name}_b + ({index}) * stride_{name}_k, "
+                f"mask={in_bounds}, other={other})")
 
     def _fetch(self, operands: Operands) -> Tensor:
         """operands[self.operand], checked for presence and rank."""
@@ -334,6 +370,10 @@ class Document(_OperandMask):
         kv_ids = seg.index_select(1, kv_idx.to(seg.device))
         return (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
 
+    def to_triton(self, q: str, kv: str) -> str:
+        # Out-of-range positions load different ids, so they never match.
+        return f"({self._load(q, 'q_ok', -1)} == {self._load(kv, 'kv_ok', -2)})"
+
     def _classify_data(self, q: Range, kv: Range, tensor: Tensor) -> BlockClass:
         q_ids, kv_ids = _narrow(tensor, 1, q, str(self)), _narrow(tensor, 1, kv, str(self))
         both = torch.cat([q_ids, kv_ids], dim=1)
@@ -355,6 +395,9 @@ class Padding(_OperandMask):
         valid = self._fetch(operands)
         keep = _truthy(valid.index_select(1, kv_idx.to(valid.device)))
         return keep[:, None, None, :].expand(-1, 1, len(q_idx), -1)
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"({self._load(kv, 'kv_ok', 0)} != 0)"
 
     def _classify_data(self, q: Range, kv: Range, tensor: Tensor) -> BlockClass:
         return _from_values(_truthy(_narrow(tensor, 1, kv, str(self))))
@@ -379,6 +422,12 @@ class Dense(_OperandMask):
             if dense.shape[dim] != 1:  # size-1 dims broadcast over every position
                 dense = dense.index_select(dim, idx.to(dense.device))
         return dense.expand(-1, -1, len(q_idx), len(kv_idx))
+
+    def to_triton(self, q: str, kv: str) -> str:
+        name = f"op{self.operand}"  # a 4-D view; broadcast dims have stride 0
+        address = (f"{name} + off_b * stride_{name}_b + off_h * stride_{name}_h"
+                   f" + ({q}) * stride_{name}_q + ({kv}) * stride_{name}_k")
+        return f"(tl.load({address}, mask=q_ok & kv_ok, other=0) != 0)"
 
     def _classify_data(self, q: Range, kv: Range, tensor: Tensor) -> BlockClass:
         dense = _narrow(self._as_4d(tensor), 2, q, str(self), broadcast=True)
@@ -426,6 +475,9 @@ class And(_Combine):
     def __str__(self) -> str:
         return " & ".join(f"({p})" if isinstance(p, Or) else str(p) for p in self.parts)
 
+    def to_triton(self, q: str, kv: str) -> str:
+        return "(" + " & ".join(p.to_triton(q, kv) for p in self.parts) + ")"
+
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         classes = self._part_classes(q, kv, operands)
         if BlockClass.EMPTY in classes:
@@ -442,6 +494,9 @@ class Or(_Combine):
 
     def __str__(self) -> str:
         return " | ".join(str(p) for p in self.parts)
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return "(" + " | ".join(p.to_triton(q, kv) for p in self.parts) + ")"
 
     def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
         classes = self._part_classes(q, kv, operands)

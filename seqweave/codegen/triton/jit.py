@@ -1,19 +1,32 @@
 """Where kernels run: compiled for the GPU, or under Triton's interpreter on CPU.
 
-Triton picks the interpreter when `triton.jit` decorates a function and TRITON_INTERPRET=1 is
-set at that moment. seqweave decorates its kernels itself, when it first needs them, so the
-choice is made per call site and never depends on import order: `SEQWEAVE_TRITON_INTERPRET=1`
-(or TRITON_INTERPRET=1) routes CPU tensors to the interpreter.
+Triton decides once per process: its own library functions (`tl.zeros`, `tl.sum`, ...) are
+decorated for the interpreter only when TRITON_INTERPRET=1 is set before `triton.language` is
+first imported. `import seqweave` therefore turns `SEQWEAVE_TRITON_INTERPRET=1` into
+TRITON_INTERPRET=1 (see `request_interpreter_from_environment`), and the runtime asks
+`interpreter_active()` before sending CPU tensors to generated kernels.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Callable
 
 import torch
 
-INTERPRET_VARIABLES = ("SEQWEAVE_TRITON_INTERPRET", "TRITON_INTERPRET")
+SEQWEAVE_VARIABLE = "SEQWEAVE_TRITON_INTERPRET"
+TRITON_VARIABLE = "TRITON_INTERPRET"
+
+
+def _set(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def request_interpreter_from_environment() -> None:
+    """Before triton is imported: SEQWEAVE_TRITON_INTERPRET=1 implies TRITON_INTERPRET=1."""
+    if _set(SEQWEAVE_VARIABLE) and "triton" not in sys.modules:
+        os.environ.setdefault(TRITON_VARIABLE, "1")
 
 
 def triton_available() -> bool:
@@ -21,26 +34,40 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpret_requested() -> bool:
-    """True when the user asked for Triton's CPU interpreter."""
-    return any(os.environ.get(name, "0") not in ("", "0") for name in INTERPRET_VARIABLES)
+def interpreter_active() -> bool:
+    """True when this process's Triton runs kernels under the CPU interpreter."""
+    if not triton_available():
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Run generated kernels for these tensors: on CUDA, or on CPU under the interpreter."""
-    if not triton_available():
+    """Run generated kernels for these tensors: compiled on CUDA, interpreted on CPU when asked for.
+
+    CPU tensors go to the interpreter only when SEQWEAVE_TRITON_INTERPRET=1 asks for it (it is
+    slow: tests and debugging); otherwise the plain-torch reference runs.
+    """
+    if not tensors or not triton_available():
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    return on_cuda or (interpret_requested() and not any(t.is_cuda for t in tensors))
+    if all(t.is_cuda for t in tensors):
+        return not interpreter_active()
+    on_cpu = not any(t.is_cuda for t in tensors)
+    return on_cpu and _set(SEQWEAVE_VARIABLE) and interpreter_active()
 
 
 def jit_decorator(interpret: bool) -> Callable:
-    """`triton.jit`, or the interpreter's equivalent when `interpret` is set."""
+    """`triton.jit` for kernels meant for the interpreter (`interpret`) or the GPU.
+
+    Raises a RuntimeError saying what to set when the process's Triton mode differs.
+    """
     import triton
-    if not interpret:
-        return triton.jit
-    from triton.runtime.interpreter import InterpretedFunction
-    return lambda fn: InterpretedFunction(fn)
+    if interpret != interpreter_active():
+        wanted = "set SEQWEAVE_TRITON_INTERPRET=1" if interpret else "unset TRITON_INTERPRET"
+        raise RuntimeError(f"Triton's interpreter is {'off' if interpret else 'on'} in this process but the "
+                           f"tensors are on {'CPU' if interpret else 'CUDA'}; {wanted} before starting Python")
+    return triton.jit
 
 
 def device_key(tensor: torch.Tensor) -> str:

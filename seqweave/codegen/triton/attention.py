@@ -1,0 +1,175 @@
+"""Launch the generated flash-attention kernels: forward (out, lse) and backward (dq, dk, dv).
+
+`q_offset` / `kv_offset` are the global positions of the first local query and key, so a ring
+step evaluates the mask exactly where the keys really are. The schedule (which tiles each
+program visits) comes from `MaskSpec.block_class`; pass a prebuilt one to reuse it across
+calls with the same shapes and mask operands.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from seqweave.codegen.cache import KernelCache
+from seqweave.codegen.triton.attention_template import attention_source
+from seqweave.codegen.triton.jit import device_key, jit_decorator
+from seqweave.codegen.triton.schedule import Schedule, TileLists, build_schedule
+from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, make_spec, next_power_of_two
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.score_mod import ScoreMod
+from seqweave.ir.ops.attn_reference import lse_dtype
+
+
+@dataclass(frozen=True)
+class Call:
+    """One attention call's inputs and specialisation, as the launchers need them."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: MaskSpec
+    operands: tuple[Tensor, ...]
+    scale: float
+    q_offset: int
+    kv_offset: int
+    spec: KernelSpec
+    interpret: bool
+
+    @property
+    def batch_heads(self) -> int:
+        return self.q.shape[0] * self.q.shape[1]
+
+
+def make_call(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
+              operands: Sequence[Tensor], q_offset: int, kv_offset: int) -> Call:
+    """Validate the inputs and pick the spec; interpret exactly when the tensors are on CPU."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q_offset < 0 or kv_offset < 0:
+        raise ValueError(f"q_offset and kv_offset are global positions and must be >= 0, got {q_offset}, {kv_offset}")
+    interpret = not q.is_cuda
+    q, k, v = (t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous() for t in (q, k, v))
+    spec = make_spec(q, k, v, mask, score_mod, interpret)
+    return Call(q, k, v, mask, tuple(operands), float(scale), int(q_offset), int(kv_offset), spec, interpret)
+
+
+def kernels(spec: KernelSpec, device: str, interpret: bool, cache: KernelCache | None = None) -> ModuleType:
+    """The compiled-on-demand module of kernels for `spec` (through the on-disk cache)."""
+    return (cache or _default_cache()).load(attention_source(spec), device, {"jit": jit_decorator(interpret)})
+
+
+@functools.cache
+def _default_cache() -> KernelCache:
+    """One cache per process, made on first use (reads SEQWEAVE_CACHE_DIR then)."""
+    return KernelCache()
+
+
+def _operand_arguments(mask: MaskSpec, operands: Sequence[Tensor]) -> list:
+    """Pointer and (b, h, q, k) element strides for each `$N` the mask reads; 2-D [B, S] operands
+    use the b and k strides, 4-D (dense) ones broadcast size-1 dims with stride 0."""
+    arguments: list = []
+    for index in sorted(mask.operand_indices()):
+        tensor = operands[index]
+        tensor = tensor.to(torch.int32) if tensor.dtype in (torch.bool, torch.int64) else tensor
+        if tensor.dim() == 2:
+            arguments += [tensor, tensor.stride(0), 0, 0, tensor.stride(1)]
+        else:
+            view = tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
+            arguments += [view] + [0 if view.shape[d] == 1 else view.stride(d) for d in range(4)]
+    return arguments
+
+
+def _strides(*tensors: Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()]
+
+
+def _tile_arguments(lists: TileLists) -> list:
+    return [lists.full_count, lists.full_index, lists.partial_count, lists.partial_index]
+
+
+def _constants(call: Call, knobs: LaunchKnobs, count_visits: bool) -> dict:
+    spec = call.spec
+    constants = dict(GROUP=spec.group, HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim_v,
+                     BLOCK_D=next_power_of_two(spec.head_dim), BLOCK_DV=next_power_of_two(spec.head_dim_v),
+                     BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n, COUNT_VISITS=count_visits)
+    if not call.interpret:
+        constants.update(num_warps=knobs.num_warps, num_stages=knobs.num_stages)
+    return constants
+
+
+def schedule_for(call: Call, knobs: LaunchKnobs) -> Schedule:
+    """The tile schedule for this call at these block sizes, on the call's device."""
+    schedule = build_schedule(call.mask, call.q.shape[2], call.k.shape[2], knobs.block_m, knobs.block_n,
+                              call.q_offset, call.kv_offset, call.operands)
+    return schedule.to(call.q.device)
+
+
+def _visits_buffer(programs: int, batch_heads: int, device: torch.device, count: bool) -> Tensor:
+    return torch.zeros((batch_heads, programs) if count else (1,), dtype=torch.int32, device=device)
+
+
+def forward(call: Call, schedule: Schedule | None = None, count_visits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, visits [B*Hq, q blocks]) for one call."""
+    q, k, v = call.q, call.k, call.v
+    knobs = call.spec.forward
+    schedule = schedule or schedule_for(call, knobs)
+    out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+    lists = schedule.by_q_block
+    visits = _visits_buffer(lists.full_count.numel(), call.batch_heads, q.device, count_visits)
+    module = kernels(call.spec, device_key(q), call.interpret)
+    grid = (lists.full_count.numel(), call.batch_heads)
+    module.attention_forward[grid](
+        q, k, v, out, lse, *_tile_arguments(lists), visits, *_operand_arguments(call.mask, call.operands),
+        *_strides(q, k, v, out), lists.full_index.stride(0), lists.partial_index.stride(0), q.shape[1],
+        q.shape[2], k.shape[2], call.q_offset, call.kv_offset, call.scale, **_constants(call, knobs, count_visits))
+    return out, lse, visits
+
+
+def _delta(call: Call, out: Tensor, dout: Tensor) -> Tensor:
+    """rowsum(dO * O) per query row, fp32 [B, Hq, Sq] (FlashAttention-2's backward preprocess)."""
+    delta = torch.empty(out.shape[:3], dtype=torch.float32, device=out.device)
+    block = call.spec.backward.block_m
+    grid = (-(-out.shape[2] // block), call.batch_heads)
+    module = kernels(call.spec, device_key(out), call.interpret)
+    module.attention_backward_preprocess[grid](out, dout, delta, *_strides(out, dout), out.shape[1], out.shape[2],
+                                               HEAD_DIM_V=call.spec.head_dim_v,
+                                               BLOCK_DV=next_power_of_two(call.spec.head_dim_v), BLOCK_M=block)
+    return delta
+
+
+def backward(call: Call, dout: Tensor, out: Tensor, lse: Tensor, schedule: Schedule | None = None,
+             count_visits: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dkdv visits [B*Hkv, kv blocks], dq visits [B*Hq, q blocks]) recomputed from lse."""
+    q, k, v = call.q, call.k, call.v
+    knobs = call.spec.backward
+    schedule = schedule or schedule_for(call, knobs)
+    dout = dout.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    delta = _delta(call, out, dout)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    module = kernels(call.spec, device_key(q), call.interpret)
+    common = dict(operands=_operand_arguments(call.mask, call.operands), constants=_constants(call, knobs, count_visits))
+    kv_lists, q_lists = schedule.by_kv_block, schedule.by_q_block
+    kv_visits = _visits_buffer(kv_lists.full_count.numel(), k.shape[0] * k.shape[1], q.device, count_visits)
+    module.attention_backward_dkdv[(kv_lists.full_count.numel(), k.shape[0] * k.shape[1])](
+        q, k, v, dout, lse, delta, dk, dv, *_tile_arguments(kv_lists), kv_visits, *common["operands"],
+        *_strides(q, k, v, dout), *_list_strides(kv_lists), *_sizes(call), **common["constants"])
+    q_visits = _visits_buffer(q_lists.full_count.numel(), call.batch_heads, q.device, count_visits)
+    module.attention_backward_dq[(q_lists.full_count.numel(), call.batch_heads)](
+        q, k, v, dout, lse, delta, dq, *_tile_arguments(q_lists), q_visits, *common["operands"],
+        *_strides(q, k, v, dout), *_list_strides(q_lists), *_sizes(call), **common["constants"])
+    return dq, dk, dv, kv_visits, q_visits
+
+
+def _list_strides(lists: TileLists) -> list[int]:
+    return [lists.full_index.stride(0), lists.partial_index.stride(0)]
+
+
+def _sizes(call: Call) -> list:
+    return [call.q.shape[1], call.q.shape[2], call.k.shape[2], call.q_offset, call.kv_offset, call.scale]

@@ -1,0 +1,110 @@
+"""Which tiles each program visits: the per-block kv (or q) ranges, from `MaskSpec.block_class`.
+
+A kernel program owns one q block (forward, dq) or one kv block (dk/dv) and walks two lists:
+FULL tiles, where no mask arithmetic is done, and PARTIAL tiles, where the generated predicate
+runs. EMPTY tiles are in neither list, so they are never visited. A tile that sticks out past
+the end of either sequence is treated as PARTIAL, because the predicate's path also does the
+bounds checks. Classification uses global positions (`q_offset`, `kv_offset`), so ring steps
+skip exactly the tiles the mask hides.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from seqweave.ir.mask import BlockClass, MaskSpec
+from seqweave.ir.mask_parser import parse_mask
+
+EMPTY, FULL, PARTIAL = 0, 1, 2
+_CODES = {BlockClass.EMPTY: EMPTY, BlockClass.FULL: FULL, BlockClass.PARTIAL: PARTIAL}
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """For each owning block: how many FULL / PARTIAL tiles it visits and their indices (int32)."""
+
+    full_count: torch.Tensor  # [num_owners]
+    full_index: torch.Tensor  # [num_owners, max(1, longest list)]
+    partial_count: torch.Tensor
+    partial_index: torch.Tensor
+
+    def to(self, device: torch.device) -> "TileLists":
+        return TileLists(*(t.to(device) for t in (self.full_count, self.full_index,
+                                                   self.partial_count, self.partial_index)))
+
+    def visited(self) -> int:
+        """Tiles one (batch, head) visits in all."""
+        return int(self.full_count.sum() + self.partial_count.sum())
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Tile classes of one attention call and the lists the kernels walk."""
+
+    classes: torch.Tensor  # [num_q_blocks, num_kv_blocks] of EMPTY / FULL / PARTIAL
+    by_q_block: TileLists  # forward and dq: kv tiles per q block
+    by_kv_block: TileLists  # dk / dv: q tiles per kv block
+
+    def to(self, device: torch.device) -> "Schedule":
+        return Schedule(self.classes, self.by_q_block.to(device), self.by_kv_block.to(device))
+
+
+def _block_range(index: int, block: int, length: int, offset: int) -> tuple[int, int]:
+    return offset + index * block, offset + min((index + 1) * block, length)
+
+
+def _tile_class(mask: MaskSpec, q: tuple[int, int], kv: tuple[int, int], ragged: bool,
+                operands: Sequence[torch.Tensor] | None) -> int:
+    code = _CODES[mask.block_class(q, kv, operands)]
+    return PARTIAL if code == FULL and ragged else code
+
+
+def tile_classes(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int = 0,
+                 kv_offset: int = 0, operands: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """[num_q_blocks, num_kv_blocks] int8 tile classes (ragged FULL tiles count as PARTIAL)."""
+    num_m, num_n = -(-q_len // block_m), -(-kv_len // block_n)
+    classes = torch.empty(num_m, num_n, dtype=torch.int8)
+    for m in range(num_m):
+        q = _block_range(m, block_m, q_len, q_offset)
+        for n in range(num_n):
+            kv = _block_range(n, block_n, kv_len, kv_offset)
+            ragged = (m + 1) * block_m > q_len or (n + 1) * block_n > kv_len
+            classes[m, n] = _tile_class(mask, q, kv, ragged, operands)
+    return classes
+
+
+def _lists(classes: torch.Tensor) -> TileLists:
+    """Per row of `classes`: the column indices of its FULL and of its PARTIAL tiles."""
+    def pack(code: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hits = classes == code
+        count = hits.sum(1).to(torch.int32)
+        width = max(1, int(count.max()) if count.numel() else 1)
+        # Stable sort puts the hit columns first, in order; the tail is never read.
+        order = torch.sort((~hits).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        return count, order.to(torch.int32).contiguous()
+    return TileLists(*pack(FULL), *pack(PARTIAL))
+
+
+def schedule_from_classes(classes: torch.Tensor) -> Schedule:
+    """Both walking orders from one tile-class grid."""
+    return Schedule(classes, _lists(classes), _lists(classes.t()))
+
+
+@functools.lru_cache(maxsize=256)
+def _structured_schedule(mask_text: str, q_len: int, kv_len: int, block_m: int, block_n: int,
+                         q_offset: int, kv_offset: int) -> Schedule:
+    classes = tile_classes(parse_mask(mask_text), q_len, kv_len, block_m, block_n, q_offset, kv_offset)
+    return schedule_from_classes(classes)
+
+
+def build_schedule(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int = 0,
+                   kv_offset: int = 0, operands: Sequence[torch.Tensor] = ()) -> Schedule:
+    """The schedule for one call (CPU tensors). Masks of positions alone are memoised; masks
+    that read operands are classified from the operands' values on every call."""
+    if not mask.is_data_dependent():
+        return _structured_schedule(str(mask), q_len, kv_len, block_m, block_n, q_offset, kv_offset)
+    host = [t.detach().cpu() for t in operands]  # one copy, not a device sync per tile
+    return schedule_from_classes(tile_classes(mask, q_len, kv_len, block_m, block_n, q_offset, kv_offset, host))

@@ -1,17 +1,24 @@
 """Lower an IR graph to the runtime's step list.
 
-On CPU every op runs its plain-torch reference (attention blockwise); later issues swap
-in generated Triton kernels here, keyed by the node's KernelSpec.
+Ops run their plain-torch reference, except attention: `attn.sdpa` and its backward, and the
+local tiles of ring / Ulysses / hybrid attention, run `codegen.attention_kernels`, which picks
+the generated Triton kernels on CUDA (or under SEQWEAVE_TRITON_INTERPRET=1) and the blockwise
+reference elsewhere. The choice is made per call, from the tensors' device and dtype.
 """
 from __future__ import annotations
 
 import functools
 
+from seqweave.codegen import attention_kernels
 from seqweave.ir.graph import Graph, Node, Value, map_values
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS, bind
 from seqweave.runtime.program import Program, Slot, Step
+
+
+LOCAL_ATTENTION_OPS = ("attn.sdpa", "attn.sdpa_backward")
 
 
 def _last_readers(graph: Graph) -> dict[Value, int]:
@@ -29,13 +36,26 @@ def _frees(graph: Graph, index: int, node: Node, last: dict[Value, int], slot_of
     return tuple(sorted(slot_of[v] for v in dead))
 
 
+def _local_attention(node: Node):
+    """`attn.sdpa` / `attn.sdpa_backward` through the kernel dispatch, mask parsed once here."""
+    mask, score_mod, scale = parse_mask(node.kwargs["mask"]), parse_score_mod(node.kwargs["score_mod"]), \
+        node.kwargs["scale"]
+    if node.op == "attn.sdpa":
+        return lambda q, k, v, operands, **kw: attention_kernels.forward(q, k, v, mask, score_mod, scale, operands)
+    return lambda dout, q, k, v, out, lse, operands, **kw: attention_kernels.backward(
+        dout, q, k, v, out, lse, mask, score_mod, scale, operands)
+
+
 def _implementation(node: Node, index: int, comm: Communicator | None):
-    """The op's plain-torch reference, or for ops that talk to other ranks, the runtime's, bound to `comm`."""
+    """The op's implementation: generated kernels for attention, the runtime's for ops that talk
+    to other ranks (bound to `comm`), the plain-torch reference for the rest."""
+    if node.op in LOCAL_ATTENTION_OPS:
+        return _local_attention(node)
     if node.op not in DISTRIBUTED_OPS:
         return functools.partial(op_def(node.op).reference, node)
     if comm is None:
         raise ValueError(f"{node.op} needs a communicator: lower sharded graphs with lower(graph, comm)")
-    return bind(comm, index, node)
+    return bind(comm, index, node, attention_kernels.GENERATED)
 
 
 def lower(graph: Graph, comm: Communicator | None = None) -> Program:

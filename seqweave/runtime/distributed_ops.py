@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from seqweave.ir.graph import Node
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.sp import split_factor
-from seqweave.ir.sharding import Layout, plan_ring, shard_positions
+from seqweave.ir.sharding import Layout, RingPlan, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
+from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 from seqweave.runtime.hybrid import HybridCommunicator, hybrid_attention_backward, hybrid_attention_forward
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
@@ -21,35 +25,49 @@ def _positions_of(layout: str, world: int, length: int) -> Callable[[int], torch
     return lambda rank: shard_positions(Layout(layout), rank, world, length)
 
 
-def _ring_args(kw: dict[str, Any]) -> tuple:
-    """(mask, score mod, scale, plan, positions_of): what both ring directions take after the tensors."""
+@dataclass(frozen=True)
+class AttentionSetup:
+    """What every distributed attention op takes besides tensors, prepared once at lowering."""
+
+    mask: MaskSpec
+    score_mod: ScoreMod
+    scale: float
+    plan: RingPlan
+    positions_of: Callable[[int], torch.Tensor]
+    kernels: LocalAttention
+
+
+def _attention_setup(kw: dict[str, Any], kernels: LocalAttention) -> AttentionSetup:
     mask = parse_mask(kw["mask"])
     plan = plan_ring(mask, Layout(kw["layout"]), kw["world"], kw["length"])
-    return (mask, parse_score_mod(kw["score_mod"]), kw["scale"], plan,
-            _positions_of(kw["layout"], kw["world"], kw["length"]))
+    return AttentionSetup(mask, parse_score_mod(kw["score_mod"]), kw["scale"], plan,
+                          _positions_of(kw["layout"], kw["world"], kw["length"]), kernels)
 
 
-# Attention ops get `setup` = _ring_args(node.kwargs), computed once when the graph is lowered
+# Attention ops get an AttentionSetup, computed once when the graph is lowered
 # (parsing the mask and planning the ring are not per-step work).
 
-def ring(comm: Communicator, step: int, setup: tuple, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
-    return ring_attention_forward(comm, q, k, v, *setup, operands)
+def ring(comm: Communicator, step: int, s: AttentionSetup, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
+    return ring_attention_forward(comm, q, k, v, s.mask, s.score_mod, s.scale, s.plan, s.positions_of, operands,
+                                  kernels=s.kernels)
 
 
-def ring_backward(comm: Communicator, step: int, setup: tuple, dout, q, k, v, out, lse, operands,
+def ring_backward(comm: Communicator, step: int, s: AttentionSetup, dout, q, k, v, out, lse, operands,
                   **kw: Any) -> tuple[torch.Tensor, ...]:
-    return ring_attention_backward(comm, dout, q, k, v, out, lse, *setup, operands)
+    return ring_attention_backward(comm, dout, q, k, v, out, lse, s.mask, s.score_mod, s.scale, s.plan,
+                                   s.positions_of, operands, kernels=s.kernels)
 
 
-def ulysses(comm: Communicator, step: int, setup: tuple, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = setup
-    return ulysses_attention_forward(comm, q, k, v, mask, score_mod, scale, positions_of, operands)
+def ulysses(comm: Communicator, step: int, s: AttentionSetup, q, k, v, operands,
+            **kw: Any) -> tuple[torch.Tensor, ...]:
+    return ulysses_attention_forward(comm, q, k, v, s.mask, s.score_mod, s.scale, s.positions_of, operands,
+                                     kernels=s.kernels)
 
 
-def ulysses_backward(comm: Communicator, step: int, setup: tuple, dout, q, k, v, out, lse, operands,
+def ulysses_backward(comm: Communicator, step: int, s: AttentionSetup, dout, q, k, v, out, lse, operands,
                      **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = setup
-    return ulysses_attention_backward(comm, dout, q, k, v, out, lse, mask, score_mod, scale, positions_of, operands)
+    return ulysses_attention_backward(comm, dout, q, k, v, out, lse, s.mask, s.score_mod, s.scale,
+                                      s.positions_of, operands, kernels=s.kernels)
 
 
 def _hybrid(comm: Communicator) -> tuple[Communicator, Communicator]:
@@ -58,16 +76,16 @@ def _hybrid(comm: Communicator) -> tuple[Communicator, Communicator]:
     return comm.inner, comm.outer
 
 
-def hybrid(comm: Communicator, step: int, setup: tuple, q, k, v, operands, **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = setup
-    return hybrid_attention_forward(*_hybrid(comm), q, k, v, mask, score_mod, scale, positions_of, operands)
+def hybrid(comm: Communicator, step: int, s: AttentionSetup, q, k, v, operands,
+           **kw: Any) -> tuple[torch.Tensor, ...]:
+    return hybrid_attention_forward(*_hybrid(comm), q, k, v, s.mask, s.score_mod, s.scale, s.positions_of,
+                                    operands, kernels=s.kernels)
 
 
-def hybrid_backward(comm: Communicator, step: int, setup: tuple, dout, q, k, v, out, lse, operands,
+def hybrid_backward(comm: Communicator, step: int, s: AttentionSetup, dout, q, k, v, out, lse, operands,
                     **kw: Any) -> tuple[torch.Tensor, ...]:
-    mask, score_mod, scale, _, positions_of = setup
-    return hybrid_attention_backward(*_hybrid(comm), dout, q, k, v, out, lse, mask, score_mod, scale, positions_of,
-                                     operands)
+    return hybrid_attention_backward(*_hybrid(comm), dout, q, k, v, out, lse, s.mask, s.score_mod, s.scale,
+                                     s.positions_of, operands, kernels=s.kernels)
 
 
 def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -97,9 +115,9 @@ DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_
                                                   "sp.gather": gather, "sp.all_reduce": all_reduce}
 
 
-def bind(comm: Communicator, step: int, node: Node) -> Callable[..., Any]:
+def bind(comm: Communicator, step: int, node: Node, kernels: LocalAttention = REFERENCE) -> Callable[..., Any]:
     """The step function of a distributed node: its implementation bound to `comm`, with the
-    attention ops' mask, score mod and ring plan prepared once here."""
+    attention ops' mask, score mod and ring plan prepared once here, running `kernels` locally."""
     implementation = DISTRIBUTED_OPS[node.op]
-    setup = _ring_args(node.kwargs) if node.op.startswith("attn.") else node
+    setup = _attention_setup(node.kwargs, kernels) if node.op.startswith("attn.") else node
     return functools.partial(implementation, comm, step, setup)

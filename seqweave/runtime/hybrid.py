@@ -16,6 +16,7 @@ from seqweave.ir.mask import MaskSpec
 from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import RingPlan, plan_from_positions
 from seqweave.runtime.comm import Communicator
+from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 from seqweave.runtime.sequence_parallel import (PositionsOf, _gathered_order, _to_heads, _to_sequence, _ulysses_kv,
                                                 ring_attention_backward, ring_attention_forward)
 
@@ -37,7 +38,8 @@ def hybrid_plan(mask: MaskSpec, positions_of: PositionsOf, ulysses: int, rings: 
 
 def hybrid_attention_forward(inner: Communicator, outer: Communicator, q: Tensor, k: Tensor, v: Tensor,
                              mask: MaskSpec, score_mod: ScoreMod, scale: float, positions_of: PositionsOf,
-                             operands: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+                             operands: Sequence[Tensor] = (), *,
+                             kernels: LocalAttention = REFERENCE) -> tuple[Tensor, Tensor]:
     """This rank's (out, lse): all-to-all in the Ulysses group, ring across groups, all-to-all back."""
     group = outer.rank
     _, k, v = _ulysses_kv(inner, q, k, v)
@@ -45,7 +47,7 @@ def hybrid_attention_forward(inner: Communicator, outer: Communicator, q: Tensor
     qh, kh, vh = _to_heads(inner, (q, k, v), perm, 0, "hybrid forward all-to-all of q/k/v")
     plan = hybrid_plan(mask, positions_of, inner.world, outer.world)
     out, lse = ring_attention_forward(outer, qh, kh, vh, mask, score_mod, scale, plan,
-                                      ring_positions(positions_of, inner.world), operands)
+                                      ring_positions(positions_of, inner.world), operands, kernels=kernels)
     out, lse = _to_sequence(inner, (out, lse), inverse, 1, "hybrid forward all-to-all of out/lse")
     return out, lse
 
@@ -53,7 +55,8 @@ def hybrid_attention_forward(inner: Communicator, outer: Communicator, q: Tensor
 def hybrid_attention_backward(inner: Communicator, outer: Communicator, dout: Tensor, q: Tensor, k: Tensor,
                               v: Tensor, out: Tensor, lse: Tensor, mask: MaskSpec, score_mod: ScoreMod,
                               scale: float, positions_of: PositionsOf,
-                              operands: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
+                              operands: Sequence[Tensor] = (), *,
+                              kernels: LocalAttention = REFERENCE) -> tuple[Tensor, ...]:
     """(dq, dk, dv) of this rank's shards: the forward's path in reverse; replicated K/V heads summed."""
     group = outer.rank
     heads, k_rep, v_rep = _ulysses_kv(inner, q, k, v)
@@ -61,7 +64,7 @@ def hybrid_attention_backward(inner: Communicator, outer: Communicator, dout: Te
     tensors = _to_heads(inner, (dout, q, k_rep, v_rep, out, lse), perm, 0, "hybrid backward all-to-all")
     plan = hybrid_plan(mask, positions_of, inner.world, outer.world)
     grads = ring_attention_backward(outer, *tensors, mask, score_mod, scale, plan,
-                                    ring_positions(positions_of, inner.world), operands)
+                                    ring_positions(positions_of, inner.world), operands, kernels=kernels)
     dq, dk, dv = _to_sequence(inner, grads, inverse, 1, "hybrid backward all-to-all of dq/dk/dv")
     if heads.kv_repeat > 1:
         dk = dk.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from seqweave.errors import SeqweaveError
 from seqweave.ir.mask import MaskSpec
-from seqweave.ir.ops.attn_reference import (attention_backward, attention_forward, lse_dtype,
-                                            merge_partials)
+from seqweave.ir.ops.attn_reference import lse_dtype, merge_partials
 from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import RingPlan
 from seqweave.runtime.comm import Communicator
+from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 
 PositionsOf = Callable[[int], Tensor]
 CH_KV, CH_GRADS, CH_HOME = 0, 1, 2  # message channels: K/V, travelling dK/dV, dK/dV returning home
@@ -112,7 +112,8 @@ def _held_kv(comm: Communicator, held: Tensor | None, k: Tensor, v: Tensor, step
 
 def ring_attention_forward(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec,
                            score_mod: ScoreMod, scale: float, plan: RingPlan, positions_of: PositionsOf,
-                           operands: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+                           operands: Sequence[Tensor] = (), *,
+                           kernels: LocalAttention = REFERENCE) -> tuple[Tensor, Tensor]:
     """This rank's (out [B, Hq, S_local, Dv], lse [B, Hq, S_local]) of attention over the whole ring.
 
     Each step's K/V shift (k and v in one message) starts before the step's compute and is
@@ -128,8 +129,8 @@ def ring_attention_forward(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, 
         pending = _shift_kv(comm, plan, held, like, step, "ring forward shift of k/v")
         if plan.computes(rank, step):
             k_s, v_s = _held_kv(comm, held, k, v, step)
-            part = attention_forward(q, k_s, v_s, mask, score_mod, scale, operands,
-                                     q_pos, positions_of(plan.source(rank, step)))
+            part = kernels.forward(q, k_s, v_s, mask, score_mod, scale, operands,
+                                   q_pos, positions_of(plan.source(rank, step)))
             out, lse = merge_partials(out, lse, *part)
         held = pending.wait_one()
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
@@ -168,7 +169,8 @@ def _move_grads(comm: Communicator, plan: RingPlan, state: _GradRing, like: Tens
 
 def ring_attention_backward(comm: Communicator, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                             lse: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float, plan: RingPlan,
-                            positions_of: PositionsOf, operands: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
+                            positions_of: PositionsOf, operands: Sequence[Tensor] = (), *,
+                            kernels: LocalAttention = REFERENCE) -> tuple[Tensor, ...]:
     """(dq, dk, dv) of this rank's shards; `out`/`lse` are the ring forward's merged results.
 
     K/V follow the forward's paths; at every step a holder adds its share (exact, given the
@@ -185,8 +187,8 @@ def ring_attention_backward(comm: Communicator, dout: Tensor, q: Tensor, k: Tens
             state.grads = torch.zeros_like(grad_like)  # the accumulator of this rank's own K/V
         if plan.computes(rank, step):
             k_s, v_s = _held_kv(comm, held, k, v, step)
-            dq, dk, dv = attention_backward(dout, q, k_s, v_s, out, lse, mask, score_mod, scale, operands,
-                                            q_pos, positions_of(plan.source(rank, step)))
+            dq, dk, dv = kernels.backward(dout, q, k_s, v_s, out, lse, mask, score_mod, scale, operands,
+                                          q_pos, positions_of(plan.source(rank, step)))
             state.dq += dq
             state.add(dk, dv)
         ring, home = _move_grads(comm, plan, state, grad_like, step)
@@ -271,26 +273,28 @@ def _ulysses_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor) -> tuple[Ul
 
 def ulysses_attention_forward(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec,
                               score_mod: ScoreMod, scale: float, positions_of: PositionsOf,
-                              operands: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+                              operands: Sequence[Tensor] = (), *,
+                              kernels: LocalAttention = REFERENCE) -> tuple[Tensor, Tensor]:
     """This rank's (out [B, Hq, S/P, Dv], lse [B, Hq, S/P]) via two all-to-alls (Ulysses)."""
     _, k, v = _ulysses_kv(comm, q, k, v)
     positions, perm, inverse = _gathered_order(comm.world, positions_of)
     qh, kh, vh = _to_heads(comm, (q, k, v), perm, 0, "ulysses forward all-to-all of q/k/v")
-    out, lse = attention_forward(qh, kh, vh, mask, score_mod, scale, operands, positions, positions)
+    out, lse = kernels.forward(qh, kh, vh, mask, score_mod, scale, operands, positions, positions)
     out, lse = _to_sequence(comm, (out, lse), inverse, 1, "ulysses forward all-to-all of out/lse")
     return out, lse
 
 
 def ulysses_attention_backward(comm: Communicator, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                lse: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
-                               positions_of: PositionsOf, operands: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
+                               positions_of: PositionsOf, operands: Sequence[Tensor] = (), *,
+                               kernels: LocalAttention = REFERENCE) -> tuple[Tensor, ...]:
     """(dq, dk, dv) of this rank's sequence shards; dK/dV of replicated kv heads are summed."""
     heads, k_rep, v_rep = _ulysses_kv(comm, q, k, v)
     positions, perm, inverse = _gathered_order(comm.world, positions_of)
     dout_h, q_h, k_h, v_h, out_h, lse_h = _to_heads(comm, (dout, q, k_rep, v_rep, out, lse), perm, 0,
                                                     "ulysses backward all-to-all of dout/q/k/v/out/lse")
-    grads = attention_backward(dout_h, q_h, k_h, v_h, out_h, lse_h, mask, score_mod, scale, operands,
-                               positions, positions)
+    grads = kernels.backward(dout_h, q_h, k_h, v_h, out_h, lse_h, mask, score_mod, scale, operands,
+                             positions, positions)
     dq, dk, dv = _to_sequence(comm, grads, inverse, 1, "ulysses backward all-to-all of dq/dk/dv")
     if heads.kv_repeat > 1:  # replicas are adjacent (repeat_interleave): sum each group
         dk = dk.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)

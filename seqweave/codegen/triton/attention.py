@@ -146,7 +146,7 @@ def _delta(call: Call, out: Tensor, dout: Tensor) -> Tensor:
 def backward(call: Call, dout: Tensor, out: Tensor, lse: Tensor, schedule: Schedule | None = None,
              count_visits: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dkdv visits [B*Hkv, kv blocks], dq visits [B*Hq, q blocks]) recomputed from lse."""
-    q, k, v = call.q, call.k, call.v
+    q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))  # dq, dk, dv are stored with these strides
     knobs = call.spec.backward
     schedule = schedule or schedule_for(call, knobs)
     dout = dout.contiguous()

@@ -1,0 +1,98 @@
+"""Which kernels run an attention call: generated Triton kernels where they can, the reference elsewhere.
+
+On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels; on CPU the blockwise
+torch reference runs, unless SEQWEAVE_TRITON_INTERPRET=1 routes it to the same Triton kernels
+under the interpreter (for tests and debugging). float64 always runs the reference.
+
+The kernels take one global offset per side, so positions that are not one contiguous range
+(a zigzag shard holds two chunks) are split into contiguous runs: each (q run, kv run) pair is
+one launch, partial results are merged by their LSE, and gradients are summed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from seqweave.codegen.triton import attention as triton_attention
+from seqweave.codegen.triton.jit import use_triton
+from seqweave.codegen.triton.specs import SUPPORTED_DTYPES
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.ops import attn_reference
+from seqweave.ir.ops.attn_reference import merge_partials
+from seqweave.ir.score_mod import NoScoreMod, ScoreMod, Softcap
+from seqweave.runtime.local_attention import LocalAttention
+
+Run = tuple[int, int, int]  # (local start, length, global start of the run)
+
+
+def runs_of(positions: Tensor | None, length: int) -> list[Run]:
+    """Split global positions into maximal contiguous runs (all of 0..length-1 when None)."""
+    if positions is None:
+        return [(0, length, 0)]
+    positions = positions.cpu()
+    breaks = (torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1).tolist()
+    starts, stops = [0] + breaks, breaks + [length]
+    return [(a, b - a, int(positions[a])) for a, b in zip(starts, stops)]
+
+
+def triton_handles(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod) -> bool:
+    """True when this call runs on generated kernels."""
+    supported = q.dtype in SUPPORTED_DTYPES and isinstance(score_mod, (NoScoreMod, Softcap))
+    return supported and q.shape[-1] <= 256 and use_triton(q, k, v)
+
+
+def _rows(x: Tensor, run: Run) -> Tensor:
+    return x.narrow(2, run[0], run[1])
+
+
+def _call(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
+          operands: Sequence[Tensor], q_run: Run, kv_run: Run) -> triton_attention.Call:
+    return triton_attention.make_call(_rows(q, q_run), _rows(k, kv_run), _rows(v, kv_run), mask, score_mod,
+                                      scale, operands, q_run[2], kv_run[2])
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
+            operands: Sequence[Tensor] = (), q_positions: Tensor | None = None,
+            kv_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse), with the reference's signature and semantics."""
+    if not triton_handles(q, k, v, score_mod):
+        return attn_reference.attention_forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
+    outs, lses = [], []
+    for q_run in runs_of(q_positions, q.shape[2]):
+        out = lse = None
+        for kv_run in runs_of(kv_positions, k.shape[2]):
+            part_out, part_lse, _ = triton_attention.forward(_call(q, k, v, mask, score_mod, scale, operands,
+                                                                   q_run, kv_run))
+            out, lse = (part_out, part_lse) if out is None else merge_partials(out, lse, part_out, part_lse)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: MaskSpec,
+             score_mod: ScoreMod, scale: float, operands: Sequence[Tensor] = (),
+             q_positions: Tensor | None = None, kv_positions: Tensor | None = None) -> tuple[Tensor, ...]:
+    """(dq, dk, dv), with the reference's signature; `out`/`lse` may be merged over other keys."""
+    if not triton_handles(q, k, v, score_mod):
+        return attn_reference.attention_backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
+                                                 q_positions, kv_positions)
+    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
+    if len(q_runs) == len(kv_runs) == 1:  # the common case: no accumulation buffers
+        dq, dk, dv, _, _ = triton_attention.backward(_call(q, k, v, mask, score_mod, scale, operands,
+                                                           q_runs[0], kv_runs[0]), dout, out, lse)
+        return dq, dk, dv
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v)]
+    for q_run in q_runs:
+        for kv_run in kv_runs:
+            call = _call(q, k, v, mask, score_mod, scale, operands, q_run, kv_run)
+            dq, dk, dv, _, _ = triton_attention.backward(call, _rows(dout, q_run), _rows(out, q_run),
+                                                         lse.narrow(2, q_run[0], q_run[1]))
+            _rows(grads[0], q_run).add_(dq)
+            _rows(grads[1], kv_run).add_(dk)
+            _rows(grads[2], kv_run).add_(dv)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+GENERATED = LocalAttention("triton", forward, backward)

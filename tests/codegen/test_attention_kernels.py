@@ -92,3 +92,9 @@ def test_compiled_llama_runs_generated_kernels_and_matches_eager(monkeypatch, la
     torch.testing.assert_close(output.logits, expected.logits, atol=1e-4, rtol=1e-4)
     worst, name = grad_errors(model, reference)
     assert worst <= 1e-3, name
+
+
+def test_asking_for_compiled_kernels_under_the_interpreter_says_what_to_change():
+    from seqweave.codegen.triton.jit import jit_decorator
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        jit_decorator(interpret=False)

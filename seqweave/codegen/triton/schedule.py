@@ -15,10 +15,9 @@ from typing import Sequence
 
 import torch
 
+from seqweave.codegen.triton.tile_grid import EMPTY, FULL, PARTIAL, make_blocks, tile_grid
 from seqweave.ir.mask import BlockClass, MaskSpec
 from seqweave.ir.mask_parser import parse_mask
-
-EMPTY, FULL, PARTIAL = 0, 1, 2
 _CODES = {BlockClass.EMPTY: EMPTY, BlockClass.FULL: FULL, BlockClass.PARTIAL: PARTIAL}
 
 
@@ -56,24 +55,40 @@ def _block_range(index: int, block: int, length: int, offset: int) -> tuple[int,
     return offset + index * block, offset + min((index + 1) * block, length)
 
 
-def _tile_class(mask: MaskSpec, q: tuple[int, int], kv: tuple[int, int], ragged: bool,
-                operands: Sequence[torch.Tensor] | None) -> int:
-    code = _CODES[mask.block_class(q, kv, operands)]
-    return PARTIAL if code == FULL and ragged else code
+def tile_classes_per_tile(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int = 0,
+                          kv_offset: int = 0, operands: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """[num_q_blocks, num_kv_blocks] int8 classes from `block_class`, one call per tile (the slow, plain way)."""
+    num_m, num_n = -(-q_len // block_m), -(-kv_len // block_n)
+    rows = [[_CODES[mask.block_class(_block_range(m, block_m, q_len, q_offset),
+                                     _block_range(n, block_n, kv_len, kv_offset), operands)]
+             for n in range(num_n)] for m in range(num_m)]
+    return torch.tensor(rows, dtype=torch.int8).reshape(num_m, num_n)
+
+
+def _mark_ragged(classes: torch.Tensor, q_len: int, kv_len: int, block_m: int, block_n: int) -> torch.Tensor:
+    """FULL tiles that stick out past a sequence end become PARTIAL (that path does the bounds checks)."""
+    classes = classes.clone()
+    for edge, ragged in ((classes[-1:, :], q_len % block_m), (classes[:, -1:], kv_len % block_n)):
+        if ragged:
+            edge[edge == FULL] = PARTIAL
+    return classes
 
 
 def tile_classes(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int = 0,
                  kv_offset: int = 0, operands: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """[num_q_blocks, num_kv_blocks] int8 tile classes (ragged FULL tiles count as PARTIAL)."""
-    num_m, num_n = -(-q_len // block_m), -(-kv_len // block_n)
-    classes = torch.empty(num_m, num_n, dtype=torch.int8)
-    for m in range(num_m):
-        q = _block_range(m, block_m, q_len, q_offset)
-        for n in range(num_n):
-            kv = _block_range(n, block_n, kv_len, kv_offset)
-            ragged = (m + 1) * block_m > q_len or (n + 1) * block_n > kv_len
-            classes[m, n] = _tile_class(mask, q, kv, ragged, operands)
-    return classes
+    """[num_q_blocks, num_kv_blocks] int8 tile classes (ragged FULL tiles count as PARTIAL).
+
+    Uses the whole-grid rules of `tile_grid` where every part of the mask has one, else
+    `block_class` tile by tile.
+    """
+    grid = None
+    if operands is not None or not mask.is_data_dependent():
+        blocks = make_blocks(q_len, kv_len, block_m, block_n, q_offset, kv_offset)
+        grid = tile_grid(mask, blocks, operands or ())
+    shape = (-(-q_len // block_m), -(-kv_len // block_n))
+    if grid is None:
+        grid = tile_classes_per_tile(mask, q_len, kv_len, block_m, block_n, q_offset, kv_offset, operands)
+    return _mark_ragged(torch.broadcast_to(grid, shape), q_len, kv_len, block_m, block_n)
 
 
 def _lists(classes: torch.Tensor) -> TileLists:

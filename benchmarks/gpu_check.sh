@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check for one CUDA machine with no network and seqweave not installed: print the GPU, run the
+# GPU-marked tests, then the attention benchmark, in under 8 minutes on one H100. Both parts always
+# run; the script exits non-zero when either failed (124: killed by its timeout).
+#
+#   bash benchmarks/gpu_check.sh                 # results in benchmarks/results/
+#   OUT=/some/dir bash benchmarks/gpu_check.sh   # gpu_tests.txt, attention_gpu.json, attention_gpu.txt there
+#
+# Limits (seconds, override by environment): TEST_TIMEOUT_S=210 for pytest, BENCH_TIMEOUT_S=240 for the
+# benchmark, which starts no new config after BENCH_BUDGET_S=150 and rewrites its JSON after every
+# config, so a run cut short keeps what it measured.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-benchmarks/results}"
+PYTHON="${PYTHON:-python}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-210}"
+BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-240}"
+BENCH_BUDGET_S="${BENCH_BUDGET_S:-150}"
+BENCH_LENGTHS="${BENCH_LENGTHS:-1024 4096 16384 32768}"
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET SEQWEAVE_TRITON_INTERPRET  # kernels must compile for the GPU
+
+echo "== machine"
+nvidia-smi || echo "gpu_check: nvidia-smi failed"
+"$PYTHON" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton",
+triton.__version__, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' \
+  || echo "gpu_check: torch/triton import failed"
+
+echo "== GPU tests (pytest -m gpu, ${TEST_TIMEOUT_S} s limit)"
+timeout -k 10 "$TEST_TIMEOUT_S" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.txt"
+tests_status=${PIPESTATUS[0]}
+
+echo "== attention benchmark (${BENCH_TIMEOUT_S} s limit, no new config after ${BENCH_BUDGET_S} s)"
+# shellcheck disable=SC2086 # BENCH_LENGTHS is a list of numbers
+timeout -k 10 "$BENCH_TIMEOUT_S" "$PYTHON" benchmarks/attention_gpu.py --out "$OUT/attention_gpu.json" \
+  --lengths $BENCH_LENGTHS --budget-s "$BENCH_BUDGET_S" 2>&1 | tee "$OUT/attention_gpu.txt"
+bench_status=${PIPESTATUS[0]}
+
+echo "== gpu_check: tests exit ${tests_status}, benchmark exit ${bench_status} (124 = timed out)"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end: attention_gpu.py --smoke (CPU, Triton's interpreter, tiny shapes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")  # the smoke run launches the Triton kernels under the interpreter
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_TIMEOUT_S = 120  # about 20 s on two idle cores; room for a loaded CI machine
+ROW_KEYS = {"mask", "d", "n", "batch", "heads", "pairs", "flops_fwd", "ms", "tflops", "speedup_vs_sdpa", "notes"}
+
+
+def test_attention_gpu_smoke_writes_every_config(tmp_path: Path) -> None:
+    out = tmp_path / "attention_gpu.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attention_gpu.py"), "--smoke", "--out", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    payload = json.loads(out.read_text())
+    assert {"command", "machine", "settings", "rows", "targets", "skipped"} <= payload.keys()
+    assert payload["machine"]["device"] and payload["settings"]["flop_convention"]
+    rows = payload["rows"]
+    assert {(r["mask"], r["n"]) for r in rows} == {(m, n) for m in ("causal", "sliding_window", "documents")
+                                                   for n in payload["settings"]["lengths"]}
+    for row in rows:
+        assert ROW_KEYS <= row.keys() and not row["failed"], row
+        assert {"fwd", "fwd_bwd"} <= row["ms"]["seqweave"].keys() and "sdpa_flash" in row["ms"], row
+    checked = [r for r in rows if "numerics" in r]
+    assert len(checked) == 3 and all(r["pairs_dense"] == r["pairs"] for r in checked)
+    assert all(max(r["numerics"]["seqweave"].values()) < 1e-4 for r in checked)  # fp32 vs fp32 math SDPA

@@ -1,4 +1,4 @@
-"""The `seqweave` command: `demo`, `explain` and `run` (later issues add convert and fuzz)."""
+"""The `seqweave` command: `demo`, `explain`, `kernels` and `run` (later issues add convert and fuzz)."""
 from __future__ import annotations
 
 import json
@@ -131,6 +131,59 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
               f"parameters: {totals['parameters']:,}")
+
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+
+def _kernel_table(spec, results) -> Table:
+    table = Table(title=f"attention kernels for {spec.mask} ({spec.dtype}, d={spec.head_dim}, GQA {spec.group})")
+    for column in ("kernel", "arch", "tiles (m x n)", "warps / stages", "shared KiB", "registers", "spilled bytes"):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    for result in results:
+        knobs = spec.backward if "backward" in result.name else spec.forward
+        spilled = f"{result.spill_bytes:,}" if not result.spill_bytes else f"[yellow]{result.spill_bytes:,}[/]"
+        table.add_row(result.name, f"sm_{result.arch}", f"{knobs.block_m} x {knobs.block_n}",
+                      f"{knobs.num_warps} / {knobs.num_stages}", f"{result.shared_bytes / 1024:.1f}",
+                      str(result.registers), spilled)
+    return table
+
+
+@app.command()
+def kernels(mask: str = typer.Option("causal", help="MaskSpec text, e.g. 'causal & sliding_window(4095, 0)'"),
+            score_mod: str = typer.Option("none", "--score-mod", help="none or softcap(cap)"),
+            head_dim: int = typer.Option(128, "--head-dim"),
+            dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+            group: int = typer.Option(1, help="query heads per kv head (GQA ratio)"),
+            source: bool = typer.Option(False, "--source", help="print the generated Triton source"),
+            compile_for: list[int] = typer.Option([], "--compile", help="compile offline for this GPU "
+                                                  "architecture (80, 90, ...; repeatable) and report "
+                                                  "shared memory, registers and spills; no GPU needed")) -> None:
+    """Show the Triton attention kernels seqweave generates for one specialisation."""
+    import torch
+
+    from seqweave.codegen.triton.attention_template import attention_source
+    from seqweave.codegen.triton.offline import compile_spec, spec_for
+
+    if dtype not in DTYPES:
+        _fail(SeqweaveError(f"--dtype {dtype!r} is not one of {', '.join(sorted(set(DTYPES.values())))}"))
+    try:
+        spec = spec_for(mask, score_mod, head_dim, getattr(torch, DTYPES[dtype]), group)
+    except ValueError as error:
+        _fail(SeqweaveError(str(error)))
+    out.print(f"spec {spec.key()}: {spec}")
+    if source:
+        print(attention_source(spec))
+    results = []
+    for arch in compile_for:
+        with err.status(f"compiling for sm_{arch}…"):
+            try:
+                results += compile_spec(spec, arch)
+            except RuntimeError as error:
+                _fail(SeqweaveError(str(error)))
+    if results:
+        out.print(_kernel_table(spec, results))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -64,8 +64,7 @@ def test_unsorted_document_grid_never_contradicts_block_class(shape, seed):
 
 
 def walked(lists, owner: int, code: int) -> list[int]:
-    count, index = (lists.full_count, lists.full_index) if code == FULL else (lists.partial_count, lists.partial_index)
-    return sorted(index[owner, : int(count[owner])].tolist())
+    return sorted(lists.tiles(owner, 0 if code == FULL else 1))
 
 
 @given(structured_masks(), shapes)

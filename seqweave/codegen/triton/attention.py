@@ -18,7 +18,7 @@ from torch import Tensor
 from seqweave.codegen.cache import KernelCache
 from seqweave.codegen.triton.attention_template import attention_source
 from seqweave.codegen.triton.jit import device_key, jit_decorator
-from seqweave.codegen.triton.schedule import Schedule, TileLists, build_schedule
+from seqweave.codegen.triton.schedule import Schedule, build_schedule
 from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, make_spec, next_power_of_two
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.score_mod import ScoreMod
@@ -88,10 +88,6 @@ def _strides(*tensors: Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
 
-def _tile_arguments(lists: TileLists) -> list:
-    return [lists.full_count, lists.full_index, lists.partial_count, lists.partial_index]
-
-
 def _constants(call: Call, knobs: LaunchKnobs, count_visits: bool) -> dict:
     spec = call.spec
     constants = dict(GROUP=spec.group, HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim_v,
@@ -121,13 +117,11 @@ def forward(call: Call, schedule: Schedule | None = None, count_visits: bool = F
     out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
     lists = schedule.by_q_block
-    visits = _visits_buffer(lists.full_count.numel(), call.batch_heads, q.device, count_visits)
+    visits = _visits_buffer(lists.owners, call.batch_heads, q.device, count_visits)
     module = kernels(call.spec, device_key(q), call.interpret)
-    grid = (lists.full_count.numel(), call.batch_heads)
-    module.attention_forward[grid](
-        q, k, v, out, lse, *_tile_arguments(lists), visits, *_operand_arguments(call.mask, call.operands),
-        *_strides(q, k, v, out), lists.full_index.stride(0), lists.partial_index.stride(0), q.shape[1],
-        q.shape[2], k.shape[2], call.q_offset, call.kv_offset, call.scale, **_constants(call, knobs, count_visits))
+    module.attention_forward[(lists.owners, call.batch_heads)](
+        q, k, v, out, lse, *lists.kernel_arguments(), visits, *_operand_arguments(call.mask, call.operands),
+        *_strides(q, k, v, out), *_sizes(call), **_constants(call, knobs, count_visits))
     return out, lse, visits
 
 
@@ -137,9 +131,11 @@ def _delta(call: Call, out: Tensor, dout: Tensor) -> Tensor:
     block = call.spec.backward.block_m
     grid = (-(-out.shape[2] // block), call.batch_heads)
     module = kernels(call.spec, device_key(out), call.interpret)
+    launch = {} if call.interpret else dict(num_warps=call.spec.backward.num_warps)
     module.attention_backward_preprocess[grid](out, dout, delta, *_strides(out, dout), out.shape[1], out.shape[2],
                                                HEAD_DIM_V=call.spec.head_dim_v,
-                                               BLOCK_DV=next_power_of_two(call.spec.head_dim_v), BLOCK_M=block)
+                                               BLOCK_DV=next_power_of_two(call.spec.head_dim_v), BLOCK_M=block,
+                                               **launch)
     return delta
 
 
@@ -156,19 +152,15 @@ def backward(call: Call, dout: Tensor, out: Tensor, lse: Tensor, schedule: Sched
     module = kernels(call.spec, device_key(q), call.interpret)
     common = dict(operands=_operand_arguments(call.mask, call.operands), constants=_constants(call, knobs, count_visits))
     kv_lists, q_lists = schedule.by_kv_block, schedule.by_q_block
-    kv_visits = _visits_buffer(kv_lists.full_count.numel(), k.shape[0] * k.shape[1], q.device, count_visits)
-    module.attention_backward_dkdv[(kv_lists.full_count.numel(), k.shape[0] * k.shape[1])](
-        q, k, v, dout, lse, delta, dk, dv, *_tile_arguments(kv_lists), kv_visits, *common["operands"],
-        *_strides(q, k, v, dout), *_list_strides(kv_lists), *_sizes(call), **common["constants"])
-    q_visits = _visits_buffer(q_lists.full_count.numel(), call.batch_heads, q.device, count_visits)
-    module.attention_backward_dq[(q_lists.full_count.numel(), call.batch_heads)](
-        q, k, v, dout, lse, delta, dq, *_tile_arguments(q_lists), q_visits, *common["operands"],
-        *_strides(q, k, v, dout), *_list_strides(q_lists), *_sizes(call), **common["constants"])
+    kv_visits = _visits_buffer(kv_lists.owners, k.shape[0] * k.shape[1], q.device, count_visits)
+    module.attention_backward_dkdv[(kv_lists.owners, k.shape[0] * k.shape[1])](
+        q, k, v, dout, lse, delta, dk, dv, *kv_lists.kernel_arguments(), kv_visits, *common["operands"],
+        *_strides(q, k, v, dout), *_sizes(call), **common["constants"])
+    q_visits = _visits_buffer(q_lists.owners, call.batch_heads, q.device, count_visits)
+    module.attention_backward_dq[(q_lists.owners, call.batch_heads)](
+        q, k, v, dout, lse, delta, dq, *q_lists.kernel_arguments(), q_visits, *common["operands"],
+        *_strides(q, k, v, dout), *_sizes(call), **common["constants"])
     return dq, dk, dv, kv_visits, q_visits
-
-
-def _list_strides(lists: TileLists) -> list[int]:
-    return [lists.full_index.stride(0), lists.partial_index.stride(0)]
 
 
 def _sizes(call: Call) -> list:

@@ -61,14 +61,14 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv, stride_k
 
 
 @jit
-def attention_forward(Q, K, V, Out, Lse, FullCount, FullIndex, PartialCount, PartialIndex, Visits{operand_params},
+def attention_forward(Q, K, V, Out, Lse, Counts, Indices, stride_ck, stride_ik, stride_io, Visits{operand_params},
                       stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                       stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                      stride_full, stride_partial, num_heads, q_len, kv_len, q_offset, kv_offset, sm_scale,
+                      num_heads, q_len, kv_len, q_offset, kv_offset, sm_scale,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, COUNT_VISITS: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the busiest (causal: last) q blocks start first
     pid_bh = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
@@ -84,18 +84,13 @@ def attention_forward(Q, K, V, Out, Lse, FullCount, FullIndex, PartialCount, Par
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     visits = 0
-    for i in range(0, tl.load(FullCount + pid_m)):
-        start_n = tl.load(FullIndex + pid_m * stride_full + i) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h
-                                  {operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False)
-        visits += 1
-    for i in range(0, tl.load(PartialCount + pid_m)):
-        start_n = tl.load(PartialIndex + pid_m * stride_partial + i) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
-                                  stride_vn, stride_vd, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h
-                                  {operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True)
-        visits += 1
+    for kind in tl.static_range(2):  # 0: FULL tiles, no mask arithmetic; 1: PARTIAL tiles
+        for i in range(0, tl.load(Counts + kind * stride_ck + pid_m)):
+            start_n = tl.load(Indices + kind * stride_ik + pid_m * stride_io + i) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
+                                      stride_vn, stride_vd, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h
+                                      {operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_N, kind == 1)
+            visits += 1
     if COUNT_VISITS:
         tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
     seen = l_i > 0.0
@@ -160,24 +155,37 @@ def _load_rows(Q, DOut, Lse, Delta, offs_m, offs_d, offs_dv, stride_qm, stride_q
 def _dkdv_tile(dk, dv, k, v, Q, DOut, Lse, Delta, start_m, offs_n, offs_d, offs_dv, stride_qm, stride_qd,
                stride_dom, stride_dod, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h{operand_params},
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, APPLY_MASK: tl.constexpr):
+    """One tile in the transposed orientation ([BLOCK_N, BLOCK_M], as Triton's tutorial does):
+    q and dO are loaded transposed from memory, so no register tile is transposed."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, do, lse, delta = _load_rows(Q, DOut, Lse, Delta, offs_m, offs_d, offs_dv, stride_qm, stride_qd,
-                                   stride_dom, stride_dod, q_len, HEAD_DIM, HEAD_DIM_V)
-    p, grad_factor = _probabilities(q, k, lse, offs_m, offs_n, q_len, kv_len, q_offset, kv_offset, sm_scale,
-                                    off_b, off_h{operand_args}, APPLY_MASK)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do{precision})
-    dp = tl.dot(do, tl.trans(v){precision})
-    ds = p * (dp - delta[:, None]) * grad_factor * sm_scale
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q{precision})
+    row_ok = offs_m < q_len
+    q_t = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                  mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    do = tl.load(DOut + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
+    delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+    s_t, grad_factor = _scores(tl.dot(k, q_t{precision}), sm_scale)
+    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    if APPLY_MASK:
+        kv_ok = (offs_n < kv_len)[:, None]
+        allowed = _allowed((q_offset + offs_m)[None, :], (kv_offset + offs_n)[:, None], row_ok[None, :], kv_ok,
+                           off_b, off_h{operand_args})
+        p_t = tl.where(allowed & kv_ok, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do{precision})
+    dp_t = tl.dot(v, tl.trans(do){precision})
+    ds_t = p_t * (dp_t - delta[None, :]) * grad_factor * sm_scale
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t){precision})
     return dk, dv
 
 
 @jit
-def attention_backward_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, FullCount, FullIndex, PartialCount, PartialIndex,
+def attention_backward_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Counts, Indices, stride_ck, stride_ik, stride_io,
                             Visits{operand_params},
                             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                            stride_full, stride_partial, num_heads, q_len, kv_len, q_offset, kv_offset, sm_scale,
+                            num_heads, q_len, kv_len, q_offset, kv_offset, sm_scale,
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, COUNT_VISITS: tl.constexpr):
@@ -203,18 +211,14 @@ def attention_backward_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, FullCount, FullIn
         Qh = Q + off_b * stride_qb + off_h * stride_qh
         DOh = DOut + off_b * stride_dob + off_h * stride_doh
         rows = (off_b * num_heads + off_h) * q_len
-        for i in range(0, tl.load(FullCount + pid_n)):
-            start_m = tl.load(FullIndex + pid_n * stride_full + i) * BLOCK_M
-            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, Lse + rows, Delta + rows, start_m, offs_n, offs_d, offs_dv,
-                                stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_len, q_offset, kv_offset,
-                                sm_scale, off_b, off_h{operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_M, False)
-            visits += 1
-        for i in range(0, tl.load(PartialCount + pid_n)):
-            start_m = tl.load(PartialIndex + pid_n * stride_partial + i) * BLOCK_M
-            dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, Lse + rows, Delta + rows, start_m, offs_n, offs_d, offs_dv,
-                                stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_len, q_offset, kv_offset,
-                                sm_scale, off_b, off_h{operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_M, True)
-            visits += 1
+        for kind in tl.static_range(2):  # 0: FULL tiles, 1: PARTIAL tiles
+            for i in range(0, tl.load(Counts + kind * stride_ck + pid_n)):
+                start_m = tl.load(Indices + kind * stride_ik + pid_n * stride_io + i) * BLOCK_M
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, Lse + rows, Delta + rows, start_m, offs_n, offs_d,
+                                    offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, q_len, kv_len, q_offset,
+                                    kv_offset, sm_scale, off_b, off_h{operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                                    kind == 1)
+                visits += 1
     if COUNT_VISITS:
         tl.store(Visits + pid_bh * tl.num_programs(0) + pid_n, visits)
     tl.store(DK + kv_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, dk.to(DK.dtype.element_ty),
@@ -224,15 +228,15 @@ def attention_backward_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, FullCount, FullIn
 
 
 @jit
-def attention_backward_dq(Q, K, V, DOut, Lse, Delta, DQ, FullCount, FullIndex, PartialCount, PartialIndex,
+def attention_backward_dq(Q, K, V, DOut, Lse, Delta, DQ, Counts, Indices, stride_ck, stride_ik, stride_io,
                           Visits{operand_params},
                           stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
-                          stride_full, stride_partial, num_heads, q_len, kv_len, q_offset, kv_offset, sm_scale,
+                          num_heads, q_len, kv_len, q_offset, kv_offset, sm_scale,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, COUNT_VISITS: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the busiest (causal: last) q blocks start first
     pid_bh = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
@@ -247,18 +251,13 @@ def attention_backward_dq(Q, K, V, DOut, Lse, Delta, DQ, FullCount, FullIndex, P
     V += off_b * stride_vb + (off_h // GROUP) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visits = 0
-    for i in range(0, tl.load(FullCount + pid_m)):
-        start_n = tl.load(FullIndex + pid_m * stride_full + i) * BLOCK_N
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
-                      stride_vn, stride_vd, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h
-                      {operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_N, False)
-        visits += 1
-    for i in range(0, tl.load(PartialCount + pid_m)):
-        start_n = tl.load(PartialIndex + pid_m * stride_partial + i) * BLOCK_N
-        dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
-                      stride_vn, stride_vd, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h
-                      {operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_N, True)
-        visits += 1
+    for kind in tl.static_range(2):  # 0: FULL tiles, 1: PARTIAL tiles
+        for i in range(0, tl.load(Counts + kind * stride_ck + pid_m)):
+            start_n = tl.load(Indices + kind * stride_ik + pid_m * stride_io + i) * BLOCK_N
+            dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, offs_m, offs_d, offs_dv, stride_kn, stride_kd,
+                          stride_vn, stride_vd, q_len, kv_len, q_offset, kv_offset, sm_scale, off_b, off_h
+                          {operand_args}, HEAD_DIM, HEAD_DIM_V, BLOCK_N, kind == 1)
+            visits += 1
     if COUNT_VISITS:
         tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
     tl.store(DQ + q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, dq.to(DQ.dtype.element_ty),

@@ -23,20 +23,25 @@ _CODES = {BlockClass.EMPTY: EMPTY, BlockClass.FULL: FULL, BlockClass.PARTIAL: PA
 
 @dataclass(frozen=True)
 class TileLists:
-    """For each owning block: how many FULL / PARTIAL tiles it visits and their indices (int32)."""
+    """For each owning block, the tiles it visits: kind 0 = FULL, kind 1 = PARTIAL (int32)."""
 
-    full_count: torch.Tensor  # [num_owners]
-    full_index: torch.Tensor  # [num_owners, max(1, longest list)]
-    partial_count: torch.Tensor
-    partial_index: torch.Tensor
+    count: torch.Tensor  # [2, num_owners]
+    index: torch.Tensor  # [2, num_owners, max(1, longest list)]; past `count` never read
+
+    @property
+    def owners(self) -> int:
+        return self.count.shape[1]
 
     def to(self, device: torch.device) -> "TileLists":
-        return TileLists(*(t.to(device) for t in (self.full_count, self.full_index,
-                                                   self.partial_count, self.partial_index)))
+        return TileLists(self.count.to(device), self.index.to(device))
 
-    def visited(self) -> int:
-        """Tiles one (batch, head) visits in all."""
-        return int(self.full_count.sum() + self.partial_count.sum())
+    def tiles(self, owner: int, kind: int) -> list[int]:
+        """The tile indices `owner` visits with kind 0 (FULL) or 1 (PARTIAL)."""
+        return self.index[kind, owner, : int(self.count[kind, owner])].tolist()
+
+    def kernel_arguments(self) -> list:
+        """Counts, Indices, stride_count_kind, stride_index_kind, stride_index_owner."""
+        return [self.count, self.index, self.count.stride(0), self.index.stride(0), self.index.stride(1)]
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,12 @@ def tile_classes(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n:
 
 def _lists(classes: torch.Tensor) -> TileLists:
     """Per row of `classes`: the column indices of its FULL and of its PARTIAL tiles."""
-    def pack(code: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hits = classes == code
-        count = hits.sum(1).to(torch.int32)
-        width = max(1, int(count.max()) if count.numel() else 1)
-        # Stable sort puts the hit columns first, in order; the tail is never read.
-        order = torch.sort((~hits).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        return count, order.to(torch.int32).contiguous()
-    return TileLists(*pack(FULL), *pack(PARTIAL))
+    hits = torch.stack([classes == FULL, classes == PARTIAL])
+    count = hits.sum(2).to(torch.int32)
+    width = max(1, int(count.max()) if count.numel() else 1)
+    # A stable sort puts each row's hit columns first, in order; the tail is never read.
+    order = torch.sort((~hits).to(torch.int8), dim=2, stable=True).indices[..., :width]
+    return TileLists(count.contiguous(), order.to(torch.int32).contiguous())
 
 
 def schedule_from_classes(classes: torch.Tensor) -> Schedule:

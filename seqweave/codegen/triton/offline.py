@@ -1,0 +1,110 @@
+"""Compile generated attention kernels for a GPU architecture on a machine without one.
+
+Triton's compiler runs its whole pipeline (TTIR → TTGIR → LLVM → PTX → cubin via the bundled
+ptxas) from a target description, so a CPU machine can prove that a KernelSpec's kernels
+compile for sm_80 / sm_90 and report their shared memory: the interpreter accepts code the
+real compiler rejects (dtype mixes, non-constexpr block shapes), and this catches it before a
+GPU session does. Needs Triton's interpreter off in this process.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from seqweave.codegen.cache import KernelCache
+from seqweave.codegen.triton.attention_template import attention_source, operand_names
+from seqweave.codegen.triton.jit import interpreter_active
+from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, next_power_of_two
+from seqweave.ir.mask_parser import parse_mask
+
+TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+FLOAT32_POINTERS = ("Lse", "Delta")
+INT32_POINTERS = ("Counts", "Indices", "Visits")
+INPUT_POINTERS = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
+KERNELS = ("attention_forward", "attention_backward_preprocess", "attention_backward_dkdv", "attention_backward_dq")
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """What one offline compile produced."""
+
+    name: str
+    arch: int
+    shared_bytes: int
+    registers: int  # per thread, from ptxas -v
+    spill_bytes: int  # spill stores + loads: nonzero means the tile is too big for the registers
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spilled bytes) from Triton's bundled ptxas run verbosely on `ptx`."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        command = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", str(source),
+                   "-o", str(source.with_suffix(".cubin"))]
+        log = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return max(registers, default=0), sum(spills)
+
+
+def _argument_type(name: str, spec: KernelSpec, operands: set[str]) -> str:
+    if name in INPUT_POINTERS:
+        return "*" + TRITON_TYPES[spec.dtype]
+    if name in FLOAT32_POINTERS:
+        return "*fp32"
+    if name in INT32_POINTERS or name in operands:
+        return "*i32"  # mask operands are passed as int32 (see attention._operand_arguments)
+    return "fp32" if name == "sm_scale" else "i32"
+
+
+def _constants(spec: KernelSpec, knobs: LaunchKnobs, names: list[str]) -> dict[str, object]:
+    every = dict(GROUP=spec.group, HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim_v,
+                 BLOCK_D=next_power_of_two(spec.head_dim), BLOCK_DV=next_power_of_two(spec.head_dim_v),
+                 BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n, COUNT_VISITS=False)
+    return {name: value for name, value in every.items() if name in names}
+
+
+def compile_kernel(function, name: str, spec: KernelSpec, knobs: LaunchKnobs, arch: int) -> CompiledKernel:
+    """Compile one jit function of the spec's module for `arch` (e.g. 90) and summarise it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(function.arg_names)
+    constants = _constants(spec, knobs, names)
+    operands = {n for n in operand_names(parse_mask(spec.mask)) if not n.startswith("stride_")}
+    signature = {n: "constexpr" if n in constants else _argument_type(n, spec, operands) for n in names}
+    source = ASTSource(function, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    options = dict(num_warps=knobs.num_warps, num_stages=knobs.num_stages if "preprocess" not in name else 3)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    registers, spills = _ptxas_report(compiled.asm["ptx"], arch)
+    return CompiledKernel(name, arch, int(compiled.metadata.shared), registers, spills)
+
+
+def compile_spec(spec: KernelSpec, arch: int, cache: KernelCache | None = None) -> list[CompiledKernel]:
+    """Compile every kernel of `spec` for `arch` without a GPU."""
+    if interpreter_active():
+        raise RuntimeError("offline compilation needs Triton's interpreter off: unset TRITON_INTERPRET and "
+                           "SEQWEAVE_TRITON_INTERPRET before starting Python")
+    import triton
+    module = (cache or KernelCache()).load(attention_source(spec), f"offline-sm{arch}", {"jit": triton.jit})
+    return [compile_kernel(getattr(module, name), name, spec, spec.backward if "backward" in name else spec.forward,
+                           arch) for name in KERNELS]
+
+
+def spec_for(mask: str, score_mod: str, head_dim: int, dtype: torch.dtype, group: int) -> KernelSpec:
+    """The GPU spec seqweave would pick for attention with these properties."""
+    from seqweave.codegen.triton.specs import make_spec
+    from seqweave.ir.mask_parser import parse_score_mod
+
+    q = torch.empty(1, group, 1, head_dim, dtype=dtype, device="meta")
+    k = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
+    return make_spec(q, k, k, parse_mask(mask), parse_score_mod(score_mod), interpret=False)

@@ -31,9 +31,11 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from results_io import write_json_atomic  # benchmarks/ is on sys.path when a script runs
+from results_io import markdown_tables, print_tables, write_json_atomic  # benchmarks/ is on sys.path
 
 import torch  # does not import triton: the interpreter can still be switched on below
+
+LEFT_COLUMNS = ("mask", "target", "result")  # the rest align right
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "attention_gpu.json")
@@ -450,33 +452,6 @@ def render(payload: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
-def print_tables(tables: list) -> None:
-    """Rich tables when rich is installed, plain text otherwise."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(markdown_tables(tables))
-        return
-    console = Console(width=max(Console().width, 160))
-    for title, header, body in tables:
-        table = Table(title=title)
-        for name in header:
-            table.add_column(name, justify="left" if name in ("mask", "target", "result") else "right")
-        for line in body:
-            table.add_row(*line)
-        console.print(table)
-
-
-def markdown_tables(tables: list) -> str:
-    out = []
-    for title, header, body in tables:
-        rule = "|".join(":---" if name in ("mask", "target", "result") else "---:" for name in header)
-        out += [f"**{title}**\n", "| " + " | ".join(header) + " |", f"|{rule}|"]
-        out += ["| " + " | ".join(line) + " |" for line in body] + [""]
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -583,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = run(args, argv, prepare(args))
         print(f"wrote {args.out}", file=sys.stderr)
     tables = render(payload)
-    print(markdown_tables(tables)) if args.markdown else print_tables(tables)
+    print(markdown_tables(tables, LEFT_COLUMNS)) if args.markdown else print_tables(tables, LEFT_COLUMNS)
     failed = [f"{r['mask']} d={r['d']} N={r['n']}: {', '.join(r['failed'])}" for r in payload["rows"] if r["failed"]]
     for line in failed:
         print(f"attention_gpu: seqweave failed on {line}", file=sys.stderr)

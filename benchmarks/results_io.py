@@ -1,10 +1,14 @@
-"""Shared by the benchmark scripts: write a results file so a crash never leaves half of one."""
+"""Shared by the benchmark scripts: write a results file so a crash never leaves half of one,
+and print result tables (rich in a terminal, Markdown for the README)."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Sequence
+
+#: (title, header, rows of cells)
+TableData = tuple[str, list[str], list[list[str]]]
 
 
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
@@ -15,3 +19,31 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         json.dump(payload, handle, indent=2, default=str)
         handle.write("\n")
     os.replace(handle.name, path)
+
+
+def print_tables(tables: list[TableData], left: Sequence[str], width: int = 160) -> None:
+    """Rich tables when rich is installed, plain Markdown otherwise; columns named in `left` align left."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown_tables(tables, left))
+        return
+    console = Console(width=max(Console().width, width))
+    for title, header, body in tables:
+        table = Table(title=title)
+        for name in header:
+            table.add_column(name, justify="left" if name in left else "right")
+        for line in body:
+            table.add_row(*line)
+        console.print(table)
+
+
+def markdown_tables(tables: list[TableData], left: Sequence[str]) -> str:
+    """The tables as Markdown, for pasting into benchmarks/README.md."""
+    out = []
+    for title, header, body in tables:
+        rule = "|".join(":---" if name in left else "---:" for name in header)
+        out += [f"**{title}**\n", "| " + " | ".join(header) + " |", f"|{rule}|"]
+        out += ["| " + " | ".join(line) + " |" for line in body] + [""]
+    return "\n".join(out)

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from results_io import write_json_atomic  # benchmarks/ is on sys.path when a script runs
+from results_io import markdown_tables, print_tables, write_json_atomic  # benchmarks/ is on sys.path
 
 import torch
 
@@ -40,6 +40,8 @@ from seqweave.runtime.comm import Communicator
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
 from seqweave.testing.distributed import run_ranks
+
+LEFT_COLUMNS = ("strategy",)  # the rest align right
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "sp_cpu.json")
@@ -262,33 +264,6 @@ def render(payload: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
-def print_tables(tables: list) -> None:
-    """Rich tables when rich is installed, plain text otherwise."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(markdown_tables(tables))
-        return
-    console = Console(width=max(Console().width, 140))
-    for title, header, body in tables:
-        table = Table(title=title)
-        for index, name in enumerate(header):
-            table.add_column(name, justify="left" if index == 2 and name == "strategy" else "right")
-        for line in body:
-            table.add_row(*line)
-        console.print(table)
-
-
-def markdown_tables(tables: list) -> str:
-    out = []
-    for title, header, body in tables:
-        rule = "|".join(":---" if name == "strategy" else "---:" for name in header)
-        out += [f"**{title}**\n", "| " + " | ".join(header) + " |", f"|{rule}|"]
-        out += ["| " + " | ".join(line) + " |" for line in body] + [""]
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -335,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     payload = json.load(open(args.report)) if args.report else run(args, argv)
     tables = render(payload)
-    print(markdown_tables(tables)) if args.markdown else print_tables(tables)
+    print(markdown_tables(tables, LEFT_COLUMNS)) if args.markdown else print_tables(tables, LEFT_COLUMNS)
     if not args.report:
         write_json_atomic(args.out, payload)
         print(f"wrote {args.out}", file=sys.stderr)

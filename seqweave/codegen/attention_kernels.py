@@ -43,6 +43,14 @@ def triton_handles(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod) -> bool
     return supported and q.shape[-1] <= 256 and use_triton(q, k, v)
 
 
+def kernels_in_use(device: torch.device | str = "cpu") -> str:
+    """Which kernels fp32/fp16/bf16 attention runs on `device`, in words (for reports)."""
+    probe = torch.empty(0, device=device)
+    if not use_triton(probe):
+        return "blockwise torch reference"
+    return "generated Triton kernels" + ("" if probe.is_cuda else " under Triton's CPU interpreter")
+
+
 def _rows(x: Tensor, run: Run) -> Tensor:
     return x.narrow(2, run[0], run[1])
 

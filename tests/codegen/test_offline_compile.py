@@ -40,3 +40,17 @@ def test_offline_compile_refuses_to_run_under_the_interpreter():
                             text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert result.returncode == 2
     assert "unset TRITON_INTERPRET" in " ".join(result.stderr.split())  # rich wraps long lines
+
+
+@pytest.mark.slow
+def test_linear_attention_kernels_compile_for_sm90_without_spills_at_d64():
+    script = ("import torch\n"
+              "from seqweave.codegen.triton.offline import compile_linear_attention\n"
+              "for r in compile_linear_attention(torch.bfloat16, 64, 90): print(r.name, r.spill_bytes)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEQWEAVE_TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**env, "TRITON_DEFAULT_FP_FUSION": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spills = dict(line.split() for line in result.stdout.splitlines())
+    assert set(spills) == {"linear_attention_forward", "linear_attention_dq", "linear_attention_dkv"}
+    assert spills["linear_attention_forward"] == "0" and spills["linear_attention_dq"] == "0", spills

@@ -33,11 +33,12 @@ try:
 except ImportError:  # kernels are only built when triton is present; see `_require_triton`
     triton = tl = None
 
-DEFAULT_CHUNK = 64
+WIDE_HEAD_DIM = 64  # above this, chunks of 16 tokens (below: 32) keep the state and tiles in registers
 MIN_DOT_DIM = 16          # tl.dot needs every dimension >= 16
 MAX_CHUNK = 256
 MAX_HEAD_DIM = 256        # D is never split (o = Q S sums over it); Dv is split in BLOCK_DV columns
-DEFAULT_BLOCK_DV = 64
+DEFAULT_BLOCK_DV = 32
+GPU_WARPS = 8  # chunk, Dv block and warps chosen with offline.compile_linear_attention: no spills at sm_90
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -237,6 +238,11 @@ def _require_triton() -> None:
                            "back to the torch reference)")
 
 
+def default_chunk(head_dim: int) -> int:
+    """Tokens per chunk: 32, or 16 for head dims above 64 (the d x Dv state shares the registers)."""
+    return 32 if head_dim <= WIDE_HEAD_DIM else 16
+
+
 def _dot_dim(size: int) -> int:
     return max(MIN_DOT_DIM, triton.next_power_of_2(size))
 
@@ -246,10 +252,10 @@ def _launch_config(q: torch.Tensor, v: torch.Tensor, chunk: int | None, block_dv
     if q.dtype not in KERNEL_DTYPES:
         raise _fail(f"the kernels take fp32, fp16 or bf16 inputs; got {q.dtype}",
                     "use linear_attention_chunked for other dtypes (linear_attention routes float64 there)")
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
+    chunk = default_chunk(q.shape[3]) if chunk is None else chunk
     if chunk < MIN_DOT_DIM or chunk > MAX_CHUNK or chunk & (chunk - 1):
         raise _fail(f"chunk must be a power of two in [{MIN_DOT_DIM}, {MAX_CHUNK}]; got {chunk}",
-                    f"pass chunk={DEFAULT_CHUNK} (or None)")
+                    f"pass chunk={default_chunk(q.shape[3])} (or None)")
     if q.shape[3] > MAX_HEAD_DIM:
         raise _fail(f"head dim D={q.shape[3]} is above the supported {MAX_HEAD_DIM}",
                     "split the heads, or use linear_attention_chunked")
@@ -257,7 +263,7 @@ def _launch_config(q: torch.Tensor, v: torch.Tensor, chunk: int | None, block_dv
     if block_dv < MIN_DOT_DIM or block_dv & (block_dv - 1):
         raise _fail(f"block_dv must be a power of two >= {MIN_DOT_DIM}; got {block_dv}", "pass block_dv=None")
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    num_warps = 4 if chunk * _dot_dim(q.shape[3]) <= 64 * 64 else 8
+    num_warps = GPU_WARPS if q.is_cuda or q.is_meta else 1
     return _Launch(chunk, _dot_dim(q.shape[3]), block_dv, precision, num_warps)
 
 

@@ -108,3 +108,43 @@ def spec_for(mask: str, score_mod: str, head_dim: int, dtype: torch.dtype, group
     q = torch.empty(1, group, 1, head_dim, dtype=dtype, device="meta")
     k = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
     return make_spec(q, k, k, parse_mask(mask), parse_score_mod(score_mod), interpret=False)
+
+
+LINEAR_INPUTS = ("Q", "K", "V", "O", "DO", "DVOUT")  # in the input dtype; other pointers are fp32
+LINEAR_KERNELS = ("forward", "dq", "dkv")
+
+
+def _linear_signature(function, dtype: str, constants: dict[str, object]) -> dict[str, str]:
+    def kind(name: str) -> str:
+        if name in constants:
+            return "constexpr"
+        if name.startswith("stride_") or name in ("H", "N", "D", "DV"):
+            return "i32"
+        return "*" + (TRITON_TYPES[dtype] if name in LINEAR_INPUTS else "fp32")
+    return {name: kind(name) for name in function.arg_names}
+
+
+def compile_linear_attention(dtype: torch.dtype, head_dim: int, arch: int) -> list[CompiledKernel]:
+    """Compile the chunked linear-attention kernels (decay, initial state, final-state gradient) for `arch`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from seqweave.codegen.triton import linear_attention
+
+    probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device="meta")
+    launch = linear_attention._launch_config(probe, probe, None, None)
+    kernels = linear_attention._kernels(False)
+    results = []
+    for name in LINEAR_KERNELS:
+        function = getattr(kernels, name)
+        constants = {**{k: v for k, v in launch.constants().items() if k != "num_warps"},
+                     "HAS_INITIAL_STATE": True, "HAS_FINAL_GRAD": True}
+        constants = {k: v for k, v in constants.items() if k in function.arg_names}
+        signature = _linear_signature(function, str(dtype).removeprefix("torch."), constants)
+        names = list(function.arg_names)
+        source = ASTSource(function, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=launch.num_warps))
+        registers, spills = _ptxas_report(compiled.asm["ptx"], arch)
+        results.append(CompiledKernel(f"linear_attention_{name}", arch, int(compiled.metadata.shared), registers, spills))
+    return results

@@ -194,3 +194,12 @@ def test_float64_and_unknown_score_mods_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="q_offset and kv_offset"):
         triton_attention.make_call(q.float(), q.float(), q.float(), parse_mask("causal"), parse_score_mod("none"),
                                    1.0, (), -1, 0)
+
+
+def test_views_whose_offsets_would_overflow_32_bits_are_copied():
+    small = torch.zeros(1, 2, 8, 16).transpose(1, 2)  # a [B, S, H, D] view: strides fit, kept as is
+    assert triton_attention.addressable(small) is small
+    far = 2**31  # two rows 2^31 elements apart (virtual memory only: two pages are touched)
+    huge = torch.empty_strided((1, 1, 2, 16), (far + 16, far + 16, far, 1))
+    copy = triton_attention.addressable(huge)
+    assert copy.is_contiguous() and torch.equal(copy, huge)

@@ -53,9 +53,27 @@ def make_call(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreM
     if q_offset < 0 or kv_offset < 0:
         raise ValueError(f"q_offset and kv_offset are global positions and must be >= 0, got {q_offset}, {kv_offset}")
     interpret = not q.is_cuda
-    q, k, v = (t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous() for t in (q, k, v))
+    q, k, v = (addressable(t) for t in (q, k, v))
     spec = make_spec(q, k, v, mask, score_mod, interpret)
     return Call(q, k, v, mask, tuple(operands), float(scale), int(q_offset), int(kv_offset), spec, interpret)
+
+
+INT32_LIMIT = 2**31
+
+
+def addressable(t: Tensor) -> Tensor:
+    """`t`, or a contiguous copy, such that the kernels' 32-bit offsets inside one (batch, head)
+    slice cannot overflow (their (batch, head) bases are 64-bit). A [B, S, H, D] view at a million
+    tokens needs the copy; a contiguous [B, H, S, D] tensor fits up to 16M tokens at d = 128."""
+    def reach(x: Tensor) -> int:
+        return sum((size - 1) * stride for size, stride in zip(x.shape[2:], x.stride()[2:]))
+    if t.stride(-1) == 1 and 0 not in t.stride() and reach(t) < INT32_LIMIT:
+        return t
+    t = t.contiguous()
+    if reach(t) >= INT32_LIMIT:
+        raise ValueError(f"one (batch, head) slice of shape {tuple(t.shape[2:])} has 2^31 elements or more; "
+                         f"shard the sequence (sequence parallelism) so each rank holds less")
+    return t
 
 
 def kernels(spec: KernelSpec, device: str, interpret: bool, cache: KernelCache | None = None) -> ModuleType:
@@ -145,7 +163,7 @@ def backward(call: Call, dout: Tensor, out: Tensor, lse: Tensor, schedule: Sched
     q, k, v = (t.contiguous() for t in (call.q, call.k, call.v))  # dq, dk, dv are stored with these strides
     knobs = call.spec.backward
     schedule = schedule or schedule_for(call, knobs)
-    dout = dout.contiguous()
+    dout, out = dout.contiguous(), addressable(out)
     lse = lse.to(torch.float32).contiguous()
     delta = _delta(call, out, dout)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

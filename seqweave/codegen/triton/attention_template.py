@@ -70,8 +70,8 @@ def attention_forward(Q, K, V, Out, Lse, Counts, Indices, stride_ck, stride_ik, 
                       BLOCK_N: tl.constexpr, COUNT_VISITS: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the busiest (causal: last) q blocks start first
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
+    off_b = (pid_bh // num_heads).to(tl.int64)  # 64-bit (b, h) bases: B x H x S x D passes 2^31
+    off_h = (pid_bh % num_heads).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + (off_h // GROUP) * stride_kh
     V += off_b * stride_vb + (off_h // GROUP) * stride_vh
@@ -101,7 +101,7 @@ def attention_forward(Q, K, V, Out, Lse, Counts, Indices, stride_ck, stride_ik, 
     Out += off_b * stride_ob + off_h * stride_oh
     tl.store(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Lse + pid_bh * q_len + offs_m, lse, mask=row_ok)
+    tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
 
 
 @jit
@@ -110,8 +110,8 @@ def attention_backward_preprocess(Out, DOut, Delta, stride_ob, stride_oh, stride
                                   HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
+    off_b = (pid_bh // num_heads).to(tl.int64)  # 64-bit (b, h) bases: B x H x S x D passes 2^31
+    off_h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     ok = (offs_m < q_len)[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
@@ -119,7 +119,7 @@ def attention_backward_preprocess(Out, DOut, Delta, stride_ob, stride_oh, stride
                 + offs_dv[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh * q_len + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+    tl.store(Delta + pid_bh.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
 
 
 @jit
@@ -192,8 +192,8 @@ def attention_backward_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Counts, Indices, 
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)  # over batch x kv heads
     kv_heads = num_heads // GROUP
-    off_b = pid_bh // kv_heads
-    off_hk = pid_bh % kv_heads
+    off_b = (pid_bh // kv_heads).to(tl.int64)
+    off_hk = (pid_bh % kv_heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -238,14 +238,14 @@ def attention_backward_dq(Q, K, V, DOut, Lse, Delta, DQ, Counts, Indices, stride
                           BLOCK_N: tl.constexpr, COUNT_VISITS: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the busiest (causal: last) q blocks start first
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // num_heads
-    off_h = pid_bh % num_heads
+    off_b = (pid_bh // num_heads).to(tl.int64)  # 64-bit (b, h) bases: B x H x S x D passes 2^31
+    off_h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_base = off_b * stride_qb + off_h * stride_qh
-    q, do, lse, delta = _load_rows(Q + q_base, DOut + off_b * stride_dob + off_h * stride_doh, Lse + pid_bh * q_len,
-                                   Delta + pid_bh * q_len, offs_m, offs_d, offs_dv, stride_qm, stride_qd,
+    q, do, lse, delta = _load_rows(Q + q_base, DOut + off_b * stride_dob + off_h * stride_doh, Lse + pid_bh.to(tl.int64) * q_len,
+                                   Delta + pid_bh.to(tl.int64) * q_len, offs_m, offs_d, offs_dv, stride_qm, stride_qd,
                                    stride_dom, stride_dod, q_len, HEAD_DIM, HEAD_DIM_V)
     K += off_b * stride_kb + (off_h // GROUP) * stride_kh
     V += off_b * stride_vb + (off_h // GROUP) * stride_vh

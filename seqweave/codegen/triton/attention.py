@@ -78,13 +78,15 @@ def addressable(t: Tensor) -> Tensor:
 
 def kernels(spec: KernelSpec, device: str, interpret: bool, cache: KernelCache | None = None) -> ModuleType:
     """The compiled-on-demand module of kernels for `spec` (through the on-disk cache)."""
-    return (cache or _default_cache()).load(attention_source(spec), device, {"jit": jit_decorator(interpret)})
+    if cache is None:
+        return _default_module(spec, device, interpret)
+    return cache.load(attention_source(spec), device, {"jit": jit_decorator(interpret)})
 
 
-@functools.cache
-def _default_cache() -> KernelCache:
-    """One cache per process, made on first use (reads SEQWEAVE_CACHE_DIR then)."""
-    return KernelCache()
+@functools.lru_cache(maxsize=None)
+def _default_module(spec: KernelSpec, device: str, interpret: bool) -> ModuleType:
+    """Memoised per process: a call's host work is a dict lookup, not generating and hashing source."""
+    return KernelCache().load(attention_source(spec), device, {"jit": jit_decorator(interpret)})
 
 
 def _operand_arguments(mask: MaskSpec, operands: Sequence[Tensor]) -> list:
@@ -118,9 +120,8 @@ def _constants(call: Call, knobs: LaunchKnobs, count_visits: bool) -> dict:
 
 def schedule_for(call: Call, knobs: LaunchKnobs) -> Schedule:
     """The tile schedule for this call at these block sizes, on the call's device."""
-    schedule = build_schedule(call.mask, call.q.shape[2], call.k.shape[2], knobs.block_m, knobs.block_n,
-                              call.q_offset, call.kv_offset, call.operands)
-    return schedule.to(call.q.device)
+    return build_schedule(call.mask, call.q.shape[2], call.k.shape[2], knobs.block_m, knobs.block_n,
+                          call.q_offset, call.kv_offset, call.operands, call.q.device)
 
 
 def _visits_buffer(programs: int, batch_heads: int, device: torch.device, count: bool) -> Tensor:

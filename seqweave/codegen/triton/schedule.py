@@ -18,6 +18,7 @@ import torch
 from seqweave.codegen.triton.tile_grid import EMPTY, FULL, PARTIAL, make_blocks, tile_grid
 from seqweave.ir.mask import BlockClass, MaskSpec
 from seqweave.ir.mask_parser import parse_mask
+
 _CODES = {BlockClass.EMPTY: EMPTY, BlockClass.FULL: FULL, BlockClass.PARTIAL: PARTIAL}
 
 
@@ -113,16 +114,21 @@ def schedule_from_classes(classes: torch.Tensor) -> Schedule:
 
 @functools.lru_cache(maxsize=256)
 def _structured_schedule(mask_text: str, q_len: int, kv_len: int, block_m: int, block_n: int,
-                         q_offset: int, kv_offset: int) -> Schedule:
+                         q_offset: int, kv_offset: int, device: str) -> Schedule:
+    """Memoised per device too: a ring step or a layer reuses the lists already on the GPU
+    instead of copying them from the host on every call."""
     classes = tile_classes(parse_mask(mask_text), q_len, kv_len, block_m, block_n, q_offset, kv_offset)
-    return schedule_from_classes(classes)
+    return schedule_from_classes(classes).to(torch.device(device))
 
 
 def build_schedule(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int = 0,
-                   kv_offset: int = 0, operands: Sequence[torch.Tensor] = ()) -> Schedule:
-    """The schedule for one call (CPU tensors). Masks of positions alone are memoised; masks
-    that read operands are classified from the operands' values on every call."""
+                   kv_offset: int = 0, operands: Sequence[torch.Tensor] = (),
+                   device: torch.device | str = "cpu") -> Schedule:
+    """The schedule for one call, its lists on `device`. Masks of positions alone are memoised;
+    masks that read operands are classified from the operands' values on every call."""
     if not mask.is_data_dependent():
-        return _structured_schedule(str(mask), q_len, kv_len, block_m, block_n, q_offset, kv_offset)
+        return _structured_schedule(str(mask), q_len, kv_len, block_m, block_n, q_offset, kv_offset,
+                                    str(torch.device(device)))
     host = [t.detach().cpu() for t in operands]  # one copy, not a device sync per tile
-    return schedule_from_classes(tile_classes(mask, q_len, kv_len, block_m, block_n, q_offset, kv_offset, host))
+    classes = tile_classes(mask, q_len, kv_len, block_m, block_n, q_offset, kv_offset, host)
+    return schedule_from_classes(classes).to(torch.device(device))

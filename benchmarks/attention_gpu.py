@@ -21,17 +21,16 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from results_io import markdown_tables, print_tables, write_json_atomic  # benchmarks/ is on sys.path
+import results_io  # benchmarks/ is on sys.path when a script runs
+from results_io import markdown_tables, print_tables, write_json_atomic
 
 import torch  # does not import triton: the interpreter can still be switched on below
 
@@ -457,18 +456,13 @@ def render(payload: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 def machine_info(device: torch.device) -> dict:
     """Where the numbers come from: the device by name, library versions and the commit."""
-    info = {"platform": platform.platform(), "python": platform.python_version(), "nproc": os.cpu_count(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "device": "cpu (Triton interpreter)"}
+    info = {**results_io.machine_info(HERE), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": "cpu (Triton interpreter)"}
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         info.update(device=torch.cuda.get_device_name(device), capability=f"sm{major}{minor}")
     from seqweave.codegen.cache import triton_version
     info["triton"] = triton_version()
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                        timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
     return info
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
 import tempfile
 from typing import Any, Sequence
 
@@ -47,3 +49,15 @@ def markdown_tables(tables: list[TableData], left: Sequence[str]) -> str:
         out += [f"**{title}**\n", "| " + " | ".join(header) + " |", f"|{rule}|"]
         out += ["| " + " | ".join(line) + " |" for line in body] + [""]
     return "\n".join(out)
+
+
+def machine_info(repo: str) -> dict[str, Any]:
+    """Platform, Python, CPU count and the commit of `repo` (None outside a git checkout)."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "nproc": os.cpu_count()}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                        timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info

@@ -19,14 +19,13 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-from results_io import markdown_tables, print_tables, write_json_atomic  # benchmarks/ is on sys.path
+import results_io  # benchmarks/ is on sys.path when a script runs
+from results_io import markdown_tables, print_tables, write_json_atomic
 
 import torch
 
@@ -268,14 +267,7 @@ def render(payload: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "nproc": os.cpu_count(),
-            "torch": torch.__version__}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                        timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    return info
+    return {**results_io.machine_info(HERE), "torch": torch.__version__}
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:

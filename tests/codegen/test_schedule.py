@@ -2,6 +2,7 @@
 kernels walk hold exactly the FULL and PARTIAL tiles of each block."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -75,3 +76,32 @@ def test_lists_hold_exactly_the_full_and_partial_tiles(text, shape):
         for owner in range(grid.shape[0]):
             for code in (FULL, PARTIAL):
                 assert walked(lists, owner, code) == torch.nonzero(grid[owner] == code).flatten().tolist()
+
+
+def test_data_dependent_schedules_are_reused_only_for_the_same_unchanged_operand():
+    mask = parse_mask("causal & document($0)")
+    ids = torch.tensor([[0] * 20 + [1] * 20])
+    first = build_schedule(mask, 40, 40, 8, 8, operands=[ids])
+    assert build_schedule(mask, 40, 40, 8, 8, operands=[ids]) is first  # same tensor, unchanged
+    assert build_schedule(mask, 32, 32, 8, 8, 8, 8, operands=[ids]) is not first  # other offsets
+    ids[0, 20:] = 0  # an in-place write bumps the version counter: classified again
+    after = build_schedule(mask, 40, 40, 8, 8, operands=[ids])
+    assert after is not first
+    assert torch.equal(after.classes, tile_classes(mask, 40, 40, 8, 8, operands=[ids]))
+    assert (after.classes != first.classes).any()
+    copy = ids.clone()  # equal values, another tensor: never mistaken for the held one
+    assert build_schedule(mask, 40, 40, 8, 8, operands=[copy]) is not after
+
+
+def test_inference_tensors_are_classified_every_call():
+    mask = parse_mask("padding($0)")
+    with torch.inference_mode():
+        valid = torch.ones(1, 24, dtype=torch.bool)
+    first = build_schedule(mask, 24, 24, 8, 8, operands=[valid])
+    assert build_schedule(mask, 24, 24, 8, 8, operands=[valid]) is not first
+    assert torch.equal(first.classes, build_schedule(mask, 24, 24, 8, 8, operands=[valid]).classes)
+
+
+def test_operands_shorter_than_the_positions_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="covers positions 0..39 but attention reaches position 47"):
+        build_schedule(parse_mask("document($0)"), 40, 40, 8, 8, 8, 8, operands=[torch.zeros(1, 40, dtype=torch.int64)])

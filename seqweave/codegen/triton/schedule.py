@@ -10,8 +10,9 @@ skip exactly the tiles the mask hides.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -121,14 +122,68 @@ def _structured_schedule(mask_text: str, q_len: int, kv_len: int, block_m: int, 
     return schedule_from_classes(classes).to(torch.device(device))
 
 
+@dataclass(frozen=True)
+class _HeldSchedule:
+    operands: tuple[torch.Tensor, ...]  # held, so their memory (and ids) cannot be reused while cached
+    versions: tuple[int, ...]
+    schedule: Schedule
+
+
+class OperandSchedules:
+    """Schedules of data-dependent masks, reused while the very same operand tensors are unchanged.
+
+    A training step passes one document-id tensor to every layer and ring step; classifying it
+    once per (shape, offsets, tiles) saves a device-to-host copy, and so a GPU sync, per layer.
+    An entry matches only the same tensor objects (held here, so their ids cannot be reused) at
+    the same version counters (bumped by any in-place write). Inference tensors have no version
+    counter and are classified on every call.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, _HeldSchedule] = OrderedDict()
+
+    def get(self, key: tuple, operands: Sequence[torch.Tensor], build: Callable[[], Schedule]) -> Schedule:
+        """The held schedule for `key` if its operands are unchanged, else `build()` (then held)."""
+        versions = _versions(operands)
+        if versions is None:
+            return build()
+        key = key + tuple(id(t) for t in operands)
+        held = self._entries.get(key)
+        if held and held.versions == versions and all(a is b for a, b in zip(held.operands, operands)):
+            self._entries.move_to_end(key)
+            return held.schedule
+        self._entries[key] = _HeldSchedule(tuple(operands), versions, build())
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return self._entries[key].schedule
+
+
+def _versions(operands: Sequence[torch.Tensor]) -> tuple[int, ...] | None:
+    try:
+        return tuple(t._version for t in operands)
+    except RuntimeError:  # inference tensors do not track versions
+        return None
+
+
+@functools.cache
+def operand_schedules() -> OperandSchedules:
+    """The process's cache of data-dependent schedules."""
+    return OperandSchedules()
+
+
 def build_schedule(mask: MaskSpec, q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int = 0,
                    kv_offset: int = 0, operands: Sequence[torch.Tensor] = (),
                    device: torch.device | str = "cpu") -> Schedule:
     """The schedule for one call, its lists on `device`. Masks of positions alone are memoised;
-    masks that read operands are classified from the operands' values on every call."""
+    masks that read operands are classified from the operands' values, once per unchanged operand."""
+    device = str(torch.device(device))
     if not mask.is_data_dependent():
-        return _structured_schedule(str(mask), q_len, kv_len, block_m, block_n, q_offset, kv_offset,
-                                    str(torch.device(device)))
-    host = [t.detach().cpu() for t in operands]  # one copy, not a device sync per tile
-    classes = tile_classes(mask, q_len, kv_len, block_m, block_n, q_offset, kv_offset, host)
-    return schedule_from_classes(classes).to(torch.device(device))
+        return _structured_schedule(str(mask), q_len, kv_len, block_m, block_n, q_offset, kv_offset, device)
+
+    def build() -> Schedule:
+        host = [t.detach().cpu() for t in operands]  # one copy, not a device sync per tile
+        classes = tile_classes(mask, q_len, kv_len, block_m, block_n, q_offset, kv_offset, host)
+        return schedule_from_classes(classes).to(torch.device(device))
+    key = (str(mask), q_len, kv_len, block_m, block_n, q_offset, kv_offset, device)
+    return operand_schedules().get(key, operands, build)

@@ -71,6 +71,9 @@ def _full(mask: Full, b: Blocks, operands: Sequence[Tensor]) -> Tensor:
 
 def _block_reduce(values: Tensor, first: Tensor, last: Tensor, reduce: Callable) -> Tensor:
     """reduce(values[:, first_i:last_i + 1]) per block i, for [B, S] values -> [B, num_blocks]."""
+    if int(last.max()) >= values.shape[1]:
+        raise ValueError(f"the mask operand covers positions 0..{values.shape[1] - 1} but attention reaches "
+                         f"position {int(last.max())}; pass operands over the whole (global) sequence")
     return torch.stack([reduce(values[:, int(f):int(l) + 1], dim=1) for f, l in zip(first.flatten(), last.flatten())], 1)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from seqweave.codegen.triton import attention as triton_attention
 from seqweave.codegen.triton.jit import use_triton
-from seqweave.codegen.triton.specs import SUPPORTED_DTYPES
+from seqweave.codegen.triton.specs import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.ops import attn_reference
 from seqweave.ir.ops.attn_reference import merge_partials
@@ -40,7 +40,8 @@ def runs_of(positions: Tensor | None, length: int) -> list[Run]:
 def triton_handles(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod) -> bool:
     """True when this call runs on generated kernels."""
     supported = q.dtype in SUPPORTED_DTYPES and isinstance(score_mod, (NoScoreMod, Softcap))
-    return supported and q.shape[-1] <= 256 and use_triton(q, k, v)
+    narrow = max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+    return supported and narrow and use_triton(q, k, v)
 
 
 def kernels_in_use(device: torch.device | str = "cpu") -> str:

@@ -191,6 +191,9 @@ def test_float64_and_unknown_score_mods_are_refused_with_a_reason():
     q = torch.zeros(1, 2, 8, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
         triton_attention.make_call(q, q, q, parse_mask("causal"), parse_score_mod("none"), 1.0, (), 0, 0)
+    wide = torch.zeros(1, 2, 8, 320)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        triton_attention.make_call(wide, wide, wide, parse_mask("causal"), parse_score_mod("none"), 1.0, (), 0, 0)
     with pytest.raises(ValueError, match="q_offset and kv_offset"):
         triton_attention.make_call(q.float(), q.float(), q.float(), parse_mask("causal"), parse_score_mod("none"),
                                    1.0, (), -1, 0)

@@ -17,6 +17,7 @@ from seqweave.ir.score_mod import NoScoreMod, ScoreMod, Softcap
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_BLOCK = 16  # small tiles, so CPU tests with tiny shapes still cross tile edges
 MIN_DOT_DIM = 16  # tl.dot needs every dim >= 16
+MAX_HEAD_DIM = 256  # a q or k/v row tile of a wider head does not fit the registers
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod
                          f"k {k.dtype}, v {v.dtype}. Cast the inputs, or use the CPU reference for float64.")
     if not isinstance(score_mod, (NoScoreMod, Softcap)):
         raise ValueError(f"score mod {score_mod} has no Triton form; use none or softcap(cap)")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head dims up to {MAX_HEAD_DIM}; got q {q.shape[-1]}, "
+                         f"v {v.shape[-1]}. Use the CPU reference, or split the heads.")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
 

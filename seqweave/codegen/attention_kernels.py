@@ -104,4 +104,4 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
-GENERATED = LocalAttention("triton", forward, backward)
+GENERATED = LocalAttention("generated kernels where they run, else the reference", forward, backward)

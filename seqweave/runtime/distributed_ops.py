@@ -10,13 +10,13 @@ import torch
 
 from seqweave.ir.graph import Node
 from seqweave.ir.mask import MaskSpec
-from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.sp import split_factor
+from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import Layout, RingPlan, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
-from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 from seqweave.runtime.hybrid import HybridCommunicator, hybrid_attention_backward, hybrid_attention_forward
+from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
 

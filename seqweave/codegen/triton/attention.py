@@ -19,7 +19,7 @@ from seqweave.codegen.cache import KernelCache
 from seqweave.codegen.triton.attention_template import attention_source
 from seqweave.codegen.triton.jit import device_key, jit_decorator
 from seqweave.codegen.triton.schedule import Schedule, build_schedule
-from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, make_spec, next_power_of_two
+from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, kernel_constants, make_spec, next_power_of_two
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.ops.attn_reference import lse_dtype
@@ -109,10 +109,7 @@ def _strides(*tensors: Tensor) -> list[int]:
 
 
 def _constants(call: Call, knobs: LaunchKnobs, count_visits: bool) -> dict:
-    spec = call.spec
-    constants = dict(GROUP=spec.group, HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim_v,
-                     BLOCK_D=next_power_of_two(spec.head_dim), BLOCK_DV=next_power_of_two(spec.head_dim_v),
-                     BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n, COUNT_VISITS=count_visits)
+    constants = kernel_constants(call.spec, knobs, count_visits)
     if not call.interpret:
         constants.update(num_warps=knobs.num_warps, num_stages=knobs.num_stages)
     return constants

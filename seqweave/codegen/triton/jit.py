@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 (see `request_interpreter_from_environment`), and the runtime
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -29,13 +30,16 @@ def request_interpreter_from_environment() -> None:
         os.environ.setdefault(TRITON_VARIABLE, "1")
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the triton package can be imported."""
+    """True when the triton package can be imported (asked on every attention call: memoised)."""
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def interpreter_active() -> bool:
-    """True when this process's Triton runs kernels under the CPU interpreter."""
+    """True when this process's Triton runs kernels under the CPU interpreter (fixed for the
+    process once triton.language is imported, which this does)."""
     if not triton_available():
         return False
     import triton.language as tl

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from seqweave.codegen.triton.jit import jit_decorator, use_triton
+from seqweave.codegen.triton.specs import MIN_DOT_DIM, next_power_of_two
 from seqweave.ir.ops.linear_attn_reference import (ERROR_PREFIX, check_linear_attention_inputs,
                                                    linear_attention_chunked)
 
@@ -34,7 +35,6 @@ except ImportError:  # kernels are only built when triton is present; see `_requ
     triton = tl = None
 
 WIDE_HEAD_DIM = 64  # above this, chunks of 16 tokens (below: 32) keep the state and tiles in registers
-MIN_DOT_DIM = 16          # tl.dot needs every dimension >= 16
 MAX_CHUNK = 256
 MAX_HEAD_DIM = 256        # D is never split (o = Q S sums over it); Dv is split in BLOCK_DV columns
 DEFAULT_BLOCK_DV = 32
@@ -243,10 +243,6 @@ def default_chunk(head_dim: int) -> int:
     return 32 if head_dim <= WIDE_HEAD_DIM else 16
 
 
-def _dot_dim(size: int) -> int:
-    return max(MIN_DOT_DIM, triton.next_power_of_2(size))
-
-
 def _launch_config(q: torch.Tensor, v: torch.Tensor, chunk: int | None, block_dv: int | None) -> _Launch:
     """Check what the kernels support and pick block sizes."""
     if q.dtype not in KERNEL_DTYPES:
@@ -259,12 +255,12 @@ def _launch_config(q: torch.Tensor, v: torch.Tensor, chunk: int | None, block_dv
     if q.shape[3] > MAX_HEAD_DIM:
         raise _fail(f"head dim D={q.shape[3]} is above the supported {MAX_HEAD_DIM}",
                     "split the heads, or use linear_attention_chunked")
-    block_dv = min(DEFAULT_BLOCK_DV, _dot_dim(v.shape[3])) if block_dv is None else block_dv
+    block_dv = min(DEFAULT_BLOCK_DV, next_power_of_two(v.shape[3])) if block_dv is None else block_dv
     if block_dv < MIN_DOT_DIM or block_dv & (block_dv - 1):
         raise _fail(f"block_dv must be a power of two >= {MIN_DOT_DIM}; got {block_dv}", "pass block_dv=None")
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     num_warps = GPU_WARPS if q.is_cuda or q.is_meta else 1
-    return _Launch(chunk, _dot_dim(q.shape[3]), block_dv, precision, num_warps)
+    return _Launch(chunk, next_power_of_two(q.shape[3]), block_dv, precision, num_warps)
 
 
 def _decay_operand(decay: torch.Tensor | None, heads: int, q: torch.Tensor) -> torch.Tensor:

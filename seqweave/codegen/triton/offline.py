@@ -19,7 +19,7 @@ import torch
 from seqweave.codegen.cache import KernelCache
 from seqweave.codegen.triton.attention_template import attention_source, operand_names
 from seqweave.codegen.triton.jit import interpreter_active
-from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, next_power_of_two
+from seqweave.codegen.triton.specs import KernelSpec, LaunchKnobs, kernel_constants
 from seqweave.ir.mask_parser import parse_mask
 
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -65,13 +65,6 @@ def _argument_type(name: str, spec: KernelSpec, operands: set[str]) -> str:
     return "fp32" if name == "sm_scale" else "i32"
 
 
-def _constants(spec: KernelSpec, knobs: LaunchKnobs, names: list[str]) -> dict[str, object]:
-    every = dict(GROUP=spec.group, HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim_v,
-                 BLOCK_D=next_power_of_two(spec.head_dim), BLOCK_DV=next_power_of_two(spec.head_dim_v),
-                 BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n, COUNT_VISITS=False)
-    return {name: value for name, value in every.items() if name in names}
-
-
 def compile_kernel(function, name: str, spec: KernelSpec, knobs: LaunchKnobs, arch: int) -> CompiledKernel:
     """Compile one jit function of the spec's module for `arch` (e.g. 90) and summarise it."""
     import triton
@@ -79,11 +72,13 @@ def compile_kernel(function, name: str, spec: KernelSpec, knobs: LaunchKnobs, ar
     from triton.compiler import ASTSource
 
     names = list(function.arg_names)
-    constants = _constants(spec, knobs, names)
+    constants = {n: v for n, v in kernel_constants(spec, knobs).items() if n in names}
     operands = {n for n in operand_names(parse_mask(spec.mask)) if not n.startswith("stride_")}
     signature = {n: "constexpr" if n in constants else _argument_type(n, spec, operands) for n in names}
     source = ASTSource(function, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
-    options = dict(num_warps=knobs.num_warps, num_stages=knobs.num_stages if "preprocess" not in name else 3)
+    options = dict(num_warps=knobs.num_warps)
+    if "preprocess" not in name:  # as attention._delta launches it: Triton's default stages
+        options["num_stages"] = knobs.num_stages
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     registers, spills = _ptxas_report(compiled.asm["ptx"], arch)
     return CompiledKernel(name, arch, int(compiled.metadata.shared), registers, spills)

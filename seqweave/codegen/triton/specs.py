@@ -81,6 +81,13 @@ def backward_knobs(head_dim: int, dtype: torch.dtype, interpret: bool) -> Launch
     return LaunchKnobs(64, 32, 8, 2)
 
 
+def kernel_constants(spec: KernelSpec, knobs: LaunchKnobs, count_visits: bool = False) -> dict[str, object]:
+    """The constexpr arguments of the attention kernels for `spec` at these tiles."""
+    return dict(GROUP=spec.group, HEAD_DIM=spec.head_dim, HEAD_DIM_V=spec.head_dim_v,
+                BLOCK_D=next_power_of_two(spec.head_dim), BLOCK_DV=next_power_of_two(spec.head_dim_v),
+                BLOCK_M=knobs.block_m, BLOCK_N=knobs.block_n, COUNT_VISITS=count_visits)
+
+
 def check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: ScoreMod) -> None:
     """Raise a ValueError naming what the generated kernels cannot run, and what to do instead."""
     if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):

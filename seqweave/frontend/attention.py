@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from seqweave.frontend.custom_ops import ATTENTION_OP
+from seqweave.frontend.orphans import remove_orphans
 from seqweave.frontend.mask_lift import LiftedMask, lift_mask, segment_ids_from_positions
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
                                         looks_like_eager_attention, match_eager, match_sdpa)
@@ -73,7 +74,9 @@ def _mask_operand(graph: fx.Graph, node: fx.Node, role: str) -> fx.Node:
     return node
 
 
-def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> None:
+def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list[fx.Node]:
+    """Put `seqweave::attention` in place of the match; returns the nodes the match read (now
+    possibly orphaned)."""
     with graph.inserting_before(match.anchor):
         operands = [_mask_operand(graph, node, role) for node, role in lifted.operands]
         call = graph.call_function(ATTENTION_OP, (match.q, match.k, match.v, operands, str(lifted.spec),
@@ -82,7 +85,9 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> None
     out.meta.update(match.anchor.meta)
     call.meta["nn_module_stack"] = match.anchor.meta.get("nn_module_stack", {})
     match.anchor.replace_all_uses_with(out)
+    read = list(match.anchor.all_input_nodes)
     graph.erase_node(match.anchor)
+    return read
 
 
 def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
@@ -99,6 +104,7 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
                           if isinstance(value, torch.Tensor)}
     reports = []
     lifted_by_mask: dict[tuple, LiftedMask] = {}  # HF shares one mask between all layers
+    orphan_candidates: list[fx.Node] = []
     for node, form in _candidates(gm.graph):
         layer = layer_name(node)
         try:
@@ -110,8 +116,8 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
         except (NotAttention, ValueError) as why:
             reports.append(AttentionReport(layer, False, f"left alone: {why}", form))
             continue
-        _replace(gm.graph, match, lifted)
+        orphan_candidates += _replace(gm.graph, match, lifted)
         reports.append(_report(match, lifted, layer))
-    gm.graph.eliminate_dead_code()
+    remove_orphans(gm.graph, orphan_candidates)  # never a whole-graph DCE: it drops in-place writes
     gm.recompile()
     return reports

@@ -38,9 +38,12 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: Gr
 
     def aten_compiler(kind: str) -> Callable:
         def compile_aten(aten_gm: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
-            run = compile_graph(import_fx(aten_gm, kind), user_outputs.get(kind))
-            run._boxed_call = True  # aot_autograd passes the argument list itself
-            return run
+            imported = import_fx(aten_gm, kind)
+            run = compile_graph(imported.graph, user_outputs.get(kind))
+            constants = imported.constants
+            boxed = (lambda args: run([*args, *constants])) if constants else run
+            boxed._boxed_call = True  # aot_autograd passes the argument list itself
+            return boxed
         return compile_aten
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=aten_compiler("forward"),

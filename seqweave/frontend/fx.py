@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class _Importer:
     def __init__(self, name: str) -> None:
         self.graph = Graph(name, [], [], ())
         self.env: dict[fx.Node, Any] = {}
+        self.constants: list[tuple[Value, torch.Tensor]] = []
 
     def convert(self, arg: Any) -> Any:
         if isinstance(arg, fx.Node):
@@ -54,6 +56,18 @@ class _Importer:
         if isinstance(arg, dict):
             return {key: self.convert(item) for key, item in arg.items()}
         return arg
+
+    def constant(self, node: fx.Node, gm: fx.GraphModule) -> None:
+        """A tensor the graph holds (a lifted constant) becomes a trailing graph input; its value
+        is bound when the graph runs (`ImportedGraph.constants`)."""
+        value = _attribute(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"graph attribute {node.target!r} is a {type(value).__name__}, not a tensor "
+                               "(control flow or a nested graph reached the backend)",
+                               hint="compile with fullgraph=True on code without torch.cond / nested modules, "
+                                    "or report this graph")
+        self.env[node] = Value(_clean(node.name), _value_type(value))
+        self.constants.append((self.env[node], value))
 
     def placeholder(self, node: fx.Node) -> None:
         value = Value(_clean(node.name), _value_type(node.meta["val"]))
@@ -94,16 +108,34 @@ def _attn_kwargs(mask: str, score_mod: str, scale: float, k: Value) -> dict:
     return {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": int(k.type.shape[1])}
 
 
-def import_fx(gm: fx.GraphModule, name: str) -> Graph:
-    """The IR graph of an ATen FX GraphModule."""
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    owner: Any = gm
+    for part in target.split("."):
+        owner = getattr(owner, part)
+    return owner
+
+
+@dataclass
+class ImportedGraph:
+    """An imported graph and the constant tensors bound to its trailing inputs, in order."""
+
+    graph: Graph
+    constants: list[torch.Tensor]
+
+
+def import_fx(gm: fx.GraphModule, name: str) -> ImportedGraph:
+    """The IR graph of an ATen FX GraphModule; constants it holds become its last inputs."""
     importer = _Importer(name)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             importer.placeholder(node)
+        elif node.op == "get_attr":
+            importer.constant(node, gm)
         elif node.op == "call_function":
             importer.call(node)
         elif node.op == "output":
             importer.graph.outputs = importer.convert(node.args[0])
         else:
             raise CaptureError(f"unsupported FX node kind {node.op} ({node.format_node()})", hint="report this graph")
-    return importer.graph
+    importer.graph.inputs += [value for value, _ in importer.constants]
+    return ImportedGraph(importer.graph, [tensor for _, tensor in importer.constants])

@@ -8,7 +8,9 @@ shapes, every tensor typed `{sp: S(d)}` or `{sp: R}`, and one extra input: this 
 global positions (`sp_positions`, int64 [N/P]), which keeps the graph the same on every rank.
 
 Invariants: positions (RoPE, masks) stay global; a value is sharded at most one way; an op
-with no rule only ever sees whole values, else the pass refuses with the op's name.
+with no rule (or whose rule cannot run it on shards) only ever sees whole values: its sharded
+operands are gathered first, and the pass result names the op (with `gather_unshardable=False`
+the pass refuses instead).
 """
 from __future__ import annotations
 
@@ -53,8 +55,10 @@ class _Builder:
     """Builds the sharded graph; implements the rules' Context."""
 
     def __init__(self, graph: Graph, world: int, layout: Layout, length: int,
-                 input_seqs: dict[int, Seq], attention: str, ulysses: int) -> None:
+                 input_seqs: dict[int, Seq], attention: str, ulysses: int, gather_unshardable: bool) -> None:
         self.world, self.layout, self.length, self.attention = world, layout.value, length, attention
+        self.gather_unshardable = gather_unshardable
+        self.kept_whole: list[str] = []  # ops that ran on gathered (whole) operands, and why
         self.ulysses = ulysses
         self.padded = padded_length(length, world, layout)
         self.seqs: dict[Value, Any] = {}
@@ -139,13 +143,28 @@ class _Builder:
         reduce = lambda v: self.all_reduce(v) if self.partial(v) else v  # noqa: E731
         return rule_for(self, old, map_values(args, reduce), map_values(kwargs, reduce))
 
+    def _rule(self, old: Node, args: tuple, kwargs: dict) -> tuple:
+        if any(self.partial(v) for v in values_in((args, kwargs))):
+            return self._partial_rule(old, args, kwargs)
+        return rule_for(self, old, args, kwargs)
+
+    def _whole(self, old: Node, args: tuple, kwargs: dict, why: Unshardable) -> tuple:
+        """Run `old` on whole values: gather its sharded operands (exact, at the cost of a
+        whole-sequence tensor on every rank; counted in the pass result and named in its detail)."""
+        if not self.gather_unshardable:
+            raise why
+        gather = lambda v: self.gathered(v) if self.seq(v) is not None or self.partial(v) else v  # noqa: E731
+        args, kwargs = map_values(args, gather), map_values(kwargs, gather)
+        self.kept_whole.append(f"{old.op} ({why})")
+        return old.op, args, kwargs, [None] * len(old.results)
+
     def node(self, old: Node) -> None:
         args = map_values(old.args, self.mapping.__getitem__)
         kwargs = map_values(old.kwargs, self.mapping.__getitem__)
-        if any(self.partial(v) for v in values_in((args, kwargs))):
-            op, args, kwargs, seqs = self._partial_rule(old, args, kwargs)
-        else:
-            op, args, kwargs, seqs = rule_for(self, old, args, kwargs)
+        try:
+            op, args, kwargs, seqs = self._rule(old, args, kwargs)
+        except Unshardable as why:
+            op, args, kwargs, seqs = self._whole(old, args, kwargs, why)
         if op == EMITTED:
             results = list(args)
         else:
@@ -187,6 +206,9 @@ class ShardSequence(Pass):
     keep_sharded_from: int = -1
     #: inputs that arrive sharded: (input index, dim, inner) (a backward's saved activations)
     input_seqs: tuple[tuple[int, int, int], ...] = ()
+    #: an op that cannot run on shards gets its operands gathered whole (exact; costs memory and
+    #: bytes, named in the pass result) instead of refusing the graph
+    gather_unshardable: bool = True
     #: filled by run(): "output_seqs", one (dim, inner) or None per output, in order
     report: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -197,7 +219,7 @@ class ShardSequence(Pass):
                             hint="compile with a sequence of at least 2 tokens, or without sequence parallelism")
         builder = _Builder(graph, self.world, layout, self.length,
                            {index: Seq(dim, inner) for index, dim, inner in self.input_seqs}, self.attention,
-                           self.ulysses)
+                           self.ulysses, self.gather_unshardable)
         for node in graph.nodes:
             try:
                 builder.node(node)
@@ -208,7 +230,9 @@ class ShardSequence(Pass):
         graph.inputs, graph.nodes, graph.outputs = builder.out.inputs, builder.out.nodes, builder.out.outputs
         ops = ("attn.ring", "attn.ulysses", "attn.hybrid")
         strategies = ", ".join(f"{graph.count(op)} {op}" for op in ops if graph.count(op))
-        return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}")
+        whole = f"; {len(builder.kept_whole)} ops ran on gathered whole operands: " + \
+            "; ".join(builder.kept_whole) if builder.kept_whole else ""
+        return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}{whole}")
 
     def _outputs(self, builder: _Builder, graph: Graph) -> Any:
         """Gather (or all-reduce) what the caller sees; keep saved activations sharded, and say how."""

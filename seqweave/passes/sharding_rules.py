@@ -153,6 +153,39 @@ def transpose(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     return node.op, args, kwargs, [Seq(moved, seq.inner)]
 
 
+def permute(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    rank = len(ctx.global_shape(args[0]))
+    order = [d % rank for d in args[1]]
+    return node.op, args, kwargs, [Seq(order.index(seq.dim), seq.inner)]
+
+
+def select(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """select(x, dim, index) on another dim than the sequence's drops that dim."""
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    dim = args[1] % len(ctx.global_shape(args[0]))
+    if dim == seq.dim:
+        raise Unshardable(f"{node.op} picks one position of the sharded sequence dim")
+    return node.op, args, kwargs, [Seq(seq.dim - (dim < seq.dim), seq.inner)]
+
+
+def select_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """select_backward(grad, input_sizes, dim, index): grad re-enters `dim`, sized as this rank's piece."""
+    grad, sizes, dim, index = args[:4]
+    seq = ctx.seq(grad)
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    dim = dim % len(sizes)
+    out_dim = seq.dim + (dim <= seq.dim)
+    local = list(sizes)
+    local[out_dim] = ctx.local(int(sizes[out_dim]))
+    return node.op, (grad, local, dim, index, *args[4:]), kwargs, [Seq(out_dim, seq.inner)]
+
+
 def expand(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     seq = ctx.seq(args[0])
     if seq is None:
@@ -391,7 +424,8 @@ def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> E
 RULES: dict[str, Rule] = {
     **{name: elementwise for name in ELEMENTWISE},
     **{f"core.{name}": view for name in ("view", "_unsafe_view", "reshape")},
-    "core.unsqueeze": unsqueeze, "core.transpose.int": transpose, "core.t": transpose,
+    "core.unsqueeze": unsqueeze, "core.transpose.int": transpose, "core.t": transpose, "core.permute": permute,
+    "core.select.int": select, "core.select_backward": select_backward,
     "core.expand": expand, "core.slice.Tensor": slice_,
     "core.mean.dim": reduce_other_dims, "core.sum.dim_IntList": reduce_other_dims, "core.amax": reduce_other_dims,
     "core.mm": row_wise, "core.addmm": row_wise, "core._log_softmax": row_wise, "core._softmax": row_wise,

@@ -1,0 +1,329 @@
+"""Differential check: run a zoo `Program` through seqweave and through `aot_eager`, compare all.
+
+Both backends see the same weights (deep copies of one module) and the same input values
+(fresh copies per call). After every call we compare what a user could observe: every
+output (nested containers and ModelOutputs flattened), every parameter gradient (None on
+one side only is a mismatch), every parameter and buffer value (in-place writes), every
+input tensor's value and gradient (in-place writes on inputs), and which outputs alias an
+input, a buffer or another output (a view must stay a view). `aot_eager` is the reference:
+the same dynamo graphs and aot_autograd wrappers, run by eager ATen kernels.
+
+seqweave may refuse a program, but only with a `SeqweaveError` naming why; any other
+exception, or any difference beyond fp32 tolerance, is a failure.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from seqweave.errors import SeqweaveError
+from seqweave.testing.zoo import Program, build
+
+ATOL = 1e-5
+RTOL = 1e-5
+REFERENCE = "aot_eager"
+
+MATCH, MISMATCH, REFUSED, ERROR, REFERENCE_ERROR = "match", "mismatch", "refused", "error", "reference_error"
+
+
+@dataclass(frozen=True)
+class ItemDiff:
+    """One compared item, e.g. `call1/grad/proj.weight`: whether it matched and by how much."""
+
+    name: str
+    ok: bool
+    max_abs: float = 0.0
+    note: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.name}: {'ok' if self.ok else 'MISMATCH'} max|Δ|={self.max_abs:.3g}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """The verdict for one program: `status` is match, mismatch, refused (a SeqweaveError),
+    error (any other exception in seqweave) or reference_error (aot_eager itself failed)."""
+
+    program: str
+    status: str
+    items: tuple[ItemDiff, ...] = ()
+    exception: str = ""          # "Type: message" of what seqweave (or the reference) raised
+    refusal: str = ""            # the SeqweaveError's message, when status is refused
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mismatches(self) -> list[ItemDiff]:
+        return [item for item in self.items if not item.ok]
+
+    def largest(self, count: int = 5) -> list[ItemDiff]:
+        """The items with the largest differences, mismatches first."""
+        return sorted(self.items, key=lambda item: (item.ok, -item.max_abs))[:count]
+
+    def summary(self) -> str:
+        """A few lines for an assertion message or a report."""
+        lines = [f"{self.program}: {self.status}"]
+        if self.exception:
+            lines.append(f"  raised {self.exception}")
+        shown = self.mismatches[:12] if self.mismatches else self.largest(3)
+        lines += [f"  {item}" for item in shown]
+        if len(self.mismatches) > len(shown):
+            lines.append(f"  ... and {len(self.mismatches) - len(shown)} more mismatches")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Observed:
+    """Everything one backend's run exposed, per call: name -> tensor / scalar / None."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    aliases: list[dict[str, frozenset[str]]] = field(default_factory=list)
+
+
+# --- flattening and snapshots ----------------------------------------------------------------
+
+
+def flatten(value: Any, prefix: str = "", depth: int = 8) -> Iterator[tuple[str, Any]]:
+    """(path, leaf) for every tensor or Python scalar inside tuples, lists, dicts, ModelOutputs
+    and plain objects such as HF caches (through their attributes)."""
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str)):
+        yield prefix or "value", value
+    elif depth <= 0:
+        return
+    elif isinstance(value, dict):  # ModelOutput is an OrderedDict
+        for key, item in value.items():
+            yield from flatten(item, f"{prefix}.{key}" if prefix else str(key), depth - 1)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from flatten(item, f"{prefix}[{index}]", depth - 1)
+    elif hasattr(value, "__dict__") and not callable(value):
+        for key, item in sorted(vars(value).items()):
+            if not key.startswith("_"):
+                yield from flatten(item, f"{prefix}.{key}", depth - 1)
+
+
+def _snapshot(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of an input with the same values (and requires_grad), sharing no memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _fresh(item) for key, item in value.items()}
+    return copy.deepcopy(value)
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    if tensor.layout != torch.strided or tensor.numel() == 0:
+        return None
+    return tensor.untyped_storage().data_ptr()
+
+
+def alias_map(outputs: list[tuple[str, Any]], others: dict[str, torch.Tensor]) -> dict[str, frozenset[str]]:
+    """For each output tensor, the names of the inputs, buffers/parameters and earlier outputs
+    it shares storage with (an output that is a view of an input must alias it)."""
+    owners: dict[int, list[str]] = {}
+    for name, tensor in others.items():
+        if (ptr := _storage(tensor)) is not None:
+            owners.setdefault(ptr, []).append(name)
+    result = {}
+    for name, value in outputs:
+        if isinstance(value, torch.Tensor) and (ptr := _storage(value)) is not None:
+            result[name] = frozenset(owners.get(ptr, ()))
+            owners.setdefault(ptr, []).append(f"output:{name}")
+    return result
+
+
+# --- running one backend ---------------------------------------------------------------------
+
+
+def _differentiable(outputs: list[tuple[str, Any]]) -> list[torch.Tensor]:
+    return [value for _, value in outputs
+            if isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point()]
+
+
+def _backward(program: Program, out: Any, kwargs: dict, call: int) -> dict[str, Any]:
+    """Use the result as the program says; returns extra observed values (a loss computed outside)."""
+    generator = torch.Generator().manual_seed(1000 + call)
+    if program.call == "loss":
+        out["loss"].backward()
+    elif program.call == "dout":
+        out.backward(torch.randn(out.shape, generator=generator, dtype=out.dtype))
+    elif program.call == "cross_entropy":
+        ids = kwargs["input_ids"]
+        loss = F.cross_entropy(out["logits"][:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return {"loss_outside": loss.detach()}
+    elif program.call == "backward":
+        leaves = _differentiable(list(flatten(out)))
+        if leaves:
+            sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in leaves).backward()
+    return {}
+
+
+def _one_call(program: Program, compiled: Callable, module: torch.nn.Module, inputs: tuple[tuple, dict],
+              call: int, observed: _Observed) -> None:
+    args, kwargs = _fresh(inputs[0]), _fresh(inputs[1])
+    torch.manual_seed(call)
+    with torch.set_grad_enabled(program.mode != "no_grad"):
+        out = compiled(*args, **kwargs)
+    outputs = list(flatten(out))
+    named_inputs = dict(flatten((args, kwargs), "input"))
+    state = {f"state:{name}": t for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    observed.aliases.append(alias_map(outputs, {**{k: v for k, v in named_inputs.items()
+                                                   if isinstance(v, torch.Tensor)}, **state}))
+    extra = _backward(program, out, kwargs, call) if program.mode != "no_grad" else {}
+    snapshot = {f"output/{name}": _snapshot(value) for name, value in outputs}
+    snapshot.update({f"output/{name}": value for name, value in extra.items()})
+    snapshot.update({f"input/{name}": _snapshot(value) for name, value in named_inputs.items()})
+    snapshot.update({f"input_grad/{name}": _snapshot(value.grad) for name, value in named_inputs.items()
+                     if isinstance(value, torch.Tensor) and value.requires_grad})
+    snapshot.update({f"grad/{name}": _snapshot(p.grad) for name, p in module.named_parameters()})
+    snapshot.update({f"state/{name[6:]}": _snapshot(t) for name, t in state.items()})
+    observed.calls.append(snapshot)
+
+
+def _observe(program: Program, module: torch.nn.Module, inputs: tuple[tuple, dict], backend: Any,
+             calls: int) -> _Observed:
+    """Compile `module` with `backend` and call it `calls` times, recording what it exposes."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=backend, fullgraph=False, dynamic=False)
+    observed = _Observed()
+    for call in range(calls):
+        _one_call(program, compiled, module, inputs, call, observed)
+    return observed
+
+
+# --- comparing -------------------------------------------------------------------------------
+
+
+def compare_values(name: str, got: Any, want: Any) -> ItemDiff:
+    """Compare one leaf: float tensors within ATOL + RTOL·|want|, everything else exactly."""
+    if got is None or want is None:
+        ok = got is None and want is None
+        return ItemDiff(name, ok, note="" if ok else f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
+    if isinstance(got, torch.Tensor) != isinstance(want, torch.Tensor):
+        return ItemDiff(name, False, note=f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
+    if not isinstance(got, torch.Tensor):
+        ok = got == want or (isinstance(got, float) and abs(got - want) <= ATOL + RTOL * abs(want))
+        return ItemDiff(name, bool(ok), note="" if ok else f"seqweave {got!r}, aot_eager {want!r}")
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return ItemDiff(name, False, note=f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
+    return _compare_tensors(name, got, want)
+
+
+def _compare_tensors(name: str, got: torch.Tensor, want: torch.Tensor) -> ItemDiff:
+    if got.numel() == 0:
+        return ItemDiff(name, True)
+    if not (got.is_floating_point() or got.is_complex()):
+        diff = (got.long() - want.long()).abs().max().item() if got.dtype != torch.bool else float((got != want).any())
+        return ItemDiff(name, torch.equal(got, want), float(diff), "" if torch.equal(got, want) else "integers differ")
+    ok = bool(torch.isclose(got, want, rtol=RTOL, atol=ATOL, equal_nan=True).all())
+    finite = torch.isfinite(got) & torch.isfinite(want)
+    diff = (got - want)[finite].abs().max().item() if finite.any() else 0.0
+    same_specials = torch.equal(got[~finite].nan_to_num(posinf=1, neginf=-1, nan=0),
+                                want[~finite].nan_to_num(posinf=1, neginf=-1, nan=0))
+    return ItemDiff(name, ok, float(diff), "" if same_specials else "non-finite values differ")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return "None" if value is None else type(value).__name__
+
+
+def compare_observed(got: _Observed, want: _Observed) -> list[ItemDiff]:
+    """Item-by-item comparison of two runs (names present on one side only are mismatches)."""
+    items = []
+    for call, (mine, theirs) in enumerate(zip(got.calls, want.calls)):
+        for name in sorted(set(mine) | set(theirs)):
+            label = f"call{call}/{name}"
+            if name not in mine or name not in theirs:
+                items.append(ItemDiff(label, False, note=f"only in {'aot_eager' if name in theirs else 'seqweave'}"))
+            else:
+                items.append(compare_values(label, mine[name], theirs[name]))
+        items += _compare_aliases(call, got.aliases[call], want.aliases[call])
+    return items
+
+
+def _compare_aliases(call: int, got: dict[str, frozenset[str]], want: dict[str, frozenset[str]]) -> list[ItemDiff]:
+    items = []
+    for name in sorted(set(got) | set(want)):
+        mine, theirs = got.get(name, frozenset()), want.get(name, frozenset())
+        note = "" if mine == theirs else f"seqweave aliases {sorted(mine) or 'nothing'}, " \
+                                         f"aot_eager aliases {sorted(theirs) or 'nothing'}"
+        items.append(ItemDiff(f"call{call}/alias/{name}", mine == theirs, note=note))
+    return items
+
+
+# --- the check -------------------------------------------------------------------------------
+
+
+def find_seqweave_error(error: BaseException) -> SeqweaveError | None:
+    """The SeqweaveError that `error` is or wraps (dynamo wraps backend errors), if any."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, SeqweaveError):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if "seqweave" in frame.filename]
+    where = f" at {frames[-1].filename.rsplit('/', 2)[-2:]}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}: {str(error).strip()[:600]}{where}"
+
+
+def _timed(run: Callable[[], _Observed], seconds: dict[str, float], label: str) -> _Observed:
+    start = time.perf_counter()
+    try:
+        return run()
+    finally:
+        seconds[label] = round(time.perf_counter() - start, 3)
+
+
+def _default_backend() -> Any:
+    from seqweave.compiler import SeqweaveBackend  # imports torch's compiler stack lazily
+    return SeqweaveBackend()
+
+
+def run_differential(program: Program, calls: int = 2,
+                     make_backend: Callable[[], Any] = _default_backend) -> DiffResult:
+    """Run `program` through `make_backend()` (seqweave by default) and through aot_eager, and
+    compare outputs, gradients, buffers, inputs and aliasing after each of `calls` calls."""
+    module, args, kwargs = build(program)
+    seconds: dict[str, float] = {}
+    with torch.random.fork_rng():
+        try:
+            want = _timed(lambda: _observe(program, copy.deepcopy(module), (args, kwargs), REFERENCE, calls),
+                          seconds, REFERENCE)
+        except Exception as error:  # noqa: BLE001 - the zoo program itself is broken
+            return DiffResult(program.name, REFERENCE_ERROR, exception=_describe(error), seconds=seconds)
+        try:
+            got = _timed(lambda: _observe(program, copy.deepcopy(module), (args, kwargs), make_backend(), calls),
+                         seconds, "seqweave")
+        except Exception as error:  # noqa: BLE001 - classified below
+            refusal = find_seqweave_error(error)
+            return DiffResult(program.name, REFUSED if refusal else ERROR, exception=_describe(error),
+                              refusal=str(refusal) if refusal else "", seconds=seconds)
+        finally:
+            torch._dynamo.reset()
+    items = tuple(compare_observed(got, want))
+    status = MATCH if all(item.ok for item in items) else MISMATCH
+    return DiffResult(program.name, status, items, seconds=seconds)

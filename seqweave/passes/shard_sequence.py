@@ -59,6 +59,7 @@ class _Builder:
         self.world, self.layout, self.length, self.attention = world, layout.value, length, attention
         self.gather_unshardable = gather_unshardable
         self.kept_whole: list[str] = []  # ops that ran on gathered (whole) operands, and why
+        self.whole: dict[Value, Value] = {}  # sharded value -> its gathered whole
         self.ulysses = ulysses
         self.padded = padded_length(length, world, layout)
         self.seqs: dict[Value, Any] = {}
@@ -150,8 +151,9 @@ class _Builder:
 
     def _whole(self, old: Node, args: tuple, kwargs: dict, why: Unshardable) -> tuple:
         """Run `old` on whole values: gather its sharded operands (exact, at the cost of a
-        whole-sequence tensor on every rank; counted in the pass result and named in its detail)."""
-        if not self.gather_unshardable:
+        whole-sequence tensor on every rank; counted in the pass result and named in its detail).
+        Attention is never run whole: that would be the N x N work the pass exists to split."""
+        if not self.gather_unshardable or old.op.startswith("attn."):
             raise why
         gather = lambda v: self.gathered(v) if self.seq(v) is not None or self.partial(v) else v  # noqa: E731
         args, kwargs = map_values(args, gather), map_values(kwargs, gather)
@@ -175,6 +177,12 @@ class _Builder:
             self.mapping[old_value] = new_value
 
     def gathered(self, value: Value) -> Value:
+        """The whole value on every rank; each value is gathered (or all-reduced) at most once."""
+        if value not in self.whole:
+            self.whole[value] = self._gather(value)
+        return self.whole[value]
+
+    def _gather(self, value: Value) -> Value:
         if self.partial(value):
             return self.all_reduce(value)
         seq = self.seq(value)

@@ -157,3 +157,48 @@ def test_attention_strategy_is_chosen_per_option(attention, world, expected):
 def test_ulysses_refuses_heads_that_do_not_split():
     with pytest.raises(PassError, match="not divisible by P=2"):
         ShardSequence(world=2, layout="zigzag", length=8, attention="ulysses").run(_model(8))
+
+
+KEPT_WHOLE = '''graph inference(%ids: i64[1, 8], %w: f32[16, 4], %cache: f32[1, 8, 4]) {
+  %emb = core.embedding(%w, %ids) : f32[1, 8, 4]
+  %p = core.permute(%emb, [1, 0, 2]) : f32[8, 1, 4]
+  %s = core.select.int(%p, 1, 0) : f32[8, 4]
+  %c = core.cumsum(%s, 0) : f32[8, 4]
+  %idx = core.arange(8, dtype=torch.int64) : i64[8]
+  %new = core.index_copy(%cache, 1, %idx, %emb) : f32[1, 8, 4]
+  %again = core.index_copy(%cache, 1, %idx, %emb) : f32[1, 8, 4]
+  return (%c, %new, %again)
+}
+'''
+
+KEPT_WHOLE_GOLDEN = '''graph inference(%ids: i64[1, 8]{sp: R}, %w: f32[16, 4]{sp: R}, %cache: f32[1, 8, 4]{sp: R}, %sp_positions: i64[4]{sp: R}) {
+  %shard = sp.shard(%ids, %sp_positions, dim=1, inner=1, length=8) : i64[1, 4]{sp: S(1)}
+  %emb = core.embedding(%w, %shard) : f32[1, 4, 4]{sp: S(1)}
+  %p = core.permute(%emb, [1, 0, 2]) : f32[4, 1, 4]{sp: S(0)}
+  %s = core.select.int(%p, 1, 0) : f32[4, 4]{sp: S(0)}
+  %gather = sp.gather(%s, dim=0, inner=1, length=8, world=2, layout="none") : f32[8, 4]{sp: R}
+  %c = core.cumsum(%gather, 0) : f32[8, 4]{sp: R}
+  %idx = core.arange(8, dtype=torch.int64) : i64[8]{sp: R}
+  %gather_1 = sp.gather(%emb, dim=1, inner=1, length=8, world=2, layout="none") : f32[1, 8, 4]{sp: R}
+  %new = core.index_copy(%cache, 1, %idx, %gather_1) : f32[1, 8, 4]{sp: R}
+  %again = core.index_copy(%cache, 1, %idx, %gather_1) : f32[1, 8, 4]{sp: R}
+  return (%c, %new, %again)
+}
+'''
+
+
+def test_ops_without_a_rule_run_on_whole_operands_gathered_once():
+    """A buffer written at sequence positions (index_copy) and a scan over the sequence are kept
+    whole: exact, gathered once per value, and named in the pass result."""
+    graph = parse_graph(KEPT_WHOLE)
+    result = ShardSequence(world=2, layout="none", length=8).run(graph)
+    verify(graph)
+    assert print_graph(graph) == KEPT_WHOLE_GOLDEN
+    assert "3 ops ran on gathered whole operands: core.cumsum" in result.detail
+    assert "core.index_copy (no sequence-sharding rule for core.index_copy)" in result.detail
+
+
+def test_refuses_instead_of_gathering_when_asked():
+    graph = parse_graph(KEPT_WHOLE)
+    with pytest.raises(PassError, match="no sequence-sharding rule for core.cumsum"):
+        ShardSequence(world=2, layout="none", length=8, gather_unshardable=False).run(graph)

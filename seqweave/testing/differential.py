@@ -8,6 +8,12 @@ input tensor's value and gradient (in-place writes on inputs), and which outputs
 input, a buffer or another output (a view must stay a view). `aot_eager` is the reference:
 the same dynamo graphs and aot_autograd wrappers, run by eager ATen kernels.
 
+The module also runs uncompiled (eager), only as an arbiter: aot_eager has its own bugs
+(torch 2.13's min-cut partitioner recomputes a read of a buffer mutated in the forward in the
+backward, after the write, so `y = w * self.count` after `self.count.add_(1)` gets the wrong
+gradient). Where aot_eager differs from eager and seqweave matches eager, the item passes
+with a "reference wrong" note instead of blaming seqweave.
+
 seqweave may refuse a program, but only with a `SeqweaveError` naming why; any other
 exception, or any difference beyond fp32 tolerance, is a failure.
 """
@@ -30,6 +36,8 @@ RTOL = 1e-5
 REFERENCE = "aot_eager"
 
 MATCH, MISMATCH, REFUSED, ERROR, REFERENCE_ERROR = "match", "mismatch", "refused", "error", "reference_error"
+#: Marks an item where aot_eager disagrees with eager and seqweave agrees with eager.
+REFERENCE_WRONG = "reference wrong"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,11 @@ class DiffResult:
     def mismatches(self) -> list[ItemDiff]:
         return [item for item in self.items if not item.ok]
 
+    @property
+    def reference_wrong(self) -> list[ItemDiff]:
+        """Items where aot_eager differed from eager and seqweave matched eager (a torch bug)."""
+        return [item for item in self.items if item.note.startswith(REFERENCE_WRONG)]
+
     def largest(self, count: int = 5) -> list[ItemDiff]:
         """The items with the largest differences, mismatches first."""
         return sorted(self.items, key=lambda item: (item.ok, -item.max_abs))[:count]
@@ -73,17 +86,15 @@ class DiffResult:
             lines.append(f"  raised {self.exception}")
         shown = self.mismatches[:12] if self.mismatches else self.largest(3)
         lines += [f"  {item}" for item in shown]
+        lines += [f"  {item}" for item in self.reference_wrong[:4] if item not in shown]
         if len(self.mismatches) > len(shown):
             lines.append(f"  ... and {len(self.mismatches) - len(shown)} more mismatches")
         return "\n".join(lines)
 
 
-@dataclass
-class _Observed:
-    """Everything one backend's run exposed, per call: name -> tensor / scalar / None."""
-
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    aliases: list[dict[str, frozenset[str]]] = field(default_factory=list)
+#: Everything one backend's run exposed: per call, item name -> tensor, Python scalar, None, or
+#: (for `alias/...` items) the frozenset of names an output shares storage with.
+Observed = list[dict[str, Any]]
 
 
 # --- flattening and snapshots ----------------------------------------------------------------
@@ -165,43 +176,42 @@ def _backward(program: Program, out: Any, kwargs: dict, call: int) -> dict[str, 
         loss.backward()
         return {"loss_outside": loss.detach()}
     elif program.call == "backward":
-        leaves = _differentiable(list(flatten(out)))
+        leaves = _differentiable(list(flatten(out, "out")))
         if leaves:
             sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in leaves).backward()
     return {}
 
 
 def _one_call(program: Program, compiled: Callable, module: torch.nn.Module, inputs: tuple[tuple, dict],
-              call: int, observed: _Observed) -> None:
+              call: int) -> dict[str, Any]:
+    """One call with fresh inputs, the program's backward, then a snapshot of what is observable."""
     args, kwargs = _fresh(inputs[0]), _fresh(inputs[1])
     torch.manual_seed(call)
     with torch.set_grad_enabled(program.mode != "no_grad"):
         out = compiled(*args, **kwargs)
-    outputs = list(flatten(out))
-    named_inputs = dict(flatten((args, kwargs), "input"))
-    state = {f"state:{name}": t for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    observed.aliases.append(alias_map(outputs, {**{k: v for k, v in named_inputs.items()
-                                                   if isinstance(v, torch.Tensor)}, **state}))
+    outputs = list(flatten(out, "out"))
+    named_inputs = dict([*flatten(args, "args"), *flatten(kwargs, "kwargs")])
+    state = dict([*module.named_parameters(), *module.named_buffers()])
+    owners = {**{name: t for name, t in named_inputs.items() if isinstance(t, torch.Tensor)},
+              **{f"state.{name}": t for name, t in state.items()}}
+    snapshot = {f"alias/{name}": names for name, names in alias_map(outputs, owners).items()}
     extra = _backward(program, out, kwargs, call) if program.mode != "no_grad" else {}
-    snapshot = {f"output/{name}": _snapshot(value) for name, value in outputs}
-    snapshot.update({f"output/{name}": value for name, value in extra.items()})
+    snapshot.update({f"output/{name}": _snapshot(value) for name, value in outputs})
+    snapshot.update({f"output/{name}": value for name, value in extra.items()})  # a loss computed outside
     snapshot.update({f"input/{name}": _snapshot(value) for name, value in named_inputs.items()})
     snapshot.update({f"input_grad/{name}": _snapshot(value.grad) for name, value in named_inputs.items()
                      if isinstance(value, torch.Tensor) and value.requires_grad})
     snapshot.update({f"grad/{name}": _snapshot(p.grad) for name, p in module.named_parameters()})
-    snapshot.update({f"state/{name[6:]}": _snapshot(t) for name, t in state.items()})
-    observed.calls.append(snapshot)
+    snapshot.update({f"state/{name}": _snapshot(t) for name, t in state.items()})
+    return snapshot
 
 
 def _observe(program: Program, module: torch.nn.Module, inputs: tuple[tuple, dict], backend: Any,
-             calls: int) -> _Observed:
-    """Compile `module` with `backend` and call it `calls` times, recording what it exposes."""
+             calls: int) -> Observed:
+    """Compile `module` with `backend` (None: run it eagerly) and call it `calls` times."""
     torch._dynamo.reset()
-    compiled = torch.compile(module, backend=backend, fullgraph=False, dynamic=False)
-    observed = _Observed()
-    for call in range(calls):
-        _one_call(program, compiled, module, inputs, call, observed)
-    return observed
+    compiled = module if backend is None else torch.compile(module, backend=backend, fullgraph=False, dynamic=False)
+    return [_one_call(program, compiled, module, inputs, call) for call in range(calls)]
 
 
 # --- comparing -------------------------------------------------------------------------------
@@ -209,14 +219,12 @@ def _observe(program: Program, module: torch.nn.Module, inputs: tuple[tuple, dic
 
 def compare_values(name: str, got: Any, want: Any) -> ItemDiff:
     """Compare one leaf: float tensors within ATOL + RTOL·|want|, everything else exactly."""
-    if got is None or want is None:
+    if got is None or want is None or isinstance(got, torch.Tensor) != isinstance(want, torch.Tensor):
         ok = got is None and want is None
         return ItemDiff(name, ok, note="" if ok else f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
-    if isinstance(got, torch.Tensor) != isinstance(want, torch.Tensor):
-        return ItemDiff(name, False, note=f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
     if not isinstance(got, torch.Tensor):
         ok = got == want or (isinstance(got, float) and abs(got - want) <= ATOL + RTOL * abs(want))
-        return ItemDiff(name, bool(ok), note="" if ok else f"seqweave {got!r}, aot_eager {want!r}")
+        return ItemDiff(name, bool(ok), note="" if ok else f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
     if got.shape != want.shape or got.dtype != want.dtype:
         return ItemDiff(name, False, note=f"seqweave {_kind(got)}, aot_eager {_kind(want)}")
     return _compare_tensors(name, got, want)
@@ -225,45 +233,50 @@ def compare_values(name: str, got: Any, want: Any) -> ItemDiff:
 def _compare_tensors(name: str, got: torch.Tensor, want: torch.Tensor) -> ItemDiff:
     if got.numel() == 0:
         return ItemDiff(name, True)
-    if not (got.is_floating_point() or got.is_complex()):
-        diff = (got.long() - want.long()).abs().max().item() if got.dtype != torch.bool else float((got != want).any())
-        return ItemDiff(name, torch.equal(got, want), float(diff), "" if torch.equal(got, want) else "integers differ")
+    if not got.is_floating_point():
+        same = torch.equal(got, want)
+        diff = float((got != want).any()) if got.dtype == torch.bool else float((got.long() - want.long()).abs().max())
+        return ItemDiff(name, same, diff, "" if same else "integers differ")
     ok = bool(torch.isclose(got, want, rtol=RTOL, atol=ATOL, equal_nan=True).all())
     finite = torch.isfinite(got) & torch.isfinite(want)
-    diff = (got - want)[finite].abs().max().item() if finite.any() else 0.0
-    same_specials = torch.equal(got[~finite].nan_to_num(posinf=1, neginf=-1, nan=0),
-                                want[~finite].nan_to_num(posinf=1, neginf=-1, nan=0))
-    return ItemDiff(name, ok, float(diff), "" if same_specials else "non-finite values differ")
+    diff = float((got - want)[finite].abs().max()) if finite.any() else 0.0
+    specials = lambda t: t[~finite].nan_to_num(nan=0.0, posinf=1.0, neginf=-1.0)  # noqa: E731
+    return ItemDiff(name, ok, diff, "" if torch.equal(specials(got), specials(want)) else "non-finite values differ")
 
 
 def _kind(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    return "None" if value is None else type(value).__name__
+    if isinstance(value, frozenset):
+        return f"aliases {sorted(value)}" if value else "aliases nothing"
+    return repr(value) if isinstance(value, (bool, int, float, str)) else type(value).__name__
 
 
-def compare_observed(got: _Observed, want: _Observed) -> list[ItemDiff]:
-    """Item-by-item comparison of two runs (names present on one side only are mismatches)."""
+def compare_observed(got: Observed, want: Observed, truth: Observed | None = None) -> list[ItemDiff]:
+    """Item-by-item comparison of `got` (seqweave) with `want` (aot_eager); a name present on one
+    side only is a mismatch. Where `want` itself differs from `truth` (eager) and `got` matches
+    `truth`, the reference is wrong, not seqweave: the item passes with a note saying so."""
     items = []
-    for call, (mine, theirs) in enumerate(zip(got.calls, want.calls)):
+    for call, (mine, theirs) in enumerate(zip(got, want)):
         for name in sorted(set(mine) | set(theirs)):
             label = f"call{call}/{name}"
             if name not in mine or name not in theirs:
                 items.append(ItemDiff(label, False, note=f"only in {'aot_eager' if name in theirs else 'seqweave'}"))
-            else:
-                items.append(compare_values(label, mine[name], theirs[name]))
-        items += _compare_aliases(call, got.aliases[call], want.aliases[call])
+                continue
+            item = compare_values(label, mine[name], theirs[name])
+            if not item.ok and truth is not None and name in truth[call]:
+                item = _arbitrate(item, mine[name], theirs[name], truth[call][name])
+            items.append(item)
     return items
 
 
-def _compare_aliases(call: int, got: dict[str, frozenset[str]], want: dict[str, frozenset[str]]) -> list[ItemDiff]:
-    items = []
-    for name in sorted(set(got) | set(want)):
-        mine, theirs = got.get(name, frozenset()), want.get(name, frozenset())
-        note = "" if mine == theirs else f"seqweave aliases {sorted(mine) or 'nothing'}, " \
-                                         f"aot_eager aliases {sorted(theirs) or 'nothing'}"
-        items.append(ItemDiff(f"call{call}/alias/{name}", mine == theirs, note=note))
-    return items
+def _arbitrate(item: ItemDiff, got: Any, want: Any, truth: Any) -> ItemDiff:
+    """A seqweave/aot_eager difference where eager sides with seqweave is aot_eager's bug."""
+    reference = compare_values(item.name, want, truth)
+    if reference.ok or not compare_values(item.name, got, truth).ok:
+        return item
+    return ItemDiff(item.name, True, item.max_abs,
+                    f"{REFERENCE_WRONG}: aot_eager differs from eager by {reference.max_abs:.3g}; seqweave matches eager")
 
 
 # --- the check -------------------------------------------------------------------------------
@@ -285,12 +298,17 @@ def find_seqweave_error(error: BaseException) -> SeqweaveError | None:
 
 
 def _describe(error: BaseException) -> str:
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if "seqweave" in frame.filename]
-    where = f" at {frames[-1].filename.rsplit('/', 2)[-2:]}:{frames[-1].lineno}" if frames else ""
-    return f"{type(error).__name__}: {str(error).strip()[:600]}{where}"
+    """`Type: message`, the innermost seqweave frame, and the wrapped exception's type if any."""
+    inner = getattr(error, "inner_exception", None) or error.__cause__
+    frames = traceback.extract_tb((inner or error).__traceback__)
+    ours = [frame for frame in frames if "/seqweave/" in frame.filename]
+    where = f" [at {'/'.join(ours[-1].filename.split('/')[-2:])}:{ours[-1].lineno}]" if ours else ""
+    wrapped = f" (wrapping {type(inner).__name__})" if inner is not None else ""
+    first_lines = " | ".join(str(error).strip().splitlines()[:3])[:600]
+    return f"{type(error).__name__}{wrapped}: {first_lines}{where}"
 
 
-def _timed(run: Callable[[], _Observed], seconds: dict[str, float], label: str) -> _Observed:
+def _timed(run: Callable[[], Observed], seconds: dict[str, float], label: str) -> Observed:
     start = time.perf_counter()
     try:
         return run()
@@ -303,27 +321,35 @@ def _default_backend() -> Any:
     return SeqweaveBackend()
 
 
+def _references(program: Program, module: torch.nn.Module, inputs: tuple[tuple, dict], calls: int,
+                seconds: dict[str, float]) -> tuple[Observed, Observed]:
+    """(aot_eager's run, eager's run) of fresh copies of `module`."""
+    want = _timed(lambda: _observe(program, copy.deepcopy(module), inputs, REFERENCE, calls), seconds, REFERENCE)
+    truth = _timed(lambda: _observe(program, copy.deepcopy(module), inputs, None, calls), seconds, "eager")
+    return want, truth
+
+
 def run_differential(program: Program, calls: int = 2,
                      make_backend: Callable[[], Any] = _default_backend) -> DiffResult:
     """Run `program` through `make_backend()` (seqweave by default) and through aot_eager, and
-    compare outputs, gradients, buffers, inputs and aliasing after each of `calls` calls."""
+    compare outputs, gradients, buffers, inputs and aliasing after each of `calls` calls.
+    Eager runs too, only to arbitrate where aot_eager itself is wrong (see `compare_observed`)."""
     module, args, kwargs = build(program)
     seconds: dict[str, float] = {}
     with torch.random.fork_rng():
         try:
-            want = _timed(lambda: _observe(program, copy.deepcopy(module), (args, kwargs), REFERENCE, calls),
-                          seconds, REFERENCE)
+            want, truth = _references(program, module, (args, kwargs), calls, seconds)
         except Exception as error:  # noqa: BLE001 - the zoo program itself is broken
+            torch._dynamo.reset()
             return DiffResult(program.name, REFERENCE_ERROR, exception=_describe(error), seconds=seconds)
         try:
             got = _timed(lambda: _observe(program, copy.deepcopy(module), (args, kwargs), make_backend(), calls),
                          seconds, "seqweave")
-        except Exception as error:  # noqa: BLE001 - classified below
+        except Exception as error:  # noqa: BLE001 - classified: a SeqweaveError is a refusal
             refusal = find_seqweave_error(error)
             return DiffResult(program.name, REFUSED if refusal else ERROR, exception=_describe(error),
                               refusal=str(refusal) if refusal else "", seconds=seconds)
         finally:
             torch._dynamo.reset()
-    items = tuple(compare_observed(got, want))
-    status = MATCH if all(item.ok for item in items) else MISMATCH
-    return DiffResult(program.name, status, items, seconds=seconds)
+    items = tuple(compare_observed(got, want, truth))
+    return DiffResult(program.name, MATCH if all(item.ok for item in items) else MISMATCH, items, seconds=seconds)

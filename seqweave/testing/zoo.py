@@ -332,13 +332,17 @@ class Embedder(nn.Module):
         return self.out(self.norm(self.tokens(ids) + self.positions(positions)))
 
 
-class Conv2dBNNet(nn.Module):
-    def __init__(self) -> None:
+class ChannelBN(nn.Module):
+    """A learnable per-channel scale, BatchNorm2d and ReLU on images (no convolution, so a
+    convolution problem cannot hide a batch-norm one)."""
+
+    def __init__(self, channels: int = 4) -> None:
         super().__init__()
-        self.net = _with_stats(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+        self.scale = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.norm = _with_stats(nn.BatchNorm2d(channels))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        return self.norm(images * self.scale).relu()
 
 
 class MHABlock(nn.Module):
@@ -446,8 +450,8 @@ def _layer_programs() -> list[Program]:
     return [
         Program("batchnorm1d_train", _seeded(lambda: (_norm_net(nn.BatchNorm1d(D)), (_x(6, D),), {}))),
         Program("batchnorm1d_eval", _seeded(lambda: (_norm_net(nn.BatchNorm1d(D)), (_x(6, D),), {})), mode="eval"),
-        Program("batchnorm2d_train", _seeded(lambda: (Conv2dBNNet(), (_x(2, 3, 6, 6),), {}))),
-        Program("batchnorm2d_eval_no_grad", _seeded(lambda: (Conv2dBNNet(), (_x(2, 3, 6, 6),), {})), mode="no_grad"),
+        Program("batchnorm2d_train", _seeded(lambda: (ChannelBN(), (_x(2, 4, 6, 6),), {}))),
+        Program("batchnorm2d_eval_no_grad", _seeded(lambda: (ChannelBN(), (_x(2, 4, 6, 6),), {})), mode="no_grad"),
         Program("layernorm", _seeded(lambda: (_norm_net(nn.LayerNorm(D)), (_x(2, S, D),), {}))),
         Program("groupnorm", _seeded(lambda: (_norm_net(nn.GroupNorm(4, D)), (_x(6, D),), {}))),
         Program("dropout_p0", _seeded(lambda: (_norm_net(nn.Dropout(p=0.0)), (_x(6, D),), {}))),
@@ -455,6 +459,7 @@ def _layer_programs() -> list[Program]:
         Program("mlp", _seeded(lambda: (mlp(), (_x(4, D),), {}))),
         Program("mlp_out_backward_dout", _seeded(lambda: (mlp(), (_x(4, D),), {})), call="dout"),
         Program("tiny_convnet", _seeded(lambda: (TinyConvNet(), (_x(2, 3, 8, 8),), {}))),
+        Program("tiny_convnet_input_grad", _seeded(lambda: (TinyConvNet(), (_x(2, 3, 8, 8, grad=True),), {}))),
         Program("multihead_attention", _seeded(lambda: (MHABlock(), (_x(2, S, D),), {}))),
         Program("transformer_encoder_layer", _seeded(lambda: (encoder(), (_x(2, S, D),), {}))),
         Program("transformer_encoder_layer_no_grad", _seeded(lambda: (encoder(), (_x(2, S, D),), {})),

@@ -30,6 +30,8 @@ def _value_type(value: Any) -> ValueType:
         return ScalarType("float")
     if isinstance(value, (torch.SymBool, bool)):
         return ScalarType("bool")
+    if value is None:  # e.g. convolution_backward's grad_input when the input needs none
+        return ScalarType("none")
     raise CaptureError(f"cannot type a value of kind {type(value).__name__}", hint="report this graph")
 
 

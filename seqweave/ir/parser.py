@@ -32,7 +32,7 @@ _TYPE_RE = re.compile(r"([A-Za-z0-9_.]+)\[(.*?)\](?:\{(.*)\})?")
 _SYM_TEXT_RE = re.compile(r"[\w\s+\-*/().,]*")
 _IDENT_RE = re.compile(r"[A-Za-z_]\w*")
 _ATTRIBUTE_RE = re.compile(r"\.\s*[A-Za-z_]")
-_SCALAR_KINDS = ("int", "float", "bool")
+_SCALAR_KINDS = ("int", "float", "bool", "none")
 _NUMBER_NAMES = {"inf": float("inf"), "nan": float("nan")}
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
 

@@ -119,7 +119,7 @@ class TensorType:
 class ScalarType:
     """A non-tensor value (a SymInt size, a Python number) flowing through the graph."""
 
-    kind: str  # "int" | "float" | "bool"
+    kind: str  # "int" | "float" | "bool" | "none" (an output an op did not compute, e.g. an unasked gradient)
 
     def __str__(self) -> str:
         return self.kind

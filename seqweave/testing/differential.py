@@ -65,6 +65,7 @@ class DiffResult:
     exception: str = ""          # "Type: message" of what seqweave (or the reference) raised
     refusal: str = ""            # the SeqweaveError's message, when status is refused
     seconds: dict[str, float] = field(default_factory=dict)
+    graphs: int = 0              # dynamo graphs the backend under test compiled
 
     @property
     def mismatches(self) -> list[ItemDiff]:
@@ -81,7 +82,7 @@ class DiffResult:
 
     def summary(self) -> str:
         """A few lines for an assertion message or a report."""
-        lines = [f"{self.program}: {self.status}"]
+        lines = [f"{self.program}: {self.status} ({self.graphs} graphs compiled)"]
         if self.exception:
             lines.append(f"  raised {self.exception}")
         shown = self.mismatches[:12] if self.mismatches else self.largest(3)
@@ -275,8 +276,8 @@ def _arbitrate(item: ItemDiff, got: Any, want: Any, truth: Any) -> ItemDiff:
     reference = compare_values(item.name, want, truth)
     if reference.ok or not compare_values(item.name, got, truth).ok:
         return item
-    return ItemDiff(item.name, True, item.max_abs,
-                    f"{REFERENCE_WRONG}: aot_eager differs from eager by {reference.max_abs:.3g}; seqweave matches eager")
+    note = f"{REFERENCE_WRONG}: aot_eager differs from eager by {reference.max_abs:.3g}; seqweave matches eager"
+    return ItemDiff(item.name, True, item.max_abs, note)
 
 
 # --- the check -------------------------------------------------------------------------------
@@ -316,6 +317,16 @@ def _timed(run: Callable[[], Observed], seconds: dict[str, float], label: str) -
         seconds[label] = round(time.perf_counter() - start, 3)
 
 
+def _counted(backend: Any, graphs: list[int]) -> Callable:
+    """`backend`, appending to `graphs` each time it compiles a dynamo graph (a program that
+    dynamo only ever runs eagerly would otherwise "match" without seqweave running anything)."""
+    def counted_backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        compiled = backend(gm, example_inputs)
+        graphs.append(len(gm.graph.nodes))
+        return compiled
+    return counted_backend
+
+
 def _default_backend() -> Any:
     from seqweave.compiler import SeqweaveBackend  # imports torch's compiler stack lazily
     return SeqweaveBackend()
@@ -342,14 +353,17 @@ def run_differential(program: Program, calls: int = 2,
         except Exception as error:  # noqa: BLE001 - the zoo program itself is broken
             torch._dynamo.reset()
             return DiffResult(program.name, REFERENCE_ERROR, exception=_describe(error), seconds=seconds)
+        graphs: list[int] = []  # one entry per dynamo graph handed to the backend
         try:
-            got = _timed(lambda: _observe(program, copy.deepcopy(module), (args, kwargs), make_backend(), calls),
+            backend = _counted(make_backend(), graphs)
+            got = _timed(lambda: _observe(program, copy.deepcopy(module), (args, kwargs), backend, calls),
                          seconds, "seqweave")
         except Exception as error:  # noqa: BLE001 - classified: a SeqweaveError is a refusal
             refusal = find_seqweave_error(error)
             return DiffResult(program.name, REFUSED if refusal else ERROR, exception=_describe(error),
-                              refusal=str(refusal) if refusal else "", seconds=seconds)
+                              refusal=str(refusal) if refusal else "", seconds=seconds, graphs=len(graphs))
         finally:
             torch._dynamo.reset()
     items = tuple(compare_observed(got, want, truth))
-    return DiffResult(program.name, MATCH if all(item.ok for item in items) else MISMATCH, items, seconds=seconds)
+    return DiffResult(program.name, MATCH if all(item.ok for item in items) else MISMATCH, items, seconds=seconds,
+                      graphs=len(graphs))

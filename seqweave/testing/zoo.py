@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,14 +95,15 @@ class IndexPutBuffer(nn.Module):
 
 
 class SetitemBuffer(nn.Module):
-    """`self.slots[i] = x`: Python item assignment into a buffer at a tensor index."""
+    """`self.slots[i] = x`: Python item assignment into a buffer at an index (a 1-element
+    tensor or an int; a 0-dim tensor index would be read with .item(), a graph break)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(D, D)
         self.register_buffer("slots", torch.zeros(5, D))
 
-    def forward(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot: torch.Tensor | int) -> torch.Tensor:
         h = self.proj(x)
         self.slots[slot] = h.detach().mean(0)
         return h - self.slots.sum(0)
@@ -416,7 +417,8 @@ def _buffer_programs() -> list[Program]:
     return [
         Program("buffer_index_copy", _seeded(lambda: (IndexCopyBuffer(), (_x(4, D), rows), {}))),
         Program("buffer_index_put_accumulate", _seeded(lambda: (IndexPutBuffer(), (_x(4, D), labels), {}))),
-        Program("buffer_setitem", _seeded(lambda: (SetitemBuffer(), (_x(4, D), torch.tensor(3)), {}))),
+        Program("buffer_setitem", _seeded(lambda: (SetitemBuffer(), (_x(4, D), torch.tensor([3])), {}))),
+        Program("buffer_setitem_int", _seeded(lambda: (SetitemBuffer(), (_x(4, D), 1), {}))),
         Program("buffer_counter_add", _seeded(lambda: (CounterBuffer(), (_x(4, D),), {}))),
         Program("buffer_int_counter_iadd", _seeded(lambda: (IntCounterBuffer(), (_x(4, D),), {}))),
         Program("buffer_copy", _seeded(lambda: (CopyBuffer(), (_x(4, D),), {}))),
@@ -444,9 +446,15 @@ def _input_programs() -> list[Program]:
     ]
 
 
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(D, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, D))
+
+
+def _encoder() -> nn.Module:
+    return nn.TransformerEncoderLayer(D, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+
+
 def _layer_programs() -> list[Program]:
-    mlp = lambda: nn.Sequential(nn.Linear(D, 64), nn.GELU(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, D))  # noqa: E731
-    encoder = lambda: nn.TransformerEncoderLayer(D, 4, dim_feedforward=32, dropout=0.0, batch_first=True)  # noqa: E731
     return [
         Program("batchnorm1d_train", _seeded(lambda: (_norm_net(nn.BatchNorm1d(D)), (_x(6, D),), {}))),
         Program("batchnorm1d_eval", _seeded(lambda: (_norm_net(nn.BatchNorm1d(D)), (_x(6, D),), {})), mode="eval"),
@@ -456,13 +464,13 @@ def _layer_programs() -> list[Program]:
         Program("groupnorm", _seeded(lambda: (_norm_net(nn.GroupNorm(4, D)), (_x(6, D),), {}))),
         Program("dropout_p0", _seeded(lambda: (_norm_net(nn.Dropout(p=0.0)), (_x(6, D),), {}))),
         Program("embedding", _seeded(lambda: (Embedder(), (_tokens(),), {}))),
-        Program("mlp", _seeded(lambda: (mlp(), (_x(4, D),), {}))),
-        Program("mlp_out_backward_dout", _seeded(lambda: (mlp(), (_x(4, D),), {})), call="dout"),
+        Program("mlp", _seeded(lambda: (_mlp(), (_x(4, D),), {}))),
+        Program("mlp_out_backward_dout", _seeded(lambda: (_mlp(), (_x(4, D),), {})), call="dout"),
         Program("tiny_convnet", _seeded(lambda: (TinyConvNet(), (_x(2, 3, 8, 8),), {}))),
         Program("tiny_convnet_input_grad", _seeded(lambda: (TinyConvNet(), (_x(2, 3, 8, 8, grad=True),), {}))),
         Program("multihead_attention", _seeded(lambda: (MHABlock(), (_x(2, S, D),), {}))),
-        Program("transformer_encoder_layer", _seeded(lambda: (encoder(), (_x(2, S, D),), {}))),
-        Program("transformer_encoder_layer_no_grad", _seeded(lambda: (encoder(), (_x(2, S, D),), {})),
+        Program("transformer_encoder_layer", _seeded(lambda: (_encoder(), (_x(2, S, D),), {}))),
+        Program("transformer_encoder_layer_no_grad", _seeded(lambda: (_encoder(), (_x(2, S, D),), {})),
                 mode="no_grad"),
         Program("sdpa_causal", _seeded(lambda: (SdpaCausal(), (_x(2, S, D),), {}))),
         Program("sdpa_causal_backward_dout", _seeded(lambda: (SdpaCausal(), (_x(2, S, D),), {})), call="dout"),
@@ -500,8 +508,3 @@ def build(program: Program) -> Case:
     module, args, kwargs = program.build()
     module.train(program.mode == "train")
     return module, args, kwargs
-
-
-def describe(program: Program) -> dict[str, Any]:
-    """A JSON-friendly description (for reports)."""
-    return {"name": program.name, "mode": program.mode, "call": program.call}

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from seqweave.errors import SeqweaveError
 from seqweave.ir.graph import Node
 from seqweave.ir.types import ValueType
 
 
-class VerificationError(ValueError):
+class VerificationError(SeqweaveError, ValueError):
     """The graph breaks an IR invariant; the message names the node and what is wrong."""
 
 

@@ -8,9 +8,12 @@ import torch
 
 from seqweave.ir.graph import Node, Value, map_values
 from seqweave.ir.ops.base import OpDef, fail
-from seqweave.ir.types import TensorType, ValueType
+from seqweave.ir.types import ScalarType, TensorType, ValueType
 
 CORE_PREFIX = "core."
+#: Ops whose result shapes depend on the device: on meta, batch norm without training returns
+#: saved statistics of shape [C]; on CPU (what the fake tensors recorded) empty [0] tensors.
+DEVICE_DEPENDENT_SHAPES = frozenset({"core._native_batch_norm_legit_no_training"})
 
 
 def core_name(overload: torch._ops.OpOverload) -> str:
@@ -41,6 +44,8 @@ def _flatten_types(result: Any) -> list[ValueType]:
         return [TensorType.of(result.shape, result.dtype)]
     if isinstance(result, (tuple, list)):
         return [t for item in result for t in _flatten_types(item)]
+    if result is None:  # an output the op was told not to compute (convolution_backward's mask)
+        return [ScalarType("none")]
     raise LookupError(f"result of kind {type(result).__name__} is not a tensor")
 
 
@@ -53,6 +58,8 @@ class CoreAtenOp(OpDef):
         self.pure = not self.overload._schema.is_mutable  # type: ignore[misc]
 
     def infer(self, node: Node) -> list[ValueType] | None:
+        if self.name in DEVICE_DEPENDENT_SHAPES:
+            return None  # keep the types recorded at capture, for the device it ran on
         try:
             args = map_values(node.args, _meta_operand)
             kwargs = map_values(node.kwargs, _meta_operand)

@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end: attention_gpu.py --smoke (CPU, Triton's interpreter, tiny shapes)."""
+"""The benchmark scripts run end to end: attention_gpu.py --smoke (CPU, Triton's interpreter, tiny shapes) and
+generate_cpu.py at a few tokens."""
 from __future__ import annotations
 
 import json
@@ -34,3 +35,15 @@ def test_attention_gpu_smoke_writes_every_config(tmp_path: Path) -> None:
     checked = [r for r in rows if "numerics" in r]
     assert len(checked) == 3 and all(r["pairs_dense"] == r["pairs"] for r in checked)
     assert all(max(r["numerics"]["seqweave"].values()) < 1e-4 for r in checked)  # fp32 vs fp32 math SDPA
+
+
+def test_generate_cpu_smoke_compares_tokens_with_eager(tmp_path: Path) -> None:
+    out = tmp_path / "generate_cpu.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(REPO / "benchmarks" / "generate_cpu.py"), "--models", "llama-tiny", "--layers", "1",
+               "--new-tokens", "3", "--repeats", "1", "--out", str(out)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["eager", "aot_eager", "seqweave"]
+    assert all(r["same_tokens"] for r in rows) and rows[2]["graphs"] == 2  # prefill and decode

@@ -9,10 +9,12 @@ from seqweave.ir.graph import Graph
 
 @dataclass(frozen=True)
 class PassResult:
-    """How many rewrites a pass made (0 = it did not fire)."""
+    """How many rewrites a pass made (0 = it did not fire), and what the user should know: a
+    warning is a choice that is exact but costly (logged by the pipeline, kept in the result)."""
 
     rewrites: int
     detail: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

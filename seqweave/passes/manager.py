@@ -5,6 +5,7 @@ pass did, and with a dump directory the IR text is written there (atomically).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -20,6 +21,8 @@ from seqweave.ir.verifier import verify
 from seqweave.passes.base import Pass, PassResult
 from seqweave.passes.canonicalize import Canonicalize
 from seqweave.passes.shard_sequence import ShardSequence
+
+LOG = logging.getLogger("seqweave")
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize, ShardSequence)}
 _STEP = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{(.*)\})?\s*$")
@@ -102,5 +105,7 @@ def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], *, check: bool = 
                                 hint="this is a bug in the pass; rerun with SEQWEAVE_DUMP=dir to see its input") from error
         if dump_dir:
             _dump(graph, dump_dir, index, pass_.name)
+        for warning in result.warnings:
+            LOG.warning("%s: %s", pass_.name, warning)
         runs.append(PassRun(pass_.name, result, millis))
     return runs

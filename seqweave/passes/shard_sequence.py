@@ -141,7 +141,7 @@ class _Builder:
             return old.op, args, kwargs, [PARTIAL]
         if old.op == "core.mul.Tensor" and len(partial) == 1 and others_whole:
             return old.op, args, kwargs, [PARTIAL]
-        reduce = lambda v: self.all_reduce(v) if self.partial(v) else v  # noqa: E731
+        reduce = lambda v: self.gathered(v) if self.partial(v) else v  # noqa: E731 (all-reduced once)
         return rule_for(self, old, map_values(args, reduce), map_values(kwargs, reduce))
 
     def _rule(self, old: Node, args: tuple, kwargs: dict) -> tuple:
@@ -240,7 +240,9 @@ class ShardSequence(Pass):
         strategies = ", ".join(f"{graph.count(op)} {op}" for op in ops if graph.count(op))
         whole = f"; {len(builder.kept_whole)} ops ran on gathered whole operands: " + \
             "; ".join(builder.kept_whole) if builder.kept_whole else ""
-        return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}{whole}")
+        warnings = tuple(f"{entry}: ran on operands gathered whole on every rank" for entry in builder.kept_whole)
+        return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}{whole}",
+                          warnings)
 
     def _outputs(self, builder: _Builder, graph: Graph) -> Any:
         """Gather (or all-reduce) what the caller sees; keep saved activations sharded, and say how."""

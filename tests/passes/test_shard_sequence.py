@@ -202,3 +202,14 @@ def test_refuses_instead_of_gathering_when_asked():
     graph = parse_graph(KEPT_WHOLE)
     with pytest.raises(PassError, match="no sequence-sharding rule for core.cumsum"):
         ShardSequence(world=2, layout="none", length=8, gather_unshardable=False).run(graph)
+
+
+def test_ops_kept_whole_are_logged_as_warnings(caplog):
+    from seqweave.passes.manager import run_pipeline
+
+    graph = parse_graph(KEPT_WHOLE)
+    with caplog.at_level("WARNING", logger="seqweave"):
+        (run,) = run_pipeline(graph, [ShardSequence(world=2, layout="none", length=8)])
+    assert len(run.result.warnings) == 3
+    assert "shard-sequence: core.index_copy (no sequence-sharding rule for core.index_copy): ran on operands " \
+           "gathered whole on every rank" in caplog.text

@@ -60,6 +60,10 @@ class SeqweaveBackend:
         if self.options.verify:
             verify(graph)
         world = self.options.mesh.sp
+        if world > 1 and not _static(graph):
+            raise OptionError(f"sequence parallelism needs static shapes; the {graph.name} graph has symbolic sizes",
+                              hint="compile with torch.compile(..., dynamic=False) (and, for generate(), "
+                                   "cache_implementation='static')")
         passes = parse_pipeline(self.options.pipeline)
         shard = self._shard_pass(graph, world, user_outputs) if world > 1 else None
         runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
@@ -119,9 +123,15 @@ class SeqweaveBackend:
         return sum(c.graph.count("attn.sdpa") for c in self.graphs if c.kind in ("forward", "inference"))
 
 
+def _static(graph: Graph) -> bool:
+    return all(value.type.is_static() for value in graph.values() if isinstance(value.type, TensorType))
+
+
 def _tensor_bytes(value: Any) -> int:
-    shape = value.type.concrete_shape() if isinstance(value.type, TensorType) else ()
-    return math.prod(shape) * value.type.dtype.itemsize if isinstance(value.type, TensorType) else 0
+    """Bytes of a static tensor value; 0 for scalars and symbolic shapes (not known until run time)."""
+    if not isinstance(value.type, TensorType) or not value.type.is_static():
+        return 0
+    return math.prod(value.type.concrete_shape()) * value.type.dtype.itemsize
 
 
 def sequence_length(graph: Graph, world: int, balance: str) -> int:

@@ -14,10 +14,10 @@ from torch import fx
 
 from seqweave.frontend.custom_ops import ATTENTION_OP
 from seqweave.frontend.orphans import remove_orphans
-from seqweave.frontend.mask_lift import LiftedMask, lift_mask, segment_ids_from_positions
+from seqweave.frontend.mask_lift import LiftedMask, SymbolicMaskInput, lift_mask, segment_ids_from_positions
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
                                         looks_like_eager_attention, match_eager, match_sdpa)
-from seqweave.ir.mask import Causal, Full
+from seqweave.ir.mask import Causal, Dense, Full
 from seqweave.ir.score_mod import NoScoreMod
 
 
@@ -55,8 +55,23 @@ def _lift(match: AttentionMatch, placeholder_values: dict[fx.Node, torch.Tensor]
     if match.mask is None:
         return LiftedMask(Causal() if match.is_causal else Full(), [], "lifted")
     q, k = example(match.q), example(match.k)
+    if not _static(q.shape) or not _static(k.shape) or not _static(example(match.mask).shape):
+        # Lifting evaluates the mask at one size; with symbolic sizes that would not prove it
+        # for the others, so the mask stays a dense operand (exact at every size).
+        return _dense(match, "the sequence length is symbolic (dynamic shapes): kept as a dense tensor")
     heads = _as_4d(example(match.mask).shape)[1]
-    return lift_mask(match.mask, placeholder_values, match.additive, (q.shape[0], heads, q.shape[2], k.shape[2]))
+    try:
+        return lift_mask(match.mask, placeholder_values, match.additive, (q.shape[0], heads, q.shape[2], k.shape[2]))
+    except SymbolicMaskInput as why:
+        return _dense(match, f"{why} (dynamic shapes): kept as a dense tensor")
+
+
+def _static(shape: Sequence) -> bool:
+    return not any(isinstance(size, torch.SymInt) for size in shape)
+
+
+def _dense(match: AttentionMatch, note: str) -> LiftedMask:
+    return LiftedMask(Dense(0), [(match.mask, "dense_additive" if match.additive else "dense")], note)
 
 
 def _as_4d(shape: torch.Size) -> tuple[int, ...]:
@@ -93,8 +108,14 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list
 def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
     q = example(match.q)
     reason = "replaced" if lifted.note == "lifted" else f"replaced; {lifted.note}"
-    return AttentionReport(layer, True, reason, match.form, q.shape[1], match.kv_heads, q.shape[-1], str(lifted.spec),
-                           q.shape[0], q.shape[2], q.element_size())
+    batch, heads, length, head_dim = (_hint(size) for size in q.shape)
+    return AttentionReport(layer, True, reason, match.form, heads, match.kv_heads, head_dim, str(lifted.spec),
+                           batch, length, q.element_size())
+
+
+def _hint(size: int | torch.SymInt) -> int:
+    """A size as the int it had at capture (a symbolic size's example value)."""
+    return size if isinstance(size, int) else size.node.hint
 
 
 def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:
@@ -109,7 +130,7 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
         layer = layer_name(node)
         try:
             match = match_sdpa(node) if form == "sdpa" else match_eager(node)
-            key = (match.mask, match.is_causal, example(match.q).shape, example(match.k).shape)
+            key = (match.mask, match.is_causal, str(example(match.q).shape), str(example(match.k).shape))
             if key not in lifted_by_mask:
                 lifted_by_mask[key] = _lift(match, placeholder_values)
             lifted = lifted_by_mask[key]

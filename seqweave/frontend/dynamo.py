@@ -26,11 +26,6 @@ GraphCompiler = Callable[[Graph, "int | None"], Callable[[list], Any]]
 def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: GraphCompiler,
             reports: list[AttentionReport]) -> Callable:
     """Replace attention in `gm`, run aot_autograd, and hand each ATen graph to `compile_graph` as IR."""
-    if any(isinstance(value, torch.SymInt) for value in example_inputs):
-        raise CaptureError("dynamic shapes reached the seqweave backend (a shape changed between calls and "
-                           "dynamo made it symbolic)",
-                           hint="compile with torch.compile(..., dynamic=False); for generate(), pass "
-                                "cache_implementation='static' so every decode step has the same shapes")
     reports.extend(replace_attention(gm, example_inputs))
     user_outputs: dict[str, int] = {}
 

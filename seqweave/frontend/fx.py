@@ -18,6 +18,7 @@ from seqweave.frontend.custom_ops import ATTENTION_BACKWARD_OP, ATTENTION_OP
 from seqweave.frontend.patterns import layer_name
 from seqweave.ir.graph import Graph, Node, Value
 from seqweave.ir.ops.core import core_name
+from seqweave.ir.ops.scalar import scalar_op_name
 from seqweave.ir.types import ScalarType, TensorType, ValueType
 
 
@@ -102,6 +103,10 @@ class _Importer:
             return "attn.sdpa_backward", (dout, q, k, v, out, lse, list(operands)), _attn_kwargs(mask, score_mod, scale, k)
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             return core_name(node.target), args, kwargs
+        if node.target is torch.ops.prims.convert_element_type.default:  # decompositions under dynamic shapes
+            return "core._to_copy", args[:1], {"dtype": args[1]}
+        if scalar_op_name(node.target) and not kwargs:  # size arithmetic under dynamic shapes
+            return scalar_op_name(node.target), args, kwargs
         raise CaptureError(f"unsupported FX node {node.format_node()}",
                            hint="seqweave imports ATen ops only; dynamic shapes are not supported yet (use dynamic=False)")
 

@@ -49,8 +49,14 @@ class MaskFunction:
     leaf_values: list[torch.Tensor]
 
 
+class SymbolicMaskInput(Exception):
+    """The mask reads a symbolic size (dynamic shapes): evaluating it at one value proves nothing."""
+
+
 def _leaf_value(node: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
     if node.op == "placeholder":
+        if node not in placeholder_values:
+            raise SymbolicMaskInput(f"the mask reads the symbolic size {node.name}")
         return placeholder_values[node]
     return fx.graph_module._get_attr(node.graph.owning_module, node.target)  # a constant buffer
 

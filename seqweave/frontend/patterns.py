@@ -108,6 +108,8 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
         raise NotAttention(f"dropout_p={dropout} inside attention; use eval() or attention_dropout=0")
     if is_causal and mask is not None:
         raise NotAttention("both is_causal and attn_mask are given")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise NotAttention(f"scale={scale} is computed at run time (a symbolic head size?); left alone")
     k, kv_heads = undo_repeat_kv(k)
     v, v_heads = undo_repeat_kv(v)
     if kv_heads != v_heads:

@@ -3,13 +3,15 @@
 - `generate()` through a compiled `forward` with a StaticCache gives eager's greedy tokens, from
   two graphs (prefill and decode: no recompiling per token), and the cache writes (`index_copy_`
   into the cache tensors) really happen — dropping them once gave eager's first three tokens only.
-- With the default DynamicCache, prefill and each decode step give eager's logits (each decode
-  step has a new key length, so dynamo compiles one static graph per step).
+- With the default DynamicCache, prefill and each decode step give eager's logits; compiled the
+  default way (`dynamic` unset) the key length becomes symbolic after the first decode step,
+  and `generate()` gives eager's tokens from three graphs, not one per token.
 """
 import pytest
 import torch
 
 import seqweave
+from seqweave.ir.types import TensorType
 from seqweave.testing.models import SampleSpec, build_sample
 
 PROMPT = 40
@@ -71,3 +73,20 @@ def test_default_dynamic_cache_prefill_and_decode_match_eager(name):
         assert layer_mine.keys.shape == layer_theirs.keys.shape
         torch.testing.assert_close(layer_mine.keys, layer_theirs.keys, atol=TOLERANCE, rtol=TOLERANCE)
         torch.testing.assert_close(layer_mine.values, layer_theirs.values, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-tiny", "mistral-tiny"])
+def test_generate_with_dynamic_cache_gives_eager_tokens_without_recompiling_per_token(name):
+    """Mistral's sliding-window cache reads its fill level as a symbolic size: its mask stays dense."""
+    model, prompt = _eval_model(name)
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **options)
+    backend = seqweave.backend()
+    model.forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+    got = model.generate(prompt, **options)
+    assert torch.equal(got, expected), (got[0, PROMPT:], expected[0, PROMPT:])
+    assert len(backend.graphs) == 3  # prefill, first decode step, then every later step (symbolic length)
+    assert backend.attention_count() == 3 * 2
+    assert not all(value.type.is_static() for value in backend.graphs[-1].graph.values()
+                   if isinstance(value.type, TensorType))  # the last graph serves every length

@@ -6,6 +6,7 @@ from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAt
                                 RingAttentionBackward, ShardOp, UlyssesAttention, UlyssesAttentionBackward)
 from seqweave.ir.ops.base import OpDef, VerificationError
 from seqweave.ir.ops.core import CORE_PREFIX, core_op
+from seqweave.ir.ops.scalar import SCALAR_FUNCTIONS, SCALAR_PREFIX, ScalarOp
 
 _DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward(), ShardOp(), GatherOp(),
                                                           AllReduceOp(), RingAttention(), RingAttentionBackward(),
@@ -20,6 +21,8 @@ def op_def(name: str) -> OpDef:
             return core_op(name)
         except KeyError as error:
             raise VerificationError(str(error)) from error
+    if name.startswith(SCALAR_PREFIX) and name[len(SCALAR_PREFIX):] in SCALAR_FUNCTIONS:
+        return ScalarOp(name)
     if name not in _DIALECT_OPS:
         raise VerificationError(f"unknown op {name!r}; known dialect ops: {sorted(_DIALECT_OPS)} and core.<aten op>")
     return _DIALECT_OPS[name]

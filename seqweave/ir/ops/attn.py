@@ -31,6 +31,12 @@ def _tensor_type(node: Node, value: Any, what: str) -> TensorType:
     return value.type
 
 
+def _differ(a: Any, b: Any) -> bool:
+    """Sizes that certainly differ. Two symbolic sizes (dynamo may give equal lengths different
+    symbols) are not known to differ; the kernels check the real sizes when they run."""
+    return a != b and bool(getattr(a, "is_Integer", True)) and bool(getattr(b, "is_Integer", True))
+
+
 def _check_attention_operands(node: Node, q: TensorType, k: TensorType, v: TensorType) -> None:
     if not (q.rank == k.rank == v.rank == 4):
         raise fail(node, f"q, k, v must be [B, H, S, D]; got ranks {q.rank}, {k.rank}, {v.rank}")
@@ -39,7 +45,7 @@ def _check_attention_operands(node: Node, q: TensorType, k: TensorType, v: Tenso
         raise fail(node, f"k and v must have kv_heads={kv_heads} heads, got {k.shape[1]} and {v.shape[1]}")
     if (q.shape[1] % kv_heads) != 0:
         raise fail(node, f"{q.shape[1]} query heads are not a multiple of kv_heads={kv_heads}")
-    if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3] or q.shape[0] != k.shape[0]:
+    if _differ(k.shape[2], v.shape[2]) or _differ(q.shape[3], k.shape[3]) or _differ(q.shape[0], k.shape[0]):
         raise fail(node, f"q {q.shape_text()}, k {k.shape_text()}, v {v.shape_text()} do not agree")
     if not (q.dtype == k.dtype == v.dtype):
         raise fail(node, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")

@@ -25,7 +25,7 @@ EXPECTED_REFUSALS: MappingProxyType[str, str] = MappingProxyType({})
 
 #: Programs where torch's aot_eager itself is wrong (it differs from eager) and seqweave must
 #: match eager instead: the min-cut partitioner recomputes, in the backward, a read of a buffer
-#: the forward mutated, so the backward sees the value after the write (pytorch/pytorch#197039).
+#: the forward mutated, so the backward sees the value after the write.
 AOT_EAGER_WRONG = frozenset({"buffer_counter_add", "buffer_int_counter_iadd", "buffer_mul"})
 
 PROGRAMS = zoo()

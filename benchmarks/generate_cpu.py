@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import statistics
@@ -23,7 +22,6 @@ import time
 import torch
 
 import results_io
-from results_io import markdown_tables, print_tables, write_json_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "generate_cpu.json")
@@ -111,16 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="steady-state generate() calls (median)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path (written atomically)")
-    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved result instead of running")
-    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    results_io.add_output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
-    payload = json.load(open(args.report)) if args.report else run(args, argv)
-    tables = render(payload)
-    print(markdown_tables(tables, LEFT_COLUMNS)) if args.markdown else print_tables(tables, LEFT_COLUMNS)
-    if not args.report:
-        write_json_atomic(args.out, payload)
-        print(f"wrote {args.out}", file=sys.stderr)
+    payload = results_io.run_or_report(args, lambda: run(args, argv), render, LEFT_COLUMNS)
     wrong = [r for r in payload["rows"] if not r["same_tokens"]]
     for row in wrong:
         print(f"MISMATCH {row['model']} {row['backend']}: tokens differ from eager", file=sys.stderr)

@@ -2,12 +2,14 @@
 and print result tables (rich in a terminal, Markdown for the README)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import platform
 import subprocess
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 #: (title, header, rows of cells)
 TableData = tuple[str, list[str], list[list[str]]]
@@ -61,3 +63,26 @@ def machine_info(repo: str) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None
     return info
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """--out (where the JSON goes), --report (print a saved result instead of running), --markdown."""
+    parser.add_argument("--out", default=default_out, help="JSON results path (written atomically)")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved result instead of running")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+
+
+def run_or_report(args: argparse.Namespace, run: Callable[[], dict[str, Any]],
+                  render: Callable[[dict[str, Any]], list[TableData]], left: Sequence[str]) -> dict[str, Any]:
+    """The payload of a fresh run (written to --out) or of the saved --report, its tables printed."""
+    if args.report:
+        with open(args.report) as handle:
+            payload = json.load(handle)
+    else:
+        payload = run()
+    tables = render(payload)
+    print(markdown_tables(tables, left)) if args.markdown else print_tables(tables, left)
+    if not args.report:
+        write_json_atomic(args.out, payload)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return payload

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import sys
@@ -25,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import results_io  # benchmarks/ is on sys.path when a script runs
-from results_io import markdown_tables, print_tables, write_json_atomic
 
 import torch
 
@@ -296,16 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--measure-max-seq", type=int, default=4096, help="largest N run on gloo ranks (0: none)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path (written atomically)")
-    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved result instead of running")
-    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    results_io.add_output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
-    payload = json.load(open(args.report)) if args.report else run(args, argv)
-    tables = render(payload)
-    print(markdown_tables(tables, LEFT_COLUMNS)) if args.markdown else print_tables(tables, LEFT_COLUMNS)
-    if not args.report:
-        write_json_atomic(args.out, payload)
-        print(f"wrote {args.out}", file=sys.stderr)
+    payload = results_io.run_or_report(args, lambda: run(args, argv), render, LEFT_COLUMNS)
     mismatched = [m for m in payload["measured"] if m["mismatches"]]
     for m in mismatched:
         print(f"MISMATCH {m['strategy']} N={m['N']} P={m['P']}: {'; '.join(m['mismatches'])}", file=sys.stderr)

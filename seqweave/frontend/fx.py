@@ -105,8 +105,8 @@ class _Importer:
             return core_name(node.target), args, kwargs
         if node.target is torch.ops.prims.convert_element_type.default:  # decompositions under dynamic shapes
             return "core._to_copy", args[:1], {"dtype": args[1]}
-        if scalar_op_name(node.target) and not kwargs:  # size arithmetic under dynamic shapes
-            return scalar_op_name(node.target), args, kwargs
+        if (scalar := scalar_op_name(node.target)) and not kwargs:  # size arithmetic under dynamic shapes
+            return scalar, args, kwargs
         raise CaptureError(f"unsupported FX node {node.format_node()}",
                            hint="seqweave imports ATen ops only; dynamic shapes are not supported yet (use dynamic=False)")
 

@@ -155,8 +155,7 @@ class _Builder:
         Attention is never run whole: that would be the N x N work the pass exists to split."""
         if not self.gather_unshardable or old.op.startswith("attn."):
             raise why
-        gather = lambda v: self.gathered(v) if self.seq(v) is not None or self.partial(v) else v  # noqa: E731
-        args, kwargs = map_values(args, gather), map_values(kwargs, gather)
+        args, kwargs = map_values(args, self.gathered), map_values(kwargs, self.gathered)
         self.kept_whole.append(f"{old.op} ({why})")
         return old.op, args, kwargs, [None] * len(old.results)
 

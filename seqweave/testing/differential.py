@@ -66,6 +66,7 @@ class DiffResult:
     refusal: str = ""            # the SeqweaveError's message, when status is refused
     seconds: dict[str, float] = field(default_factory=dict)
     graphs: int = 0              # dynamo graphs the backend under test compiled
+    attentions: int = 0          # seqweave attention ops in the forward graphs it compiled (0 for other backends)
 
     @property
     def mismatches(self) -> list[ItemDiff]:
@@ -317,6 +318,12 @@ def _timed(run: Callable[[], Observed], seconds: dict[str, float], label: str) -
         seconds[label] = round(time.perf_counter() - start, 3)
 
 
+def _attentions(backend: Callable) -> int:
+    """What the backend replaced by its attention op, when it is seqweave's (else 0)."""
+    inner = getattr(backend, "inner", None)
+    return inner.attention_count("forward") if hasattr(inner, "attention_count") else 0
+
+
 def _counted(backend: Any, graphs: list[int]) -> Callable:
     """`backend`, appending to `graphs` each time it compiles a dynamo graph (a program that
     dynamo only ever runs eagerly would otherwise "match" without seqweave running anything)."""
@@ -324,6 +331,7 @@ def _counted(backend: Any, graphs: list[int]) -> Callable:
         compiled = backend(gm, example_inputs)
         graphs.append(len(gm.graph.nodes))
         return compiled
+    counted_backend.inner = backend  # type: ignore[attr-defined]
     return counted_backend
 
 
@@ -366,4 +374,4 @@ def run_differential(program: Program, calls: int = 2,
             torch._dynamo.reset()
     items = tuple(compare_observed(got, want, truth))
     return DiffResult(program.name, MATCH if all(item.ok for item in items) else MISMATCH, items, seconds=seconds,
-                      graphs=len(graphs))
+                      graphs=len(graphs), attentions=_attentions(backend))

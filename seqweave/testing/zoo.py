@@ -370,25 +370,20 @@ class SdpaCausal(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(b, s, D))
+        return self.out(self.attend(q, k, v).transpose(1, 2).reshape(b, s, D))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-class EagerCausal(nn.Module):
-    """Hand-written attention: softmax(q @ kᵀ * scale + causal additive mask) @ v."""
+class EagerCausal(SdpaCausal):
+    """The same block with attention written out: softmax(q @ kᵀ * scale + causal additive mask) @ v."""
 
-    def __init__(self, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
-        mask = torch.full((s, s), float("-inf"), device=x.device).triu(1)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = q.shape[2]
+        mask = torch.full((s, s), float("-inf"), device=q.device).triu(1)
         scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5) + mask
-        y = scores.softmax(dim=-1) @ v
-        return self.out(y.transpose(1, 2).reshape(b, s, D))
+        return scores.softmax(dim=-1) @ v
 
 
 # --- builders --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAt
                                 RingAttentionBackward, ShardOp, UlyssesAttention, UlyssesAttentionBackward)
 from seqweave.ir.ops.base import OpDef, VerificationError
 from seqweave.ir.ops.core import CORE_PREFIX, core_op
-from seqweave.ir.ops.scalar import SCALAR_FUNCTIONS, SCALAR_PREFIX, ScalarOp
+from seqweave.ir.ops.scalar import SCALAR_FUNCTIONS, SCALAR_PREFIX, scalar_op
 
 _DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward(), ShardOp(), GatherOp(),
                                                           AllReduceOp(), RingAttention(), RingAttentionBackward(),
@@ -22,7 +22,7 @@ def op_def(name: str) -> OpDef:
         except KeyError as error:
             raise VerificationError(str(error)) from error
     if name.startswith(SCALAR_PREFIX) and name[len(SCALAR_PREFIX):] in SCALAR_FUNCTIONS:
-        return ScalarOp(name)
+        return scalar_op(name)
     if name not in _DIALECT_OPS:
         raise VerificationError(f"unknown op {name!r}; known dialect ops: {sorted(_DIALECT_OPS)} and core.<aten op>")
     return _DIALECT_OPS[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -52,3 +53,9 @@ class ScalarOp(OpDef):
 
     def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args)
+
+
+@lru_cache(maxsize=None)
+def scalar_op(name: str) -> ScalarOp:
+    """The (cached, stateless) definition of a `scalar.*` op; KeyError for unknown names."""
+    return ScalarOp(name)

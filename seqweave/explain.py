@@ -1,6 +1,7 @@
 """`seqweave explain`: capture a model and say, per layer, what the frontend found."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from seqweave.compiler import SeqweaveBackend
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
+from seqweave.ir.types import TensorType
 from seqweave.passes.strategy import LayerShape, choose_strategy
 from seqweave.targets import call_model
 
@@ -37,8 +39,16 @@ def _totals(backend: SeqweaveBackend, model: torch.nn.Module) -> dict[str, Any]:
         "attn.sdpa": nodes["attn.sdpa"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "top_ops": dict(nodes.most_common(8)),
+        "largest_tensor": _largest_tensor(backend),
         "pass_ms": {run.name: round(run.millis, 2) for compiled in backend.graphs for run in compiled.passes},
     }
+
+
+def _largest_tensor(backend: SeqweaveBackend) -> list[int]:
+    """The shape of the biggest tensor any compiled graph computes or reads (an N×N mask shows here)."""
+    shapes = [value.type.concrete_shape() for compiled in backend.graphs for value in compiled.graph.values()
+              if isinstance(value.type, TensorType) and value.type.is_static()]
+    return list(max(shapes, key=math.prod, default=()))
 
 
 def strategy_for(report: AttentionReport, world: int) -> dict[str, Any]:
@@ -51,13 +61,32 @@ def strategy_for(report: AttentionReport, world: int) -> dict[str, Any]:
             "backward_bytes": predicted["backward_bytes"], "why": choice.reason}
 
 
+class _Captured(Exception):
+    """Raised instead of running the compiled graph: explaining never computes the model."""
+
+
+class _CaptureOnlyBackend(SeqweaveBackend):
+    """Compiles every graph (so passes and lowering are checked) but runs none of them, so
+    explaining at 128k tokens costs a capture, not a forward pass at 128k."""
+
+    def _compile_graph(self, graph, user_outputs=None):
+        super()._compile_graph(graph, user_outputs)
+
+        def stop(_args: list) -> None:
+            raise _Captured()
+        return stop
+
+
 def explain(model: torch.nn.Module, inputs: Any, world: int = 1) -> Explanation:
-    """Compile (inference graph only) and run once so that dynamo hands us the graph; with
-    `world` > 1, add the per-layer sequence-parallel strategy the cost model would choose."""
-    backend = SeqweaveBackend()
+    """Capture (inference graph only) and compile without running; with `world` > 1, add the
+    per-layer sequence-parallel strategy the cost model would choose."""
+    backend = _CaptureOnlyBackend()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        call_model(compiled, inputs)
+    try:
+        with torch.no_grad():
+            call_model(compiled, inputs)
+    except _Captured:
+        pass
     layers = []
     for report in backend.reports:
         layer = report.as_dict()

@@ -15,6 +15,7 @@ from torch import fx
 from seqweave.frontend.custom_ops import ATTENTION_OP
 from seqweave.frontend.orphans import remove_orphans
 from seqweave.frontend.mask_lift import LiftedMask, SymbolicMaskInput, lift_mask, segment_ids_from_positions
+from seqweave.frontend.mask_tiles import Untileable
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
                                         looks_like_eager_attention, match_eager, match_sdpa)
 from seqweave.ir.mask import Causal, Dense, Full
@@ -64,6 +65,10 @@ def _lift(match: AttentionMatch, placeholder_values: dict[fx.Node, torch.Tensor]
         return lift_mask(match.mask, placeholder_values, match.additive, (q.shape[0], heads, q.shape[2], k.shape[2]))
     except SymbolicMaskInput as why:
         return _dense(match, f"{why} (dynamic shapes): kept as a dense tensor")
+    except Untileable as why:
+        if match.additive:  # without reading every value we cannot tell a mask from a bias (ALiBi)
+            raise ValueError(f"the additive mask cannot be checked: {why}") from why
+        return _dense(match, f"not lifted: {why}; kept as a dense tensor")
 
 
 def _static(shape: Sequence) -> bool:

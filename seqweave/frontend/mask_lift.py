@@ -1,11 +1,13 @@
-"""Lift an attention mask subgraph into a MaskSpec by evaluating it.
+"""Lift an attention mask subgraph into a MaskSpec by evaluating it, one block of rows at a time.
 
 The mask HF builds is a function of index arithmetic and at most a few inputs
 (`attention_mask` for padding, `position_ids` for packed documents). We cut out the
-subgraph that computes it, evaluate it with neutral inputs to fit the structured part
-(causal, sliding window, chunked, sinks), then try each way of reading the inputs
-(padding, documents) and accept a spec only if it reproduces the subgraph exactly on
-the example inputs and on random probes. Otherwise we say why and fall back to Dense.
+subgraph that computes it and evaluate it tile by tile (`mask_tiles`), so no N×N tensor is
+ever built: with neutral inputs to fit the structured part (causal, sliding window, chunked,
+sinks), then with each way of reading the inputs (padding, documents). A spec is accepted
+only if it reproduces the subgraph on the example inputs and on random probes: on every
+query row when the mask has at most `MAX_WHOLE_ELEMENTS` elements, otherwise on the first
+and last rows and a spread of sampled ones. Otherwise we say why and fall back to Dense.
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
-from seqweave.ir.mask import (Causal, Chunked, Dense, Document, Full, MaskSpec, Padding, Sinks, SlidingWindow,
-                              dense_mask)
+from seqweave.frontend.mask_tiles import MAX_WHOLE_ELEMENTS, Tiled, project, tiled_function
+from seqweave.ir.mask import Causal, Chunked, Dense, Document, Full, MaskSpec, Padding, Sinks, SlidingWindow
 
-#: Masks bigger than this (B * Sq * Skv elements) are not evaluated; they stay Dense.
-MAX_LIFT_ELEMENTS = 1 << 27
 PROBES_PER_ROLE = 4
 #: An additive mask entry at or below this is "masked": exp() of it underflows to 0 even in fp64.
 MASKED_ADDITIVE_VALUE = -1e6
 ROLES = ("padding", "document")
+#: Above MAX_WHOLE_ELEMENTS, rows checked per group (leading, trailing, evenly spread, random).
+SAMPLED_ROWS = 64
+#: Elements evaluated per block of rows (bounds the memory lifting uses at any length).
+BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -42,11 +46,34 @@ class LiftedMask:
 
 @dataclass
 class MaskFunction:
-    """The mask subgraph as a callable of its leaf inputs, returning bool [B|1, H|1, Sq, Skv]."""
+    """The mask subgraph as a function of its leaf inputs, read as bool [B, H, rows, Skv] blocks."""
 
-    fn: Callable[..., torch.Tensor]
+    tiled: Callable[[Sequence[torch.Tensor]], Tiled]
     leaves: list[fx.Node]
     leaf_values: list[torch.Tensor]
+    additive: bool
+
+    def rows(self, values: Sequence[torch.Tensor], shape: tuple[int, ...], q_idx: torch.Tensor,
+             kv_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Allowed (bool) at query rows `q_idx` and keys `kv_idx` (all keys by default)."""
+        batch, heads, _, kv_len = shape
+        kv_idx = torch.arange(kv_len) if kv_idx is None else kv_idx
+        mask = self.tiled(values)
+        step = max(1, BLOCK_ELEMENTS // max(1, batch * heads * len(kv_idx)))
+        blocks = []
+        for start in range(0, len(q_idx), step):
+            rows = q_idx[start:start + step]
+            index = [torch.arange(batch), torch.arange(heads), rows, kv_idx]
+            block = mask.tile(project(index, mask.shape))
+            block = block.reshape((1,) * (4 - block.dim()) + tuple(block.shape))
+            blocks.append(self._allowed(block).expand(batch, heads, len(rows), len(kv_idx)))
+        return torch.cat(blocks, dim=2)
+
+    def _allowed(self, block: torch.Tensor) -> torch.Tensor:
+        if not self.additive:
+            return block.to(torch.bool)
+        check_additive_values(block)
+        return block == 0  # additive masks are 0 where attention is allowed
 
 
 class SymbolicMaskInput(Exception):
@@ -63,7 +90,7 @@ def _leaf_value(node: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor]) 
 
 def extract_mask_function(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor],
                           additive: bool) -> MaskFunction:
-    """Copy the ancestors of `mask` into a standalone graph whose inputs are its leaves."""
+    """The ancestors of `mask` as a tiled function of its leaves (placeholders and constants)."""
     ancestors: list[fx.Node] = []
     stack, seen = [mask], set()
     while stack:
@@ -75,25 +102,12 @@ def extract_mask_function(mask: fx.Node, placeholder_values: dict[fx.Node, torch
         stack.extend(node.all_input_nodes)
     order = {node: index for index, node in enumerate(mask.graph.nodes)}
     ancestors.sort(key=order.__getitem__)
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
     leaves = [node for node in ancestors if node.op in ("placeholder", "get_attr")]
-    for leaf in leaves:
-        env[leaf] = sub.placeholder(leaf.name)
-    for node in ancestors:
-        if node not in env:
-            env[node] = sub.node_copy(node, env.__getitem__)
-    sub.output(env[mask])
-    module = fx.GraphModule(torch.nn.Module(), sub)
     values = [_leaf_value(leaf, placeholder_values) for leaf in leaves]
     floating = [leaf.name for leaf, v in zip(leaves, values) if v.dtype.is_floating_point and v.dim() > 0]
     if floating:
         raise ValueError(f"the mask depends on floating-point data ({', '.join(floating)})")
-    if not additive:
-        return MaskFunction(module, leaves, values)
-    check_additive_values(module(*values))
-    # Additive masks are 0 where attention is allowed and a huge negative number elsewhere.
-    return MaskFunction(lambda *leaf_values: module(*leaf_values) == 0, leaves, values)
+    return MaskFunction(tiled_function(ancestors, leaves, mask), leaves, values, additive)
 
 
 def check_additive_values(mask_value: torch.Tensor) -> None:
@@ -104,13 +118,26 @@ def check_additive_values(mask_value: torch.Tensor) -> None:
                          "which a boolean MaskSpec cannot express")
 
 
-def _structured_candidates(allowed: torch.Tensor) -> list[MaskSpec]:
-    """Specs worth testing against a square [S, S] pattern (read off its first and last rows)."""
-    size = allowed.shape[0]
-    q_idx, kv_idx = torch.nonzero(allowed, as_tuple=True)
-    if q_idx.numel() == 0:
+def checked_rows(shape: tuple[int, ...]) -> torch.Tensor:
+    """Every query row when the mask is small enough; else the first, last, spread and random rows."""
+    q_len = shape[2]
+    if torch.Size(shape).numel() <= MAX_WHOLE_ELEMENTS:
+        return torch.arange(q_len)
+    generator = torch.Generator().manual_seed(0)
+    groups = [torch.arange(min(q_len, SAMPLED_ROWS)), torch.arange(max(0, q_len - SAMPLED_ROWS), q_len),
+              torch.linspace(0, q_len - 1, SAMPLED_ROWS).long(), torch.randint(0, q_len, (SAMPLED_ROWS,), generator=generator)]
+    return torch.unique(torch.cat(groups))
+
+
+def _structured_candidates(allowed: torch.Tensor, q_idx: torch.Tensor, first_column: torch.Tensor) -> list[MaskSpec]:
+    """Specs worth testing against a square pattern: `allowed` holds rows `q_idx` (the first and
+    last among them), `first_column` is key 0's column over every row."""
+    size = allowed.shape[1]
+    rows, kv_idx = torch.nonzero(allowed, as_tuple=True)
+    if rows.numel() == 0:
         return []
-    left, right = int((q_idx - kv_idx).max()), int((kv_idx - q_idx).max())
+    q_of = q_idx[rows]
+    left, right = int((q_of - kv_idx).max()), int((kv_idx - q_of).max())
     candidates: list[MaskSpec] = [Full()]
     if right <= 0 and left >= size - 1:
         candidates.append(Causal())
@@ -120,7 +147,7 @@ def _structured_candidates(allowed: torch.Tensor) -> list[MaskSpec]:
         candidates.append(SlidingWindow(max(left, 0), right))
     first_row_width = int(allowed[0].sum())
     if 0 < first_row_width < size:
-        chunk = first_row_width if right > 0 else int(allowed[:, 0].sum())
+        chunk = first_row_width if right > 0 else int(first_column.sum())
         candidates += [Chunked(chunk), Causal() & Chunked(chunk)]
     last = allowed[-1]
     sinks = int(torch.cumprod(last.int(), 0).sum())
@@ -130,13 +157,20 @@ def _structured_candidates(allowed: torch.Tensor) -> list[MaskSpec]:
     return candidates
 
 
-def fit_structured(allowed: torch.Tensor) -> MaskSpec | None:
-    """The structured MaskSpec equal to a [Sq, Skv] boolean pattern, or None when none is."""
-    sq, skv = allowed.shape
+def fit_structured(allowed: torch.Tensor, q_idx: torch.Tensor | None = None,
+                   first_column: torch.Tensor | None = None) -> MaskSpec | None:
+    """The structured MaskSpec equal to a boolean pattern, or None when none is.
+
+    `allowed` holds the rows `q_idx` (every row by default) of a [Sq, Skv] pattern, and
+    `first_column` key 0's column over every row (read off `allowed` by default).
+    """
+    q_idx = torch.arange(allowed.shape[0]) if q_idx is None else q_idx
+    first_column = allowed[:, 0] if first_column is None else first_column
+    sq, skv = len(first_column), allowed.shape[1]
     if sq != skv:
         return Full() if bool(allowed.all()) else None
-    for candidate in _structured_candidates(allowed):
-        if torch.equal(dense_mask(candidate, sq, skv)[0, 0], allowed):
+    for candidate in _structured_candidates(allowed, q_idx, first_column):
+        if torch.equal(candidate.evaluate(q_idx, torch.arange(skv))[0, 0], allowed):
             return candidate
     return None
 
@@ -182,10 +216,6 @@ def _operand_for(value: torch.Tensor, role: str) -> torch.Tensor:
     return segment_ids_from_positions(value) if role == "document" else value
 
 
-def _evaluate(fn: MaskFunction, values: Sequence[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    return fn.fn(*values).to(torch.bool).expand(shape)
-
-
 def _candidate_spec(structured: MaskSpec, roles: Sequence[str | None]) -> MaskSpec:
     spec = structured
     for index, role in enumerate(role for role in roles if role is not None):
@@ -193,8 +223,9 @@ def _candidate_spec(structured: MaskSpec, roles: Sequence[str | None]) -> MaskSp
     return spec
 
 
-def _reproduces(fn: MaskFunction, spec: MaskSpec, roles: Sequence[str | None], shape: tuple[int, ...]) -> bool:
-    """Does `spec` equal the mask subgraph on the example inputs and on random probes?"""
+def _reproduces(fn: MaskFunction, spec: MaskSpec, roles: Sequence[str | None], shape: tuple[int, ...],
+                q_idx: torch.Tensor) -> bool:
+    """Does `spec` equal the mask subgraph on rows `q_idx`, on the example inputs and on random probes?"""
     generator = torch.Generator().manual_seed(0)
     capable = [role is not None or _role_capable(v, shape) for v, role in zip(fn.leaf_values, roles)]
     rounds = [list(fn.leaf_values)]
@@ -202,11 +233,11 @@ def _reproduces(fn: MaskFunction, spec: MaskSpec, roles: Sequence[str | None], s
         rounds.append([
             _random_probe(value, role or ROLES[round_index % len(ROLES)], generator) if ok else value
             for value, role, ok in zip(fn.leaf_values, roles, capable)])
-    sq, skv = shape[-2:]
+    kv_idx = torch.arange(shape[-1])
     for values in rounds:
         operands = [_operand_for(v, role) for v, role in zip(values, roles) if role is not None]
-        expected = dense_mask(spec, sq, skv, operands)
-        if not torch.equal(_evaluate(fn, values, shape), expected.expand(shape)):
+        expected = spec.evaluate(q_idx, kv_idx, operands).expand(*shape[:2], len(q_idx), shape[-1])
+        if not torch.equal(fn.rows(values, shape, q_idx), expected):
             return False
     return True
 
@@ -222,26 +253,29 @@ def lift_mask(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], ad
               shape: tuple[int, ...]) -> LiftedMask:
     """Lift the mask computed by `mask` ([B, H|1, Sq, Skv] after broadcasting) into a MaskSpec.
 
-    Raises ValueError (with the reason) when the mask depends on data, so attention must be left alone.
+    Raises ValueError (with the reason) when the mask depends on data, so attention must be left
+    alone, and `Untileable` (a ValueError) when it is built by an op too large to evaluate whole.
     """
-    dense = LiftedMask(Dense(0), [(mask, "dense_additive" if additive else "dense")])
-    if torch.Size(shape).numel() > MAX_LIFT_ELEMENTS:
-        if additive:  # without evaluating it we cannot tell a mask from a bias (ALiBi)
-            raise ValueError(f"the additive mask of {torch.Size(shape).numel()} elements is too large to check")
-        dense.note = f"a mask of {torch.Size(shape).numel()} elements is too large to lift; kept as a dense tensor"
-        return dense
     fn = extract_mask_function(mask, placeholder_values, additive)
+    q_idx = checked_rows(shape)
     for roles in _role_assignments(fn, shape):
         neutral = [_neutral(v, role) if role else v for v, role in zip(fn.leaf_values, roles)]
-        pattern = _evaluate(fn, neutral, shape)
+        pattern = fn.rows(neutral, shape, q_idx)
         if not bool((pattern == pattern[:1, :1]).all()):
             continue  # still varies over batch or heads: some input plays a role we have not assigned
-        structured = fit_structured(pattern[0, 0])
+        first_column = fn.rows(neutral, shape, torch.arange(shape[2]), torch.zeros(1, dtype=torch.long))
+        structured = fit_structured(pattern[0, 0], q_idx, first_column[0, 0, :, 0])
         if structured is None:
             continue
         spec = _candidate_spec(structured, roles)
-        if _reproduces(fn, spec, roles, shape):
+        if _reproduces(fn, spec, roles, shape, q_idx):
             operands = [(leaf, role) for leaf, role in zip(fn.leaves, roles) if role is not None]
-            return LiftedMask(spec, operands, "lifted")
-    dense.note = "no MaskSpec reproduces the mask on probes; kept as a dense tensor"
-    return dense
+            return LiftedMask(spec, operands, _lifted_note(q_idx, shape[2]))
+    return LiftedMask(Dense(0), [(mask, "dense_additive" if additive else "dense")],
+                      "no MaskSpec reproduces the mask on probes; kept as a dense tensor")
+
+
+def _lifted_note(q_idx: torch.Tensor, q_len: int) -> str:
+    if len(q_idx) == q_len:
+        return "lifted"
+    return f"lifted (checked on {len(q_idx)} of {q_len} query rows per probe; the mask was never built whole)"

@@ -112,6 +112,8 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
             packed: bool = typer.Option(False, help="pack several documents per row (restarting position ids)"),
             sp: int = typer.Option(1, "--sp", help="also show the cost model's sequence-parallel strategy "
                                                    "and predicted bytes per layer for this many ranks"),
+            memory: bool = typer.Option(False, "--memory", help="predict each rank's training-step memory as an "
+                                        "expression of N (built-in samples: captures at N/4, N/2 and N)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
     """Capture TARGET and show, per layer, the attention found and its lifted MaskSpec."""
     from seqweave.explain import explain as run_explain
@@ -123,6 +125,8 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
         model, inputs = load_target(target, spec)
         with err.status(f"capturing {target}…"):
             explanation = run_explain(model, inputs, world=sp)
+        if memory:
+            explanation.totals["memory"] = _memory_prediction(target, spec, sp)
     except SeqweaveError as error:
         _fail(error)
     if as_json:
@@ -133,6 +137,28 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
               f"parameters: {totals['parameters']:,}")
+    if "memory" in totals:
+        predicted = totals["memory"]
+        out.print(f"per-rank memory of a training step on {predicted['world']} rank(s), bytes: saved activations "
+                  f"{predicted['saved_bytes']} + outputs {predicted['output_bytes']} = {predicted['total_bytes']} "
+                  f"= {predicted[f'bytes_at_{seq_len}'] / 2**20:,.1f} MiB at N={seq_len}")
+
+
+def _memory_prediction(target: str, spec: SampleSpec, world: int) -> dict:
+    from dataclasses import replace
+
+    from seqweave.errors import TargetError
+    from seqweave.memory_prediction import predict_memory
+    from seqweave.targets import load_target
+    from seqweave.testing.models import BUILDERS
+
+    if target not in BUILDERS:
+        raise TargetError("--memory rebuilds the model at N/4 and N/2, which only built-in samples can do",
+                          hint=f"use a built-in sample ({', '.join(sorted(BUILDERS))}) or drop --memory")
+    with err.status("predicting memory…") as status:
+        prediction = predict_memory(lambda n: load_target(target, replace(spec, seq_len=n)), spec.seq_len, world,
+                                    progress=status.update)
+    return prediction.as_dict(spec.seq_len)
 
 
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",

@@ -5,10 +5,12 @@ and the stage before it.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -21,6 +23,8 @@ from seqweave.ir.graph import Graph
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, shard_positions
 from seqweave.ir.verifier import verify
+from seqweave.passes.absent_tangents import AbsentTangents
+from seqweave.passes.base import Pass
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.comm import Communicator
@@ -36,6 +40,8 @@ class CompiledGraph:
     passes: list[PassRun]
     #: training forward: bytes of the activations it saves for the backward (this rank's share)
     saved_bytes: int = 0
+    #: bytes of the outputs the caller receives (gathered outputs are whole on every rank)
+    output_bytes: int = 0
 
 
 class SeqweaveBackend:
@@ -64,12 +70,31 @@ class SeqweaveBackend:
             raise OptionError(f"sequence parallelism needs static shapes; the {graph.name} graph has symbolic sizes",
                               hint="compile with torch.compile(..., dynamic=False) (and, for generate(), "
                                    "cache_implementation='static')")
-        passes = parse_pipeline(self.options.pipeline)
-        shard = self._shard_pass(graph, world, user_outputs) if world > 1 else None
+        saved = self._saved_seqs.pop() if graph.name == "backward" and world > 1 else None
+        if graph.name != "backward":
+            return self._compile_variant(graph, user_outputs, saved)
+        # A tangent arrives as None when the caller did not differentiate that output
+        # (frontend.dynamo asks autograd not to materialise zeros): each set of absent tangents
+        # gets its own variant, compiled when first met (the set is the same every step).
+        pristine = copy.deepcopy(graph)
+        return AbsentTangentDispatch(lambda absent: self._backward_variant(pristine, absent, saved))
+
+    def _backward_variant(self, pristine: Graph, absent: tuple[int, ...], saved: list | None) -> Callable[[list], Any]:
+        graph = copy.deepcopy(pristine)
+        removable = AbsentTangents(absent).eliminable(graph)
+        program = self._compile_variant(graph, None, saved, first=[AbsentTangents(removable)] if absent else [])
+        fed = [index for index in absent if index not in removable]
+        return lambda args: program(_zeros_for(graph, fed, args))
+
+    def _compile_variant(self, graph: Graph, user_outputs: int | None, saved: list | None,
+                         first: Sequence[Pass] = ()) -> Callable[[list], Any]:
+        world = self.options.mesh.sp
+        passes = [*first, *parse_pipeline(self.options.pipeline)]
+        shard = self._shard_pass(graph, world, user_outputs, saved) if world > 1 else None
         runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
                             dump_dir=self.options.dump_dir)
-        saved = graph.output_values()[user_outputs:] if graph.name == "forward" and user_outputs is not None else []
-        self.graphs.append(CompiledGraph(graph.name, graph, runs, sum(map(_tensor_bytes, saved))))
+        self.graphs.append(CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
+                                         caller_output_bytes(graph, user_outputs)))
         if shard is None:
             program = lower(graph)
             return lambda args: program(args)
@@ -77,7 +102,7 @@ class SeqweaveBackend:
             self._saved_seqs.append(shard.report["output_seqs"][user_outputs:])
         return self._sharded_program(graph, world)
 
-    def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None) -> ShardSequence:
+    def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None, saved: list | None) -> ShardSequence:
         """shard-sequence for this graph: a training forward keeps its saved activations sharded,
         and the backward receives them sharded, as the forward left them."""
         length = sequence_length(graph, world, self.options.balance)
@@ -88,7 +113,6 @@ class SeqweaveBackend:
         if graph.name == "forward":
             return ShardSequence(**common, keep_sharded_from=user_outputs)
         if graph.name == "backward":
-            saved = self._saved_seqs.pop()
             return ShardSequence(**common, input_seqs=tuple((i, *seq) for i, seq in enumerate(saved) if seq))
         return ShardSequence(**common)
 
@@ -125,6 +149,48 @@ class SeqweaveBackend:
 
 def _static(graph: Graph) -> bool:
     return all(value.type.is_static() for value in graph.values() if isinstance(value.type, TensorType))
+
+
+class AbsentTangentDispatch:
+    """Runs the backward variant compiled for exactly the set of tangents that are None in this
+    call (compiled on first use; in practice every step has the same set)."""
+
+    def __init__(self, variant: Callable[[tuple[int, ...]], Callable[[list], Any]]) -> None:
+        self.programs: dict[tuple[int, ...], Callable[[list], Any]] = {}
+        self.variant = variant
+
+    def __call__(self, args: list) -> Any:
+        absent = tuple(index for index, arg in enumerate(args) if arg is None)
+        if absent not in self.programs:
+            self.programs[absent] = self.variant(absent)
+        return self.programs[absent](args)
+
+
+def _zeros_for(graph: Graph, indices: list[int], args: list) -> list:
+    """`args` with the inputs at `indices` (None) replaced by zeros of their (local) type."""
+    if not indices:
+        return args
+    device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+    args = list(args)
+    for index in indices:
+        kind = graph.inputs[index].type
+        args[index] = torch.zeros(kind.concrete_shape(), dtype=kind.dtype, device=device)
+    return args
+
+
+def saved_bytes(graph: Graph, user_outputs: int | None) -> int:
+    """A training forward's saved activations (outputs after the user's), each storage counted once."""
+    if graph.name != "forward" or user_outputs is None:
+        return 0
+    saved = {id(value): value for value in graph.output_values()[user_outputs:]}
+    return sum(map(_tensor_bytes, saved.values()))
+
+
+def caller_output_bytes(graph: Graph, user_outputs: int | None) -> int:
+    """Bytes of the outputs the caller receives (a training forward's first `user_outputs`)."""
+    outputs = graph.output_values()
+    visible = outputs[:user_outputs] if graph.name == "forward" and user_outputs is not None else outputs
+    return sum(_tensor_bytes(value) for value in {id(v): v for v in visible}.values())
 
 
 def _tensor_bytes(value: Any) -> int:

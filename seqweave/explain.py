@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from seqweave.capture_only import capture
 from seqweave.compiler import SeqweaveBackend
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
 from seqweave.passes.strategy import LayerShape, choose_strategy
-from seqweave.targets import call_model
 
 
 @dataclass
@@ -61,32 +61,10 @@ def strategy_for(report: AttentionReport, world: int) -> dict[str, Any]:
             "backward_bytes": predicted["backward_bytes"], "why": choice.reason}
 
 
-class _Captured(Exception):
-    """Raised instead of running the compiled graph: explaining never computes the model."""
-
-
-class _CaptureOnlyBackend(SeqweaveBackend):
-    """Compiles every graph (so passes and lowering are checked) but runs none of them, so
-    explaining at 128k tokens costs a capture, not a forward pass at 128k."""
-
-    def _compile_graph(self, graph, user_outputs=None):
-        super()._compile_graph(graph, user_outputs)
-
-        def stop(_args: list) -> None:
-            raise _Captured()
-        return stop
-
-
 def explain(model: torch.nn.Module, inputs: Any, world: int = 1) -> Explanation:
     """Capture (inference graph only) and compile without running; with `world` > 1, add the
     per-layer sequence-parallel strategy the cost model would choose."""
-    backend = _CaptureOnlyBackend()
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    try:
-        with torch.no_grad():
-            call_model(compiled, inputs)
-    except _Captured:
-        pass
+    backend = capture(model, inputs)
     layers = []
     for report in backend.reports:
         layer = report.as_dict()

@@ -5,6 +5,7 @@ ATen graphs hold exactly our ops. K/V enter the op at their true KV-head count.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Sequence
@@ -113,9 +114,16 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list
 def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
     q = example(match.q)
     reason = "replaced" if lifted.note == "lifted" else f"replaced; {lifted.note}"
+    if isinstance(lifted.spec, Dense):
+        reason += f" ({_dense_bytes(match):,} bytes, growing as N²)"
     batch, heads, length, head_dim = (_hint(size) for size in q.shape)
     return AttentionReport(layer, True, reason, match.form, heads, match.kv_heads, head_dim, str(lifted.spec),
                            batch, length, q.element_size())
+
+
+def _dense_bytes(match: AttentionMatch) -> int:
+    """Bytes of the dense mask operand as the boolean tensor attention reads."""
+    return math.prod(_hint(size) for size in example(match.mask).shape)
 
 
 def _hint(size: int | torch.SymInt) -> int:

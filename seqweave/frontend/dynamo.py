@@ -5,6 +5,7 @@ running) is the `compile_graph` callback's business, so the frontend imports onl
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,6 +44,48 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: Gr
             return boxed
         return compile_aten
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=aten_compiler("forward"),
-                                 bw_compiler=aten_compiler("backward"),
-                                 inference_compiler=aten_compiler("inference"), partition_fn=partition)
+    compiled = aot_module_simplified(gm, example_inputs, fw_compiler=aten_compiler("forward"),
+                                     bw_compiler=aten_compiler("backward"),
+                                     inference_compiler=aten_compiler("inference"), partition_fn=partition)
+    if _symbolic(gm):
+        return compiled  # a None tangent could not be replaced by zeros of a symbolic shape
+    return _absent_gradients_stay_absent(compiled)
+
+
+def _symbolic(gm: fx.GraphModule) -> bool:
+    """Does dynamo trace `gm` with symbolic sizes (dynamic shapes)?"""
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and
+                                               any(isinstance(size, torch.SymInt) for size in value.shape)):
+            return True
+    return False
+
+
+def _absent_gradients_stay_absent(compiled: Callable) -> Callable:
+    """Outputs the caller never differentiates get no gradient tensor at all.
+
+    By default autograd hands a custom Function's backward a zero tensor for every output
+    that received no gradient: for returned logits nobody backpropagates that is a full
+    [B, N, vocab] tensor. Turning materialisation off on aot_autograd's node makes those
+    tangents None; the backward compiler then runs a variant without them (`absent-tangents`).
+    """
+    @functools.wraps(compiled)
+    def run(*args: Any) -> Any:
+        outputs = compiled(*args)
+        for node in _autograd_nodes(outputs):
+            node.materialize_grads = False
+        return outputs
+    return run
+
+
+def _autograd_nodes(outputs: Any) -> list:
+    """aot_autograd's backward nodes behind `outputs` (an output may be a view replayed on top)."""
+    found = {}
+    for value in outputs if isinstance(outputs, (tuple, list)) else [outputs]:
+        node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
+        candidates = [node] + [next_node for next_node, _ in getattr(node, "next_functions", ())] if node else []
+        for candidate in candidates:
+            if type(candidate).__name__ == "CompiledFunctionBackward":
+                found[id(candidate)] = candidate
+    return list(found.values())

@@ -23,11 +23,13 @@ Strategies (PAPERS.md, "Sequence parallelism for softmax attention"):
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import sympy
 
+from seqweave.ir.graph import Graph
 from seqweave.ir.mask import MaskSpec, Operands
 from seqweave.ir.mask_pairs import allowed_pairs
 from seqweave.ir.sharding import RingPlan
@@ -276,3 +278,21 @@ def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, back
 
 
 # ------------------------------------------------------------ choosing a strategy
+
+
+# ------------------------------------------------------------------ gathers of whole values
+
+
+def gather_bytes(local_bytes: int | sympy.Expr, world: int | sympy.Expr = WORLD) -> sympy.Expr:
+    """Bytes one rank sends to gather a value it holds `local_bytes` of: its shard to every other rank."""
+    return (world - 1) * sympy.sympify(local_bytes)
+
+
+def graph_gather_bytes(graph: Graph) -> int:
+    """Bytes one rank sends for every `sp.gather` in a sharded graph (outputs and values kept whole)."""
+    total = 0
+    for node in graph.nodes:
+        if node.op == "sp.gather":
+            local = node.args[0].type
+            total += int(gather_bytes(math.prod(local.concrete_shape()) * local.dtype.itemsize, node.kwargs["world"]))
+    return total

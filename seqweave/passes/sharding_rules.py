@@ -269,7 +269,11 @@ def split(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
 
 
 def cat(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    tensors = list(args[0])
+    # torch.cat skips 1-D empty tensors: the `torch.tensor([])` an empty HF DynamicCache starts from.
+    tensors = [t for t in args[0] if tuple(ctx.global_shape(t)) != (0,)] or list(args[0])
+    args = (tensors, *args[1:])
+    if len(tensors) == 1:  # a cat of one tensor is a copy of it, sharded as it is
+        return "core.clone", (tensors[0],), {}, [ctx.seq(tensors[0])]
     seqs = {ctx.seq(t) for t in tensors} - {None}
     if not seqs:
         return node.op, args, kwargs, [None]

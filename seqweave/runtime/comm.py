@@ -144,6 +144,20 @@ class Communicator:
         self.stats[kind]["bytes_sent"] += (self.world - 1) * chunks[0].numel() * chunks[0].element_size()
         return list(output.unbind(0))
 
+    def all_gather(self, tensor: torch.Tensor, step: int, op: str, kind: str = "gather") -> torch.Tensor:
+        """Every rank's `tensor` (one shape and dtype), stacked in rank order: [world, *tensor.shape].
+
+        One `all_gather_into_tensor` into one buffer: the only full-size tensor this call allocates.
+        """
+        payload = tensor.contiguous().reshape(1, *tensor.shape)  # gloo concatenates along dim 0
+        output = payload.new_empty((self.world, *tensor.shape))
+        start = functools.partial(dist.all_gather_into_tensor, output, payload, group=self.group, async_op=True)
+        transfer = self._start(start, None, True, step, op)
+        self._await(transfer, time.monotonic() + self.timeout_s, step, op)
+        self.stats[kind]["calls"] += 1
+        self.stats[kind]["bytes_sent"] += (self.world - 1) * payload.numel() * payload.element_size()
+        return output
+
     def all_reduce(self, tensor: torch.Tensor, step: int, op: str,
                    reduce_op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         """Reduce `tensor` over the group in place (and return it)."""

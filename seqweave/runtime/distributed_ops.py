@@ -2,6 +2,8 @@
 `attn.ring`), bound to a Communicator when a sharded graph is lowered."""
 from __future__ import annotations
 
+import math
+
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -89,18 +91,28 @@ def hybrid_backward(comm: Communicator, step: int, s: AttentionSetup, dout, q, k
 
 
 def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any) -> torch.Tensor:
-    """Every rank's rows, put back at their global positions (undoing zigzag / striping)."""
-    pieces = comm.all_to_all([x.contiguous()] * comm.world, step, f"gather of %{node.results[0].name}", kind="gather")
+    """Every rank's rows, put back at their global positions (undoing zigzag / striping).
+
+    One all-gather into a [world, *x] buffer; when the ranks' rows already follow one another
+    in global order (contiguous layout, nothing before the sequence dim) that buffer is the
+    result, else one copy puts rows in place. Padding rows are dropped by a view.
+    """
     dim, inner, length, world = kw["dim"], kw["inner"], kw["length"], kw["world"]
+    stacked = comm.all_gather(x, step, f"gather of %{node.results[0].name}")
     shape = list(x.shape)
     shape[dim] *= world
-    whole = x.new_empty(split_factor(tuple(shape), dim, length, inner))
-    positions_of = _positions_of(kw["layout"], world, length)
-    for rank, piece in enumerate(pieces):
-        local = piece.reshape(split_factor(tuple(x.shape), dim, length // world, inner))
-        whole.index_copy_(dim + 1, positions_of(rank), local)
+    split = split_factor(tuple(shape), dim, length, inner)
+    local_shape = split_factor(tuple(x.shape), dim, length // world, inner)  # [..., outer, N'/P, inner, ...]
+    if kw["layout"] == "none" and math.prod(local_shape[:dim + 1]) == 1:
+        whole = stacked.view(split)  # nothing before the positions: rank-major order is global order
+    else:
+        whole = x.new_empty(split)
+        positions_of = _positions_of(kw["layout"], world, length)
+        for rank in range(world):
+            whole.index_copy_(dim + 1, positions_of(rank), stacked[rank].view(local_shape))
+        del stacked
     true_length = kw.get("true_length", length)
-    whole = whole.narrow(dim + 1, 0, true_length)  # drop padding rows
+    whole = whole.narrow(dim + 1, 0, true_length)  # drop padding rows (a view)
     shape[dim] = shape[dim] * true_length // length
     return whole.reshape(shape)
 

@@ -119,13 +119,16 @@ def test_sharded_graph_verifies_with_local_shapes(world, layout, n):
 
 
 class _AllRanks:
-    """Stands in for a Communicator in one process: all_to_all returns every rank's piece."""
+    """Stands in for a Communicator in one process: all_to_all / all_gather return every rank's piece."""
 
     def __init__(self, pieces):
         self.world, self.pieces = len(pieces), pieces
 
     def all_to_all(self, chunks, step, op, kind="all_to_all"):
         return self.pieces
+
+    def all_gather(self, tensor, step, op, kind="gather"):
+        return torch.stack(self.pieces)
 
 
 @pytest.mark.parametrize("layout", list(Layout))

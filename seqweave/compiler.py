@@ -6,19 +6,19 @@ and the stage before it.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from seqweave.backward_variants import AbsentTangentDispatch, with_zeros
 from seqweave.codegen.lower import lower
 from seqweave.config import CompileOptions
 from seqweave.errors import OptionError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.frontend.dynamo import capture
+from seqweave.graph_bytes import caller_output_bytes, saved_bytes
 from seqweave.ir.graph import Graph
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, shard_positions
@@ -81,10 +81,11 @@ class SeqweaveBackend:
 
     def _backward_variant(self, pristine: Graph, absent: tuple[int, ...], saved: list | None) -> Callable[[list], Any]:
         graph = copy.deepcopy(pristine)
+        absent = tuple(index for index in absent if isinstance(graph.inputs[index].type, TensorType))
         removable = AbsentTangents(absent).eliminable(graph)
         program = self._compile_variant(graph, None, saved, first=[AbsentTangents(removable)] if absent else [])
         fed = [index for index in absent if index not in removable]
-        return lambda args: program(_zeros_for(graph, fed, args))
+        return lambda args: program(with_zeros(graph, fed, args))
 
     def _compile_variant(self, graph: Graph, user_outputs: int | None, saved: list | None,
                          first: Sequence[Pass] = ()) -> Callable[[list], Any]:
@@ -149,55 +150,6 @@ class SeqweaveBackend:
 
 def _static(graph: Graph) -> bool:
     return all(value.type.is_static() for value in graph.values() if isinstance(value.type, TensorType))
-
-
-class AbsentTangentDispatch:
-    """Runs the backward variant compiled for exactly the set of tangents that are None in this
-    call (compiled on first use; in practice every step has the same set)."""
-
-    def __init__(self, variant: Callable[[tuple[int, ...]], Callable[[list], Any]]) -> None:
-        self.programs: dict[tuple[int, ...], Callable[[list], Any]] = {}
-        self.variant = variant
-
-    def __call__(self, args: list) -> Any:
-        absent = tuple(index for index, arg in enumerate(args) if arg is None)
-        if absent not in self.programs:
-            self.programs[absent] = self.variant(absent)
-        return self.programs[absent](args)
-
-
-def _zeros_for(graph: Graph, indices: list[int], args: list) -> list:
-    """`args` with the inputs at `indices` (None) replaced by zeros of their (local) type."""
-    if not indices:
-        return args
-    device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
-    args = list(args)
-    for index in indices:
-        kind = graph.inputs[index].type
-        args[index] = torch.zeros(kind.concrete_shape(), dtype=kind.dtype, device=device)
-    return args
-
-
-def saved_bytes(graph: Graph, user_outputs: int | None) -> int:
-    """A training forward's saved activations (outputs after the user's), each storage counted once."""
-    if graph.name != "forward" or user_outputs is None:
-        return 0
-    saved = {id(value): value for value in graph.output_values()[user_outputs:]}
-    return sum(map(_tensor_bytes, saved.values()))
-
-
-def caller_output_bytes(graph: Graph, user_outputs: int | None) -> int:
-    """Bytes of the outputs the caller receives (a training forward's first `user_outputs`)."""
-    outputs = graph.output_values()
-    visible = outputs[:user_outputs] if graph.name == "forward" and user_outputs is not None else outputs
-    return sum(_tensor_bytes(value) for value in {id(v): v for v in visible}.values())
-
-
-def _tensor_bytes(value: Any) -> int:
-    """Bytes of a static tensor value; 0 for scalars and symbolic shapes (not known until run time)."""
-    if not isinstance(value.type, TensorType) or not value.type.is_static():
-        return 0
-    return math.prod(value.type.concrete_shape()) * value.type.dtype.itemsize
 
 
 def sequence_length(graph: Graph, world: int, balance: str) -> int:

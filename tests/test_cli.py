@@ -87,3 +87,20 @@ def test_demo_sp_trains_on_two_ranks_and_bytes_match_the_cost_model():
     for label in ("ring (zigzag)", "ring (striped)", "ulysses", "auto"):
         assert label in result.stdout
     assert "NO" not in result.stdout
+
+
+def test_explain_memory_predicts_each_rank_as_bytes_of_n():
+    report = _explain_json("llama-tiny", "--seq-len", "64", "--layers", "1", "--sp", "2", "--memory")
+    memory = report["totals"]["memory"]
+    assert memory["world"] == 2 and "N**2" not in memory["total_bytes"], memory
+    assert memory["bytes_at_64"] > 0
+
+
+def test_explain_memory_needs_a_built_in_sample(tmp_path, monkeypatch):
+    (tmp_path / "mem_target.py").write_text(
+        "from seqweave.testing.models import SampleSpec, build_sample\n"
+        "def build():\n"
+        "    return build_sample(SampleSpec('gpt2-tiny', seq_len=16, layers=1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["explain", "mem_target:build", "--memory"])
+    assert result.exit_code == 2 and "only built-in samples" in result.output

@@ -2,6 +2,7 @@
 linear for a lifted mask, with an N² term for a dense one, and right at a length it was not fit at."""
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,22 +21,27 @@ def test_lifted_masks_give_a_linear_prediction_that_holds_at_another_length():
 
 
 class TokenEqualityMask(torch.nn.Module):
-    """Attention among equal tokens: a data mask no MaskSpec expresses, so it stays dense."""
+    """Layers of attention among equal tokens: a data mask no MaskSpec expresses (so it stays
+    dense), built once and shared by every layer, as HF shares its mask."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: int) -> None:
         super().__init__()
         self.embed = torch.nn.Embedding(16, 8)
-        self.qkv = torch.nn.Linear(8, 24)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(8, 24) for _ in range(layers))
 
     def forward(self, ids):
-        q, k, v = self.qkv(self.embed(ids)).unsqueeze(1).chunk(3, dim=-1)
+        x = self.embed(ids).unsqueeze(1)
         same = ids[:, None, :, None] == ids[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=same).sum()
+        for qkv in self.qkv:
+            q, k, v = qkv(x).chunk(3, dim=-1)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=same)
+        return x.sum()
 
 
-def test_a_dense_mask_shows_as_an_n_squared_term():
+@pytest.mark.parametrize("layers", [1, 3])
+def test_a_dense_mask_is_an_n_squared_term_counted_once(layers):
     def build(n):
         torch.manual_seed(0)
-        return TokenEqualityMask(), (torch.randint(0, 16, (1, n)),)
+        return TokenEqualityMask(layers), (torch.randint(0, 16, (1, n)),)
     prediction = predict_memory(build, 64, world=1)
-    assert prediction.quadratic_bytes() >= 1, prediction.total  # at least the bool mask, saved for the backward
+    assert prediction.quadratic_bytes() == 1, prediction.total  # one bool [1, 1, N, N] mask, whatever the layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from seqweave.ir.aliasing import view_sources
 from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
 from seqweave.ir.ops import op_def
 from seqweave.ir.types import TensorType
@@ -45,25 +46,11 @@ IDENTITY_RULES: dict[str, Callable[[Node], bool]] = {
 }
 
 
-def _view_sources(node: Node) -> list[Value]:
-    """Operands a result of `node` may be a view of, from the ATen schema's alias annotations
-    (`view(Tensor(a) self, ...) -> Tensor(a)`); dialect ops return fresh tensors."""
-    schema = getattr(getattr(op_def(node.op), "overload", None), "_schema", None)
-    if schema is None or not any(ret.alias_info is not None for ret in schema.returns):
-        return []
-    sources: list[Value] = []
-    for position, argument in enumerate(schema.arguments):
-        if argument.alias_info is not None:
-            bound = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
-            sources.extend(values_in(bound))
-    return sources
-
-
 def _viewed(graph: Graph) -> set[Value]:
     """Values some node may return a view of. A copy among these stays a copy: the view may
     need the copy's fresh dense layout (`x[:, ::2].clone().view(-1)`), and an output that
     views it must not share memory with the copy's source."""
-    return {source for node in graph.nodes for source in _view_sources(node)}
+    return {source for node in graph.nodes for source in view_sources(node)}
 
 
 def _foldable(node: Node, outputs: set[Value], viewed: set[Value]) -> bool:

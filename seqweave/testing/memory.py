@@ -43,3 +43,31 @@ def step_peak() -> Iterator[StepPeak]:
         handle.write("5")
     yield result
     result.peak_bytes = max(0, _status_kib("VmHWM") * 1024 - result.baseline_bytes)
+
+
+class LargestAllocation:
+    """`with LargestAllocation() as watch:` records `watch.largest`, the element count of the
+    biggest tensor any op produced in the body (a TorchDispatchMode: it sees every ATen op)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        watch = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for value in out if isinstance(out, (tuple, list)) else [out]:
+                    if hasattr(value, "numel"):
+                        watch.largest = max(watch.largest, value.numel())
+                return out
+
+        self.largest = 0
+        self._mode = _Mode()
+
+    def __enter__(self) -> "LargestAllocation":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

@@ -2,27 +2,11 @@
 import math
 
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqweave.frontend.attention as attention_frontend
 from seqweave.explain import explain
+from seqweave.testing.memory import LargestAllocation
 from seqweave.testing.models import SampleSpec, build_sample
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the element count of the largest tensor any op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
 
 
 @pytest.fixture

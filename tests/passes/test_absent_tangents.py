@@ -17,6 +17,7 @@ from seqweave.ir.printer import print_graph
 from seqweave.ir.verifier import verify
 from seqweave.passes.absent_tangents import AbsentTangents
 from seqweave.testing.equivalence import random_inputs
+from seqweave.testing.memory import LargestAllocation
 
 GOLDEN_INPUT = """\
 graph backward(%h: f32[6, 4], %w: f32[5, 4], %g: f32[6, 5], %t: f32[6, 5]) {
@@ -139,19 +140,6 @@ class LossAndLogits(torch.nn.Module):
         return hidden.pow(2).mean(), self.head(hidden)
 
 
-class Largest(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
 def test_unused_logits_get_no_gradient_tensor_and_gradients_match_eager():
     torch.manual_seed(0)
     model, reference = LossAndLogits(), LossAndLogits().double()
@@ -162,8 +150,7 @@ def test_unused_logits_get_no_gradient_tensor_and_gradients_match_eager():
     compiled(ids)[0].backward()  # compiles the backward variant (compiling allocates freely)
     model.zero_grad(set_to_none=True)
     loss, logits = compiled(ids)
-    watch = Largest()
-    with watch:
+    with LargestAllocation() as watch:
         loss.backward()
     assert watch.largest < logits.numel(), "a logits-sized tensor was allocated in the backward"
     expected_loss, _ = reference(ids)

@@ -266,8 +266,9 @@ def _example(node: fx.Node) -> Any:
 def evaluate_node(node: fx.Node, args: tuple, kwargs: dict) -> Any:
     """The value of one call node, given its arguments' values (Tiled or Python objects)."""
     example = _example(node)
-    if not isinstance(example, torch.Tensor):  # sizes, dtypes, Python scalars
-        return _call(node, _whole_args(args, node), _whole_args(kwargs, node))
+    if not isinstance(example, torch.Tensor):  # sizes, dtypes, Python scalars (or no recorded example)
+        value = _call(node, _whole_args(args, node), _whole_args(kwargs, node))
+        return Whole(tuple(value.shape), value) if isinstance(value, torch.Tensor) else value
     shape = tuple(int(size) for size in example.shape)
     numel = int(torch.Size(shape).numel())
     tiled_inputs = any(isinstance(a, Lazy) for a in _flat(args, kwargs))

@@ -8,17 +8,16 @@ propagated through the ops they make zero (`mm`, `mul`, views, sums, ...) and dr
 they are added (`x + 0 -> x`), so nothing of their size is computed.
 
 Invariants: a rewrite is decided from op names and types alone; a zero that reaches an
-output (a parameter only the absent output depended on) becomes `new_zeros` of the output's
-own size; a zero that reaches an op with no rule cannot be eliminated, and the pass leaves
-that input untouched (the caller then feeds a real zero tensor), so the result is exact
-either way.
+output (the gradient of a parameter only the absent output depended on) becomes None there,
+which autograd reads as zero, and which leaves that `.grad` as eager leaves it (None); a zero
+that reaches an op with no rule cannot be eliminated, and the pass leaves that input untouched
+(the caller then feeds a real zero tensor), so the result is exact either way.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from seqweave.ir.graph import Graph, Node, Value, map_values
-from seqweave.ir.types import TensorType
 from seqweave.passes.base import Pass, PassResult
 
 #: ops whose result is zero when any tensor operand is zero (products and contractions)
@@ -95,23 +94,7 @@ def _plan(graph: Graph, zero: set[Value]) -> tuple[set[Node], dict[Value, Value]
         else:
             raise _Blocked(node.op)
         dropped.add(node)
-    zero_outputs = [value for value in (replaced.get(v, v) for v in graph.output_values()) if value in zero]
-    if zero_outputs and _anchor(graph, zero) is None:
-        raise _Blocked("output")
-    return dropped, replaced, zero_outputs
-
-
-def _anchor(graph: Graph, zero: set[Value]) -> Value | None:
-    """An input that is surely a real tensor: new zeros take its device from it."""
-    return next((value for value in graph.inputs if isinstance(value.type, TensorType) and value not in zero), None)
-
-
-def _zeros_like_type(graph: Graph, value: Value, anchor: Value) -> Node:
-    kind = value.type
-    result = Value(graph.fresh_name(f"zeros_{value.name}"), kind)
-    node = Node("core.new_zeros", (anchor, [int(size) for size in kind.shape]), {"dtype": kind.dtype}, [result])
-    result.producer = node
-    return node
+    return dropped, replaced, zero
 
 
 def _eliminable(graph: Graph, zero: set[Value]) -> bool:
@@ -123,14 +106,11 @@ def _eliminable(graph: Graph, zero: set[Value]) -> bool:
 
 
 def _eliminate(graph: Graph, zero: set[Value]) -> int:
-    dropped, replaced, zero_outputs = _plan(graph, zero)
-    anchor = _anchor(graph, zero)
-    fills = {value: _zeros_like_type(graph, value, anchor) for value in dict.fromkeys(zero_outputs)}
-    replaced.update({value: node.results[0] for value, node in fills.items()})
+    dropped, replaced, zero = _plan(graph, zero)
     resolve = lambda value: replaced.get(value, value)  # noqa: E731 (chains resolve in graph order)
     for node in graph.nodes:
         node.args = map_values(node.args, resolve)
         node.kwargs = map_values(node.kwargs, resolve)
-    graph.outputs = map_values(graph.outputs, resolve)
-    graph.nodes = [node for node in graph.nodes if node not in dropped] + list(fills.values())
+    graph.outputs = map_values(graph.outputs, lambda value: None if resolve(value) in zero else resolve(value))
+    graph.nodes = [node for node in graph.nodes if node not in dropped]
     return len(dropped)

@@ -71,7 +71,7 @@ def test_a_zero_read_by_an_op_without_a_rule_is_left_in_place():
     assert _body(graph) == before
 
 
-def test_a_zero_that_reaches_an_output_becomes_new_zeros_of_its_size():
+def test_a_zero_that_reaches_an_output_becomes_none_as_eager_leaves_that_grad():
     graph = parse_graph("""\
 graph backward(%g: f32[3, 2], %t: f32[3, 2]) {
   %n = core.neg(%t) : f32[3, 2]
@@ -81,9 +81,8 @@ graph backward(%g: f32[3, 2], %t: f32[3, 2]) {
 """)
     assert AbsentTangents((1,)).run(graph).rewrites == 2
     verify(graph)
-    assert _body(graph).splitlines()[1] == "  %zeros_s = core.new_zeros(%g, [2], dtype=torch.float32) : f32[2]"
-    got = interpret(graph, [torch.ones(3, 2), None])
-    assert torch.equal(got[1], torch.zeros(2))
+    assert _body(graph).splitlines()[1] == "  return (%g, None)"
+    assert interpret(graph, [torch.ones(3, 2), None])[1] is None
 
 
 UNARY = ["core.neg", "core.clone"]
@@ -109,7 +108,7 @@ def backward_programs(draw):
     return text
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(backward_programs())
 def test_rewritten_program_equals_the_original_fed_zeros(text):
     original, graph = parse_graph(text), parse_graph(text)
@@ -121,7 +120,10 @@ def test_rewritten_program_equals_the_original_fed_zeros(text):
     expected = interpret(original, _with_zeros(original, inputs, {1}))
     got = interpret(graph, [inputs[0], None if removable else torch.zeros_like(inputs[1])])
     for want, have in zip(expected, got):
-        torch.testing.assert_close(have, want, rtol=0, atol=0)
+        if have is None:  # an output only the absent tangent fed: autograd reads None as zero
+            assert not bool(want.any()), want
+        else:
+            torch.testing.assert_close(have, want, rtol=0, atol=0)
     if removable:  # the tangent is never read again
         assert all(graph.inputs[1] not in node.operands for node in graph.nodes)
 
@@ -156,8 +158,10 @@ def test_unused_logits_get_no_gradient_tensor_and_gradients_match_eager():
     expected_loss, _ = reference(ids)
     expected_loss.backward()
     for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
-        want = torch.zeros_like(expected) if expected.grad is None else expected.grad  # the head: no gradient
-        torch.testing.assert_close(param.grad.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+        if expected.grad is None:  # the head: the loss does not reach it, so no gradient, as in eager
+            assert param.grad is None, name
+        else:
+            torch.testing.assert_close(param.grad.double(), expected.grad, rtol=1e-4, atol=1e-5, msg=name)
     (variant,) = [c for c in backend.graphs if c.kind == "backward"]  # only the variant that ran was compiled
     assert variant.passes[0].name == "absent-tangents" and variant.passes[0].result.rewrites >= 1
     # The same step with the logits differentiated too runs the full backward, exactly.

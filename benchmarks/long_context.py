@@ -10,13 +10,14 @@ backpropagates the loss only, so the logits are gathered to every rank (`outputs
 but never differentiated (no zero gradient may be materialised for them).
 
     python benchmarks/long_context.py                                  # N = 8k, 16k; 4 ranks
-    python benchmarks/long_context.py --seq-lens 8192 16384 32768 --report-fit
+    python benchmarks/long_context.py --seq-lens 32768 --add-to benchmarks/results/long_context.json
     python benchmarks/long_context.py --report benchmarks/results/long_context.json --markdown
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import shlex
 import sys
@@ -78,7 +79,8 @@ def step_worker(rank: int, world: int, run: dict) -> dict:
         loss = _loss(model(ids))
         loss.backward()
         step = time.perf_counter() - started
-    return {"rank": rank, "peak_bytes": peak.peak_bytes, "step_s": step, "first_s": first, "loss": float(loss),
+    return {"rank": rank, "peak_bytes": peak.peak_bytes, "step_s": step, "first_s": first,
+            "loss": loss.detach().item(),
             **(_predicted(backend) if backend else {})}
 
 
@@ -100,11 +102,13 @@ def measure(run: dict, timeout_s: float) -> dict:
             **{key: busiest[key] for key in ("saved_bytes", "output_bytes", "gather_bytes_sent") if key in busiest}}
 
 
-def configurations(seq_len: int, world: int, threads: int, eager_max: int, gathered_max: int) -> list[dict]:
+def configurations(seq_len: int, world: int, threads: int, eager_max: int, single_max: int,
+                   gathered_max: int) -> list[dict]:
     runs = []
     if seq_len <= eager_max:
         runs.append(dict(name="eager, 1 process", backend="eager", world=1, outputs="loss"))
-    runs.append(dict(name="seqweave, 1 process", backend="seqweave", world=1, outputs="logits"))
+    if seq_len <= single_max:
+        runs.append(dict(name="seqweave, 1 process", backend="seqweave", world=1, outputs="logits"))
     runs.append(dict(name=f"seqweave sp={world}, loss only", backend="seqweave", world=world, outputs="loss"))
     if seq_len <= gathered_max:
         runs.append(dict(name=f"seqweave sp={world}, logits gathered", backend="seqweave", world=world,
@@ -158,9 +162,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if not supported():
         raise SystemExit("long_context.py measures peak memory through /proc (Linux only)")
     started = _dt.datetime.now(_dt.timezone.utc)
-    rows = []
+    rows = _earlier_rows(args.add_to)
     for seq_len in args.seq_lens:
-        for config in configurations(seq_len, args.world, args.threads, args.eager_max, args.gathered_max):
+        for config in configurations(seq_len, args.world, args.threads, args.eager_max, args.single_max,
+                                     args.gathered_max):
             rows.append(measure(config, args.timeout))
     rows = with_ratios(rows)
     return {"benchmark": "long_context",
@@ -171,6 +176,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "threads": args.threads, "rows": rows, "growth": growth(rows)}
 
 
+def _earlier_rows(path: str | None) -> list[dict]:
+    """Rows of an earlier run to extend (its machine and thread count must match: checked by the reader)."""
+    if not path:
+        return []
+    with open(path) as handle:
+        return [{**row, "run_of": handle.name} for row in json.load(handle)["rows"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=4, help="sequence-parallel ranks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--eager-max", type=int, default=32768, help="longest N to run eager at (it must fit)")
+    parser.add_argument("--single-max", type=int, default=16384,
+                        help="longest N to run seqweave on one process at")
+    parser.add_argument("--add-to", metavar="JSON", help="extend the rows of an earlier run (same machine)")
     parser.add_argument("--gathered-max", type=int, default=16384,
                         help="longest N to run the gathered-logits model at (every rank holds N x vocab)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")

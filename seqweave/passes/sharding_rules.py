@@ -333,13 +333,27 @@ def _distributed_attrs(ctx: Context, kwargs: dict) -> dict:
 
 
 def _padded_operands(ctx: Context, operands: list) -> list:
-    """Mask operands ([B, N] segment ids or key flags) padded with zeros to the padded length, so
-    positions >= N can be looked up; the `sinks(N)` term masks those keys whatever they hold."""
+    """Mask operands padded with zeros to the padded length along their sequence dims, so
+    positions >= N can be looked up: the last dim of [B, N] segment ids and key flags, both
+    sequence dims of a dense [B, H, N, N] mask (size-1 dims broadcast and stay). The
+    `sinks(N)` term masks padding keys whatever they hold; padding query rows are dropped."""
     if ctx.padded == ctx.length:
         return operands
-    grow = [0, ctx.padded - ctx.length]
-    return [ctx.emit("core.constant_pad_nd", (t, grow, 0), {}, [None], "", ctx.global_shape(t)[:-1] + (ctx.padded,))[0]
-            for t in operands]
+    return [_pad_sequence_dims(ctx, t) for t in operands]
+
+
+def _pad_sequence_dims(ctx: Context, operand: Value) -> Value:
+    shape = ctx.global_shape(operand)
+    dims = (len(shape) - 2, len(shape) - 1) if len(shape) == 4 else (len(shape) - 1,)
+    grow = [0] * (2 * len(shape))  # constant_pad_nd lists (before, after) from the last dim back
+    padded_shape = list(shape)
+    for dim in dims:
+        if shape[dim] == ctx.length:
+            grow[2 * (len(shape) - 1 - dim) + 1] = ctx.padded - ctx.length
+            padded_shape[dim] = ctx.padded
+    if padded_shape == list(shape):
+        return operand
+    return ctx.emit("core.constant_pad_nd", (operand, grow, 0), {}, [None], "", tuple(padded_shape))[0]
 
 
 def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:

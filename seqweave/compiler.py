@@ -27,6 +27,7 @@ from seqweave.passes.absent_tangents import AbsentTangents
 from seqweave.passes.base import Pass
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
+from seqweave.runtime.agreement import agreed
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.hybrid import HybridCommunicator
 
@@ -55,7 +56,10 @@ class SeqweaveBackend:
         self._saved_seqs: list[list] = []  # per compiled training forward, how its saved activations are sharded
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return capture(gm, example_inputs, self._compile_graph, self.reports)
+        if self.options.mesh.sp == 1:
+            return capture(gm, example_inputs, self._compile_graph, self.reports)
+        # Sequence-parallel ranks agree that each graph compiled before any of them communicates.
+        return agreed("compiling a graph", lambda: capture(gm, example_inputs, self._compile_graph, self.reports))
 
     def _compile_graph(self, graph: Graph, user_outputs: int | None = None) -> Callable[[list], Any]:
         # aot_autograd calls compilers under fake tensors; passes and lowering compute on real ones.
@@ -77,7 +81,10 @@ class SeqweaveBackend:
         # (frontend.dynamo asks autograd not to materialise zeros): each set of absent tangents
         # gets its own variant, compiled when first met (the set is the same every step).
         pristine = copy.deepcopy(graph)
-        return AbsentTangentDispatch(lambda absent: self._backward_variant(pristine, absent, saved))
+        if world == 1:
+            return AbsentTangentDispatch(lambda absent: self._backward_variant(pristine, absent, saved))
+        return AbsentTangentDispatch(lambda absent: agreed(
+            "compiling the backward", lambda: self._backward_variant(pristine, absent, saved)))
 
     def _backward_variant(self, pristine: Graph, absent: tuple[int, ...], saved: list | None) -> Callable[[list], Any]:
         graph = copy.deepcopy(pristine)

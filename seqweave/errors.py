@@ -30,3 +30,7 @@ class OptionError(SeqweaveError):
 
 class TargetError(SeqweaveError):
     """A `module:function` target could not be loaded or returned the wrong thing."""
+
+
+class PeerFailedError(SeqweaveError):
+    """Another rank failed compiling or preparing a step; this rank stops too, with its message."""

@@ -38,13 +38,16 @@ def _step(model: Callable, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.
 
 
 def grad_errors(model: torch.nn.Module, reference: torch.nn.Module) -> tuple[float, str]:
-    """The worst relative gradient error over all parameters, and which parameter it was."""
+    """The worst relative gradient error over all parameters, and which parameter it was; a
+    gradient present on one side only is an infinite error."""
     worst, name = 0.0, ""
     reference_params = dict(reference.named_parameters())
     for param_name, param in model.named_parameters():
         expected = reference_params[param_name].grad
-        if expected is None or param.grad is None:
+        if expected is None and param.grad is None:
             continue
+        if expected is None or param.grad is None:  # a gradient on one side only is a wrong answer
+            return float("inf"), f"{param_name} (grad is None on one side only)"
         scale = expected.abs().max().clamp_min(1e-30)
         error = float((param.grad - expected).abs().max() / scale)
         if error > worst:

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from seqweave.errors import SeqweaveError
+from seqweave.config import BALANCES
+from seqweave.errors import OptionError, SeqweaveError
 from seqweave.testing.models import SampleSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -112,6 +113,7 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
             packed: bool = typer.Option(False, help="pack several documents per row (restarting position ids)"),
             sp: int = typer.Option(1, "--sp", help="also show the cost model's sequence-parallel strategy "
                                                    "and predicted bytes per layer for this many ranks"),
+            balance: str = typer.Option("zigzag", help="sequence layout for --sp: zigzag, striped or none"),
             memory: bool = typer.Option(False, "--memory", help="predict each rank's training-step memory as an "
                                         "expression of N (built-in samples: captures at N/4, N/2 and N)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
@@ -120,11 +122,13 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     from seqweave.targets import load_target
 
     try:
+        if balance not in BALANCES:
+            raise OptionError(f"--balance {balance!r} is not a sequence layout", hint=f"use one of {BALANCES}")
         spec = SampleSpec("llama-tiny", seq_len=seq_len, layers=layers, hidden=hidden,
                           attn_implementation=attn, padded=padded, packed=packed)
         model, inputs = load_target(target, spec)
         with err.status(f"capturing {target}…"):
-            explanation = run_explain(model, inputs, world=sp)
+            explanation = run_explain(model, inputs, world=sp, balance=balance)
         if memory:
             explanation.totals["memory"] = _memory_prediction(target, spec, sp)
     except SeqweaveError as error:

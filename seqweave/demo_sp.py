@@ -13,7 +13,7 @@ from seqweave.config import CompileOptions, Mesh
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.sharding import Layout, plan_ring, shard_positions
 from seqweave.passes.cost import evaluate_expr, hybrid_bytes, ring_bytes, ulysses_bytes
-from seqweave.passes.strategy import LayerShape
+from seqweave.passes.strategy import LayerShape, choose_strategy
 from seqweave.runtime.hybrid import hybrid_plan
 from seqweave.testing.compare import grad_errors
 from seqweave.testing.distributed import run_ranks
@@ -77,8 +77,17 @@ def run_strategy(rank: int, world: int, seq_len: int, balance: str, attention: s
             "saved_ratio": saved}
 
 
+def chosen_bytes(mask: str, world: int, seq_len: int, balance: str) -> int:
+    """What `attention="auto"` should send: the chooser's own prediction (forward + backward,
+    times the layers), not a figure for whatever op ran."""
+    shape = LayerShape(2, seq_len, HEADS, HEADS // 2, 16, world, 4)
+    choice = choose_strategy(parse_mask(mask), shape, Layout(balance))
+    predicted = choice.estimate.evaluate(**shape.values(choice.seq_len))
+    return LAYERS * (predicted["forward_bytes"] + predicted["backward_bytes"])
+
+
 def predicted_bytes(op: str, mask: str, world: int, seq_len: int, balance: str) -> int:
-    """The cost model's forward + backward bytes of the busiest rank, times the layers."""
+    """The cost model's forward + backward bytes of the busiest rank for `op`, times the layers."""
     shape = LayerShape(2, seq_len, HEADS, HEADS // 2, 16, world, 4)
     values = shape.values(seq_len)
     if op == "attn.ulysses":
@@ -100,7 +109,8 @@ def run_demo(world: int, seq_len: int) -> list[SpRow]:
             continue
         ranks = run_ranks(world, run_strategy, seq_len, balance, attention, timeout_s=900)
         first = ranks[0]
-        predicted = predicted_bytes(first["op"], first["mask"], world, seq_len, balance)
+        predicted = chosen_bytes(first["mask"], world, seq_len, balance) if attention == "auto" else \
+            predicted_bytes(first["op"], first["mask"], world, seq_len, balance)
         rows.append(SpRow(f"{label}", first["op"], max(r["loss_error"] for r in ranks),
                           max(r["grad_error"] for r in ranks), max(r["bytes"] for r in ranks), predicted,
                           sum(r["time_ratio"] for r in ranks) / world, max(r["saved_ratio"] for r in ranks)))

@@ -12,6 +12,7 @@ from seqweave.capture_only import capture
 from seqweave.compiler import SeqweaveBackend
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
+from seqweave.ir.sharding import Layout
 from seqweave.ir.types import TensorType
 from seqweave.passes.strategy import LayerShape, choose_strategy
 
@@ -51,17 +52,18 @@ def _largest_tensor(backend: SeqweaveBackend) -> list[int]:
     return list(max(shapes, key=math.prod, default=()))
 
 
-def strategy_for(report: AttentionReport, world: int) -> dict[str, Any]:
-    """The cost model's pick for one attention on `world` sequence-parallel ranks, with predicted bytes."""
+def strategy_for(report: AttentionReport, world: int, balance: str = "zigzag") -> dict[str, Any]:
+    """The pick `attention="auto"` makes for one attention on `world` sequence-parallel ranks
+    (the compiler calls the same chooser with the same inputs), with predicted bytes."""
     shape = LayerShape(report.batch, report.seq_len, report.q_heads, report.kv_heads, report.head_dim, world,
                        report.element_bytes)
-    choice = choose_strategy(parse_mask(report.mask), shape)
+    choice = choose_strategy(parse_mask(report.mask), shape, Layout(balance))
     predicted = choice.estimate.evaluate(**shape.values(choice.seq_len))
     return {"strategy": choice.estimate.strategy, "forward_bytes": predicted["forward_bytes"],
             "backward_bytes": predicted["backward_bytes"], "why": choice.reason}
 
 
-def explain(model: torch.nn.Module, inputs: Any, world: int = 1) -> Explanation:
+def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = "zigzag") -> Explanation:
     """Capture (inference graph only) and compile without running; with `world` > 1, add the
     per-layer sequence-parallel strategy the cost model would choose."""
     backend = capture(model, inputs)
@@ -69,6 +71,6 @@ def explain(model: torch.nn.Module, inputs: Any, world: int = 1) -> Explanation:
     for report in backend.reports:
         layer = report.as_dict()
         if world > 1 and report.found:
-            layer["sp"] = strategy_for(report, world)
+            layer["sp"] = strategy_for(report, world, balance)
         layers.append(layer)
     return Explanation(layers, _totals(backend, model))

@@ -15,11 +15,13 @@ from seqweave.ir.graph import Node, Value, map_values, values_in
 from seqweave.ir.mask import Sinks
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
-from seqweave.ir.sharding import Layout, plan_ring
-from seqweave.passes.cost import evaluate_expr, ring_bytes, ulysses_bytes
-from seqweave.passes.strategy import LayerShape, head_split_problem
+from seqweave.ir.sharding import Layout
+from seqweave.passes.cost import Strategy
+from seqweave.passes.strategy import LayerShape, choose_strategy, head_split_problem
 
-MAX_INDEX = 2 ** 62  # `slice(..., end=huge)` means "to the end"
+MAX_INDEX = 2 ** 62
+#: the op each strategy runs as: a halo is the ring under a plan that skips sends
+RUNS_AS = {Strategy.RING: "ring", Strategy.HALO: "ring", Strategy.ULYSSES: "ulysses", Strategy.HYBRID: "hybrid"}  # `slice(..., end=huge)` means "to the end"
 
 
 @dataclass(frozen=True)
@@ -288,9 +290,9 @@ def cat(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
 
 
 def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
-    """"ring" or "ulysses" for one attention: as asked, or (auto) the one sending fewer bytes per
-    device (forward + backward) by the cost model, the ring under this layout's mask-aware plan.
-    The forward and the backward of a layer see the same mask and shapes, so they agree."""
+    """"ring", "ulysses" or "hybrid" for one attention: as asked, or (auto) `choose_strategy`'s
+    pick, the same function `explain --sp` reports. The forward and the backward of a layer see
+    the same mask and shapes, so they agree."""
     b, q_heads, _, head_dim = ctx.global_shape(q)
     kv_heads = ctx.global_shape(k)[1]
     if ctx.attention == "hybrid":
@@ -298,19 +300,16 @@ def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
         if problem:
             raise Unshardable(f"hybrid attention refused: {problem}; use attention='ring'")
         return "hybrid"
-    problem = head_split_problem(q_heads, kv_heads, ctx.world)
     if ctx.attention == "ulysses":
+        problem = head_split_problem(q_heads, kv_heads, ctx.world)
         if problem:
             raise Unshardable(f"ulysses attention refused: {problem}; use attention='ring' or 'auto'")
         return "ulysses"
-    if ctx.attention == "ring" or problem:
+    if ctx.attention == "ring":
         return "ring"
-    shape = LayerShape(b, ctx.padded, q_heads, kv_heads, head_dim, ctx.world, q.type.dtype.itemsize)
-    plan = plan_ring(parse_mask(_distributed_attrs(ctx, kwargs)["mask"]), Layout(ctx.layout), ctx.world, ctx.padded)
-    values = shape.values(ctx.padded)
-    ring_cost = evaluate_expr(ring_bytes(plan) + ring_bytes(plan, backward=True), **values)
-    ulysses_cost = evaluate_expr(ulysses_bytes() + ulysses_bytes(backward=True), **values)
-    return "ulysses" if ulysses_cost < ring_cost else "ring"
+    shape = LayerShape(b, ctx.length, q_heads, kv_heads, head_dim, ctx.world, q.type.dtype.itemsize)
+    choice = choose_strategy(parse_mask(kwargs["mask"]), shape, Layout(ctx.layout))
+    return RUNS_AS[choice.strategy]
 
 
 def _sharded_operands(ctx: Context, tensors: list[Value], operands: list, what: str) -> list[Value]:

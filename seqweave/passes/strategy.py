@@ -1,7 +1,10 @@
 """`choose_strategy`: the sequence-parallel form of one attention layer with the fewest bytes sent.
 
-Candidates are the dense ring, the mask-aware ring ("halo", when its plan skips sends),
-Ulysses and hybrid for every U | P; the figures come from `cost.py`.
+The one chooser: the compiler (`attention="auto"`), `seqweave explain --sp` and the demo all
+call it with the same inputs (mask, shapes, layout, whether the mesh has hybrid groups), so
+what is explained is what runs. Candidates are the dense ring, the mask-aware ring ("halo",
+when its plan under the layout that will run skips sends), Ulysses and, on a hybrid mesh,
+hybrid for every U | P; the figures come from `cost.py`.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from seqweave.ir.mask import MaskSpec, Operands
+from seqweave.ir.mask import MaskSpec, Operands, Sinks
 from seqweave.ir.sharding import Layout, RingPlan, padded_length, plan_ring
 from seqweave.passes.cost import (BATCH, ELEMENT_BYTES, HEAD_DIM, KV_HEADS, Q_HEADS, SEQ_LEN, WORLD, CostEstimate,
                                   Strategy, estimate_for, hybrid_label, evaluate_expr, hybrid_bytes, plan_skips,
@@ -79,19 +82,19 @@ def _head_split_candidate(mask: MaskSpec, layout: Layout, seq_len: int, group: i
                       hybrid_bytes(group, rings, plan, backward=True), group, plan)
 
 
-def _candidates(mask: MaskSpec, shape: LayerShape, layout: Layout,
-                seq_len: int) -> tuple[list[_Candidate], list[str]]:
+def _candidates(mask: MaskSpec, shape: LayerShape, layout: Layout, seq_len: int,
+                hybrid: bool) -> tuple[list[_Candidate], list[str]]:
     """Every applicable strategy, and a line for each one refused."""
     found = [_Candidate(Strategy.RING, Strategy.RING.value, ring_bytes(), ring_bytes(backward=True))]
-    # A halo is planned on the contiguous layout: a window narrower than a shard then needs only
-    # the previous rank's K/V, and window work is balanced without zigzag.
-    plan = plan_ring(mask, Layout.CONTIGUOUS, shape.world, padded_length(shape.seq_len, shape.world,
-                                                                          Layout.CONTIGUOUS))
+    # The ring runs under the plan of the layout it will run with: with a window narrower than
+    # a shard (contiguous layout) it stops forwarding what no later rank needs.
+    plan = plan_ring(mask, layout, shape.world, seq_len)
     if plan_skips(plan):
         found.append(_Candidate(Strategy.HALO, Strategy.HALO.value, ring_bytes(plan),
                                 ring_bytes(plan, backward=True), plan=plan))
     refused = []
-    for group in (g for g in range(2, shape.world + 1) if shape.world % g == 0):
+    groups = range(2, shape.world + 1) if hybrid else [shape.world] if shape.world > 1 else []
+    for group in (g for g in groups if shape.world % g == 0):
         is_ulysses = group == shape.world
         problem = head_split_problem(shape.q_heads, shape.kv_heads, group, "P" if is_ulysses else "U")
         if problem is None:
@@ -103,16 +106,21 @@ def _candidates(mask: MaskSpec, shape: LayerShape, layout: Layout,
 
 
 def choose_strategy(mask: MaskSpec, shape: LayerShape, layout: Layout = Layout.ZIGZAG, *,
-                    training: bool = True, operands: Operands | None = None) -> StrategyChoice:
+                    training: bool = True, operands: Operands | None = None,
+                    hybrid: bool = False) -> StrategyChoice:
     """The strategy sending the fewest bytes from the busiest device (forward, + backward if `training`).
 
-    Candidates: dense ring, halo (the ring under `plan_ring`, when it skips sends), ulysses
-    (refused when Hq % P != 0 or K/V heads do not split), hybrid for every U | P. Ties go to
-    the earlier of that order. Overlap of communication with compute is not modelled.
+    Candidates: dense ring, halo (the ring under `plan_ring` for `layout`, when it skips sends),
+    ulysses (refused when Hq % P != 0 or K/V heads do not split), and with `hybrid` (a mesh
+    with Ulysses groups) hybrid for every U | P. Ties go to the earlier of that order. The mask
+    is the one the ranks run: when N is padded to split, padding keys are hidden (`& sinks(N)`).
+    Overlap of communication with compute is not modelled.
     """
     seq_len = padded_length(shape.seq_len, shape.world, layout)
+    if seq_len != shape.seq_len:
+        mask = mask & Sinks(shape.seq_len)
     values = shape.values(seq_len)
-    found, refused = _candidates(mask, shape, layout, seq_len)
+    found, refused = _candidates(mask, shape, layout, seq_len, hybrid)
     costs = [evaluate_expr(c.forward + (c.backward if training else 0), **values) for c in found]
     best = found[costs.index(min(costs))]
     estimate = estimate_for(best.label, best.forward, best.backward, mask, seq_len, operands)

@@ -9,6 +9,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -136,7 +137,7 @@ class SeqweaveBackend:
         program = lower(graph, comm)
         length = int(graph.inputs[-1].type.shape[0]) * world
         positions = shard_positions(Layout(self.options.balance), comm.rank, world, length)
-        return lambda args: program([*args, positions])
+        return lambda args: program([*args, positions.to(_device_of(args, positions.device))])
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
         """Calls and bytes this rank sent, per collective kind, over every graph run so far."""
@@ -157,6 +158,11 @@ class SeqweaveBackend:
 
 def _static(graph: Graph) -> bool:
     return all(value.type.is_static() for value in graph.values() if isinstance(value.type, TensorType))
+
+
+def _device_of(args: list, default: torch.device) -> torch.device:
+    """Where the step's tensors live (this rank's positions go there too)."""
+    return next((arg.device for arg in args if isinstance(arg, torch.Tensor)), default)
 
 
 def sequence_length(graph: Graph, world: int, balance: str) -> int:

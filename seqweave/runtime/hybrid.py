@@ -96,7 +96,7 @@ def make_hybrid_communicators(ulysses: int, timeout_s: float) -> tuple[Communica
     mine = {}
     for kind, groups in (("inner", inner_groups), ("outer", outer_groups)):
         for members in groups:
-            handle = dist.new_group(members, backend="gloo")
+            handle = dist.new_group(members)  # the world's default backend: NCCL on CUDA, gloo on CPU
             if rank in members:
                 mine[kind] = Communicator(handle, timeout_s=timeout_s)
     return mine["inner"], mine["outer"]

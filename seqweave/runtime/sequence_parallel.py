@@ -122,8 +122,8 @@ def ring_attention_forward(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, 
     _check_ring(comm, plan, q, k, positions_of)
     rank, q_pos = comm.rank, positions_of(comm.rank)
     acc = _accum(q.dtype)
-    out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=acc)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc)
+    out = torch.zeros(q.shape[:3] + (v.shape[-1],), dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     held = like = _pack((k, v))
     for step in range(comm.world):
         pending = _shift_kv(comm, plan, held, like, step, "ring forward shift of k/v")
@@ -178,7 +178,7 @@ def ring_attention_backward(comm: Communicator, dout: Tensor, q: Tensor, k: Tens
     """
     _check_ring(comm, plan, q, k, positions_of)
     rank, q_pos = comm.rank, positions_of(comm.rank)
-    state = _GradRing(torch.zeros(q.shape, dtype=_accum(q.dtype)))
+    state = _GradRing(torch.zeros(q.shape, dtype=_accum(q.dtype), device=q.device))
     held = kv_like = _pack((k, v))
     grad_like = kv_like.to(state.dq.dtype)
     for step in range(comm.world):

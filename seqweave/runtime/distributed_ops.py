@@ -2,9 +2,8 @@
 `attn.ring`), bound to a Communicator when a sharded graph is lowered."""
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 

@@ -50,7 +50,7 @@ def dense_mask_step(rank: int, world: int, balance: str) -> dict:
             "rings": sum(c.graph.count("attn.ring") + c.graph.count("attn.ring_backward") for c in backend.graphs)}
 
 
-@pytest.mark.parametrize("world, balance", [(2, "zigzag"), (3, "striped")])
+@pytest.mark.parametrize("world, balance", [(3, "zigzag")])  # 29 tokens padded to 30 (2P = 6 chunks)
 def test_dense_mask_at_an_uneven_length_matches_eager(world, balance):
     for rank, result in enumerate(run_ranks(world, dense_mask_step, balance, timeout_s=240)):
         assert result["masks"] == ["dense($0)"], result  # no MaskSpec expresses doc-id equality here

@@ -151,7 +151,8 @@ class Communicator:
         """
         payload = tensor.contiguous().reshape(1, *tensor.shape)  # gloo concatenates along dim 0
         output = payload.new_empty((self.world, *tensor.shape))
-        start = functools.partial(dist.all_gather_into_tensor, output, payload, group=self.group, async_op=True)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        start = functools.partial(gather, output, payload, group=self.group, async_op=True)
         transfer = self._start(start, None, True, step, op)
         self._await(transfer, time.monotonic() + self.timeout_s, step, op)
         self.stats[kind]["calls"] += 1

@@ -12,6 +12,7 @@ says which op stopped it.
 from __future__ import annotations
 
 import operator
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,12 +32,12 @@ class Untileable(ValueError):
 
 
 @dataclass
-class Tiled:
+class Tiled(ABC):
     shape: tuple[int, ...]
 
+    @abstractmethod
     def tile(self, index: Index) -> Tensor:
         """Values at the cartesian product of `index`, broadcastable to its shape (same ndim)."""
-        raise NotImplementedError
 
     def numel(self) -> int:
         return int(torch.Size(self.shape).numel())

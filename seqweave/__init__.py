@@ -29,4 +29,19 @@ def backend(**options: Any):
     return SeqweaveBackend(compile_options(**options))
 
 
-__all__ = ["CompileOptions", "Mesh", "SeqweaveError", "backend", "compile_options", "__version__"]
+def shard(tensor: Any, dim: int, balance: str = "zigzag", mesh: Any = None) -> Any:
+    """This rank's rows of a whole tensor as a DTensor, laid out as `outputs="sharded"` returns
+    outputs under the same `balance` (for example the targets of a loss on sharded logits)."""
+    from seqweave.runtime.sharded_outputs import shard as shard_rows
+
+    return shard_rows(tensor, dim, balance, mesh)
+
+
+def unshard(tensor: Any, balance: str = "zigzag") -> Any:
+    """The whole tensor, rows in true position order, from a DTensor in `balance`'s row order."""
+    from seqweave.runtime.sharded_outputs import unshard as whole
+
+    return whole(tensor, balance)
+
+
+__all__ = ["CompileOptions", "Mesh", "SeqweaveError", "backend", "compile_options", "shard", "unshard", "__version__"]

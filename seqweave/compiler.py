@@ -5,6 +5,7 @@ and the stage before it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -22,7 +23,7 @@ from seqweave.frontend.dynamo import capture
 from seqweave.graph_bytes import caller_output_bytes, saved_bytes
 from seqweave.ir.graph import Graph
 from seqweave.ir.types import TensorType
-from seqweave.ir.sharding import Layout, shard_positions
+from seqweave.ir.sharding import Layout, padded_length, shard_positions
 from seqweave.ir.verifier import verify
 from seqweave.passes.absent_tangents import AbsentTangents
 from seqweave.passes.base import Pass
@@ -31,6 +32,7 @@ from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.agreement import agreed
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.hybrid import HybridCommunicator
+from seqweave.runtime.sharded_outputs import ShardedOutputs
 
 
 @dataclass
@@ -54,13 +56,21 @@ class SeqweaveBackend:
         self.reports: list[AttentionReport] = []
         self.graphs: list[CompiledGraph] = []
         self.communicators: list[Communicator] = []  # one per sharded graph; their stats count every byte sent
-        self._saved_seqs: list[list] = []  # per compiled training forward, how its saved activations are sharded
+        #: per compiled training forward: how its saved activations are sharded, and its outputs'
+        #: (type, sharding) in order (the backward's tangents arrive sharded as those are)
+        self._saved_seqs: list[tuple[list, list]] = []
+        self._length = 0  # the global sequence length of the graphs compiled last
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if self.options.mesh.sp == 1:
             return capture(gm, example_inputs, self._compile_graph, self.reports)
         # Sequence-parallel ranks agree that each graph compiled before any of them communicates.
-        return agreed("compiling a graph", lambda: capture(gm, example_inputs, self._compile_graph, self.reports))
+        if self.options.outputs != "sharded":
+            return agreed("compiling a graph", lambda: capture(gm, example_inputs, self._compile_graph, self.reports))
+        with _tangents_of_any_shape():
+            compiled = agreed("compiling a graph", lambda: capture(gm, example_inputs, self._compile_graph,
+                                                                   self.reports))
+        return ShardedOutputs(_traced_output_shapes(gm), self._length, self.options.balance).wrap(compiled)
 
     def _compile_graph(self, graph: Graph, user_outputs: int | None = None) -> Callable[[list], Any]:
         # aot_autograd calls compilers under fake tensors; passes and lowering compute on real ones.
@@ -100,6 +110,7 @@ class SeqweaveBackend:
         world = self.options.mesh.sp
         passes = [*first, *parse_pipeline(self.options.pipeline)]
         shard = self._shard_pass(graph, world, user_outputs, saved) if world > 1 else None
+        pristine_outputs = list(graph.outputs) if isinstance(graph.outputs, (tuple, list)) else [graph.outputs]
         runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
                             dump_dir=self.options.dump_dir)
         self.graphs.append(CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
@@ -108,21 +119,28 @@ class SeqweaveBackend:
             program = lower(graph)
             return lambda args: program(args)
         if graph.name == "forward":  # the backward's first inputs are these saved activations
-            self._saved_seqs.append(shard.report["output_seqs"][user_outputs:])
+            seqs, types = shard.report["output_seqs"], [getattr(v, "type", None) for v in pristine_outputs]
+            self._saved_seqs.append((seqs[user_outputs:], list(zip(types[:user_outputs], seqs[:user_outputs]))))
         return self._sharded_program(graph, world)
 
-    def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None, saved: list | None) -> ShardSequence:
+    def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None, saved: tuple | None) -> ShardSequence:
         """shard-sequence for this graph: a training forward keeps its saved activations sharded,
-        and the backward receives them sharded, as the forward left them."""
-        length = sequence_length(graph, world, self.options.balance)
-        mesh = self.options.mesh
-        attention = "hybrid" if mesh.hybrid and self.options.attention == "auto" else self.options.attention
-        common = dict(world=world, layout=self.options.balance, length=length, attention=attention,
-                      ulysses=mesh.ulysses)
+        and the backward receives them sharded, as the forward left them (its tangents too, for
+        outputs the caller got sharded)."""
+        length = self._length = sequence_length(graph, world, self.options.balance)
+        mesh, options = self.options.mesh, self.options
+        _check_sharded_outputs(options, length, world)
+        attention = "hybrid" if mesh.hybrid and options.attention == "auto" else options.attention
+        common = dict(world=world, layout=options.balance, length=length, attention=attention,
+                      ulysses=mesh.ulysses, outputs=options.outputs)
         if graph.name == "forward":
             return ShardSequence(**common, keep_sharded_from=user_outputs)
         if graph.name == "backward":
-            return ShardSequence(**common, input_seqs=tuple((i, *seq) for i, seq in enumerate(saved) if seq))
+            saved_seqs, user_outputs_placed = saved
+            inputs = [(i, *seq) for i, seq in enumerate(saved_seqs) if seq]
+            inputs += _tangent_seqs(graph, len(saved_seqs), user_outputs_placed)
+            # gradients of whole inputs are whole: outputs="sharded" is about what forward returns
+            return ShardSequence(**{**common, "outputs": "gathered"}, input_seqs=tuple(inputs))
         return ShardSequence(**common)
 
     def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
@@ -158,6 +176,52 @@ class SeqweaveBackend:
 
 def _static(graph: Graph) -> bool:
     return all(value.type.is_static() for value in graph.values() if isinstance(value.type, TensorType))
+
+
+def _tangent_seqs(graph: Graph, first: int, outputs: list) -> list[tuple[int, int, int]]:
+    """(input index, dim, inner) of the backward's tangents that arrive sharded: tangents follow
+    the saved activations, one per differentiable forward output, in order; an output that
+    gets no tangent (an integer output) is skipped by matching types."""
+    found, candidates = [], iter(outputs)
+    for index in range(first, len(graph.inputs)):
+        tangent = graph.inputs[index].type
+        for out_type, seq in candidates:
+            if isinstance(out_type, TensorType) and out_type.shape == tangent.shape and out_type.dtype == tangent.dtype:
+                if seq:
+                    found.append((index, *seq))
+                break
+    return found
+
+
+def _check_sharded_outputs(options: CompileOptions, length: int, world: int) -> None:
+    """outputs="sharded" drops padding rows by a view on each rank, which only the contiguous
+    layout allows: refuse the rest before anything runs."""
+    padded = padded_length(length, world, Layout(options.balance))
+    if options.outputs == "sharded" and padded != length and options.balance != "none":
+        raise OptionError(f"outputs='sharded' with balance={options.balance!r}: {length} tokens do not split over "
+                          f"{world} ranks in that layout (it pads to {padded})",
+                          hint="use balance='none', a length the layout splits, or outputs='gathered'")
+
+
+def _tangents_of_any_shape() -> Any:
+    """aot_autograd copies each incoming gradient into the traced output's size and strides
+    unless told to check only its memory format; a sharded output's gradient has this rank's
+    rows, not the traced global size."""
+    config = torch._functorch.config
+    if hasattr(config, "guess_tangent_strides_as_outputs"):
+        return config.patch(guess_tangent_strides_as_outputs=False)
+    return contextlib.nullcontext()
+
+
+def _traced_output_shapes(gm: fx.GraphModule) -> list[tuple[int, ...] | None]:
+    """The global shape dynamo traced for each output of `gm` (None where it is not a tensor)."""
+    output = next(node for node in gm.graph.nodes if node.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    shapes = []
+    for value in values:
+        example = value.meta.get("example_value") if isinstance(value, fx.Node) else None
+        shapes.append(tuple(int(d) for d in example.shape) if isinstance(example, torch.Tensor) else None)
+    return shapes
 
 
 def _device_of(args: list, default: torch.device) -> torch.device:

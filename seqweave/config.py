@@ -13,6 +13,7 @@ DUMP_ENV = "SEQWEAVE_DUMP"
 
 BALANCES = ("zigzag", "striped", "none")
 ATTENTION_STRATEGIES = ("auto", "ring", "ulysses", "hybrid")
+OUTPUTS = ("gathered", "sharded")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class CompileOptions:
     attention: str = "auto"
     #: how the sequence is split over ranks: zigzag balances causal work, striped interleaves, none is contiguous
     balance: str = "zigzag"
+    #: "gathered": every output whole on every rank; "sharded": outputs with a sequence dim come
+    #: back as DTensors, Shard(dim) over the sp ranks, in the layout's row order (see docs)
+    outputs: str = "gathered"
     #: seconds a rank waits for a peer before failing with the rank, step and op named
     timeout: float = 300.0
     pipeline: str = DEFAULT_PIPELINE
@@ -72,6 +76,8 @@ class CompileOptions:
                               hint=f"use one of {ATTENTION_STRATEGIES}")
         if options.get("balance", "zigzag") not in BALANCES:
             raise OptionError(f"balance={options['balance']!r} is not a sequence layout", hint=f"use one of {BALANCES}")
+        if options.get("outputs", "gathered") not in OUTPUTS:
+            raise OptionError(f"outputs={options['outputs']!r} is not an output placement", hint=f"use one of {OUTPUTS}")
         built = CompileOptions(**options)
         if built.attention == "hybrid" and not built.mesh.hybrid:
             raise OptionError("attention='hybrid' needs a hybrid mesh", hint="use Mesh(ulysses=U, ring=R) with U, R > 1")

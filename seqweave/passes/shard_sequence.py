@@ -26,7 +26,9 @@ from seqweave.ir.ops.sp import SP_AXIS
 from seqweave.ir.sharding import Layout, padded_length
 from seqweave.ir.types import Partial, Replicate, Shard, TensorType
 from seqweave.passes.base import Pass, PassResult
-from seqweave.passes.sharding_rules import EMITTED, PARTIAL, Seq, Unshardable, rule_for
+from seqweave.passes.sequence_plan import plan_sequence
+from seqweave.passes.sharding_context import EMITTED, PARTIAL, Seq, Unshardable
+from seqweave.passes.sharding_rules import rule_for
 
 POSITIONS_INPUT = "sp_positions"
 #: Ops linear in their first operand: a partial sum stays a partial sum through them.
@@ -57,6 +59,8 @@ class _Builder:
     def __init__(self, graph: Graph, world: int, layout: Layout, length: int,
                  input_seqs: dict[int, Seq], attention: str, ulysses: int, gather_unshardable: bool) -> None:
         self.world, self.layout, self.length, self.attention = world, layout.value, length, attention
+        self.plan = plan_sequence(graph, length)  # where each value feeding an attention holds the sequence
+        self.taken_shards: dict[tuple[Value, Seq, int], Value] = {}
         self.gather_unshardable = gather_unshardable
         self.kept_whole: list[str] = []  # ops that ran on gathered (whole) operands, and why
         self.whole: dict[Value, Value] = {}  # sharded value -> its gathered whole
@@ -99,12 +103,16 @@ class _Builder:
         return size // self.length * (self.padded // self.world)
 
     def shard(self, value: Value, seq: Seq, fill: int = 0) -> Value:
-        kwargs = {"dim": seq.dim, "inner": seq.inner, "length": self.length}
-        if self.padded != self.length:
-            kwargs.update(padded=self.padded, fill=fill)
-        (result,) = self.emit("sp.shard", (value, self.positions), kwargs, [seq], "", self.global_shape(value))
-        self.shards += 1
-        return result
+        """This rank's rows of a whole value (taken once per value, place and fill)."""
+        key = (value, seq, fill)
+        if key not in self.taken_shards:
+            kwargs = {"dim": seq.dim, "inner": seq.inner, "length": self.length}
+            if self.padded != self.length:
+                kwargs.update(padded=self.padded, fill=fill)
+            (result,) = self.emit("sp.shard", (value, self.positions), kwargs, [seq], "", self.global_shape(value))
+            self.shards += 1
+            self.taken_shards[key] = result
+        return self.taken_shards[key]
 
     # -- building
     def fresh(self, stem: str) -> str:
@@ -159,9 +167,20 @@ class _Builder:
         self.kept_whole.append(f"{old.op} ({why})")
         return old.op, args, kwargs, [None] * len(old.results)
 
+    def _operand(self, old: Value, feeds_attention: bool) -> Value:
+        """The operand in the sharded graph: on a path into an attention, a whole value the plan
+        places is taken as this rank's rows (free), so token-wise work before the attention is
+        split too; elsewhere as it is."""
+        new = self.mapping[old]
+        seq = self.plan.get(old) if feeds_attention else None
+        if seq is None or self.seqs.get(new) is not None:
+            return new
+        return self.shard(new, seq)
+
     def node(self, old: Node) -> None:
-        args = map_values(old.args, self.mapping.__getitem__)
-        kwargs = map_values(old.kwargs, self.mapping.__getitem__)
+        feeds_attention = any(result in self.plan for result in old.results)
+        args = map_values(old.args, lambda value: self._operand(value, feeds_attention))
+        kwargs = map_values(old.kwargs, lambda value: self._operand(value, feeds_attention))
         try:
             op, args, kwargs, seqs = self._rule(old, args, kwargs)
         except Unshardable as why:
@@ -211,6 +230,9 @@ class ShardSequence(Pass):
     ulysses: int = 1  # ranks per Ulysses group under "hybrid" (ring across world // ulysses groups)
     #: outputs from this index on stay sharded (a training forward's activations saved for backward)
     keep_sharded_from: int = -1
+    #: "sharded": outputs the caller sees stay sharded where their sequence is one plain dim
+    #: (returned as DTensors by the runtime); "gathered": gathered whole on every rank
+    outputs: str = "gathered"
     #: inputs that arrive sharded: (input index, dim, inner) (a backward's saved activations)
     input_seqs: tuple[tuple[int, int, int], ...] = ()
     #: an op that cannot run on shards gets its operands gathered whole (exact; costs memory and
@@ -240,18 +262,49 @@ class ShardSequence(Pass):
         whole = f"; {len(builder.kept_whole)} ops ran on gathered whole operands: " + \
             "; ".join(builder.kept_whole) if builder.kept_whole else ""
         warnings = tuple(f"{entry}: ran on operands gathered whole on every rank" for entry in builder.kept_whole)
+        warnings += self._largest_gathered(graph)
         return PassResult(builder.shards, f"{builder.shards} shards taken, {strategies or 'no attention'}{whole}",
                           warnings)
 
     def _outputs(self, builder: _Builder, graph: Graph) -> Any:
-        """Gather (or all-reduce) what the caller sees; keep saved activations sharded, and say how."""
-        outputs, seqs = [], []
+        """Gather (or all-reduce) what the caller sees, unless asked to keep it sharded; keep saved
+        activations sharded; say how each output is placed."""
+        outputs, seqs, gathered_bytes = [], [], []
         for index, value in enumerate(_flat_outputs(graph.outputs)):
             mapped = builder.mapping.get(value) if isinstance(value, Value) else value
-            keep = 0 <= self.keep_sharded_from <= index and builder.seq(mapped) is not None
-            mapped = mapped if keep or not isinstance(mapped, Value) else builder.gathered(mapped)
+            seq = builder.seq(mapped) if isinstance(mapped, Value) else None
+            saved = 0 <= self.keep_sharded_from <= index
+            if builder.partial(mapped):  # a partial sum leaves the graph only all-reduced
+                mapped = builder.gathered(mapped)
+            elif isinstance(mapped, Value) and not saved and not self._stays_sharded(builder, mapped, seq):
+                if seq is not None:
+                    gathered_bytes.append((index, _bytes(builder.global_shape(mapped), mapped.type.dtype)))
+                mapped = builder.gathered(mapped)
             seq = builder.seq(mapped) if isinstance(mapped, Value) else None
             outputs.append(mapped)
             seqs.append((seq.dim, seq.inner) if seq else None)
         self.report["output_seqs"] = seqs
+        self.report["gathered_output_bytes"] = gathered_bytes
         return tuple(outputs) if isinstance(graph.outputs, tuple) else outputs
+
+    def _largest_gathered(self, graph: Graph) -> tuple[str, ...]:
+        """A gathered output that is the largest tensor this rank holds (logits, typically) is named."""
+        gathered = self.report["gathered_output_bytes"]
+        local = [_bytes(tuple(int(d) for d in v.type.shape), v.type.dtype) for node in graph.nodes
+                 if node.op != "sp.gather" for v in node.results if isinstance(v.type, TensorType)]
+        largest = max(local, default=0)
+        return tuple(f"output {index} is gathered whole on every rank ({size:,} bytes, the largest tensor per rank); "
+                     f"outputs='sharded' keeps it sharded" for index, size in gathered if size >= largest)
+
+    def _stays_sharded(self, builder: _Builder, value: Value, seq: Seq | None) -> bool:
+        """outputs="sharded" keeps an output sharded when DTensor's Shard(dim) can describe it: the
+        sequence is the whole dim (not folded with batch or features into one)."""
+        return self.outputs == "sharded" and seq is not None and seq.inner == 1 and \
+            builder.global_shape(value)[seq.dim] == self.length
+
+
+def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * dtype.itemsize

@@ -8,62 +8,23 @@ replicated). Rules may ask `ctx.shard(value, seq)` for the local rows of a repli
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any
 
 from seqweave.ir.graph import Node, Value, map_values, values_in
 from seqweave.ir.mask import Sinks
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout
+from seqweave.passes.contraction_rules import CONTRACTION_RULES
 from seqweave.passes.cost import Strategy
+from seqweave.passes.reduction_rules import REDUCTION_RULES
+from seqweave.passes.sharding_context import EMITTED, PARTIAL, Context, Emit, Rule, Seq, Unshardable
 from seqweave.passes.strategy import LayerShape, choose_strategy, head_split_problem
 
-MAX_INDEX = 2 ** 62
+MAX_INDEX = 2 ** 62  # `slice(..., end=huge)` means "to the end"
 #: the op each strategy runs as: a halo is the ring under a plan that skips sends
-RUNS_AS = {Strategy.RING: "ring", Strategy.HALO: "ring", Strategy.ULYSSES: "ulysses", Strategy.HYBRID: "hybrid"}  # `slice(..., end=huge)` means "to the end"
+RUNS_AS = {Strategy.RING: "ring", Strategy.HALO: "ring", Strategy.ULYSSES: "ulysses", Strategy.HYBRID: "hybrid"}
 
-
-@dataclass(frozen=True)
-class Seq:
-    """The sequence factor of a value: in dim `dim`, with `inner` elements per position inside that dim."""
-
-    dim: int
-    inner: int = 1
-
-
-@dataclass(frozen=True)
-class PartialSum:
-    """Each rank holds a partial sum of the value (a contraction over its sequence rows)."""
-
-
-PARTIAL = PartialSum()
-
-
-class Unshardable(Exception):
-    """This op cannot run on sequence shards (yet); the message says why."""
-
-
-class Context(Protocol):
-    length: int      # global sequence length N, as the model sees it
-    padded: int      # N rounded up so it splits over the ranks; positions >= N are masked padding
-    world: int
-    layout: str      # Layout value: "none" | "zigzag" | "striped"
-    attention: str   # "ring" | "ulysses" | "hybrid" | "auto" (per layer, by the cost model)
-    ulysses: int     # ranks per Ulysses group under "hybrid"
-
-    def seq(self, value: Any) -> Seq | None: ...
-    def global_shape(self, value: Value) -> tuple[int, ...]: ...
-    def shard(self, value: Value, seq: Seq, fill: int = 0) -> Value: ...
-    def emit(self, op: str, args: tuple, kwargs: dict, seqs: list, loc: str, *shapes: tuple) -> list[Value]: ...
-    def local(self, size: int) -> int: ...
-    def all_reduce(self, value: Value) -> Value: ...
-
-
-Emit = tuple[str, tuple, dict, list]  # (op, args, kwargs, one Seq | None | PARTIAL per result)
-#: An Emit whose op is EMITTED carries, in place of args, the result values the rule built itself.
-EMITTED = "="
-Rule = Callable[[Context, Node, tuple, dict], Emit]
 
 ELEMENTWISE = frozenset(f"core.{name}" for name in (
     "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "add.Scalar", "mul.Scalar", "div.Scalar", "neg",
@@ -212,16 +173,14 @@ def slice_(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     raise Unshardable(f"{node.op} takes part of the sharded sequence dim ({start}:{end})")
 
 
-def reduce_other_dims(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    """mean/sum/amax over dims that are not the sequence dim keep the shard."""
+def amax(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """amax over dims that are not the sequence dim keeps the shard."""
     seq = ctx.seq(args[0])
     if seq is None:
         return node.op, args, kwargs, [None]
     rank = len(ctx.global_shape(args[0]))
     dims = [d % rank for d in (args[1] if isinstance(args[1], (list, tuple)) else [args[1]])]
     if seq.dim in dims:
-        if node.op == "core.sum.dim_IntList":
-            return node.op, args, kwargs, [PARTIAL]  # e.g. bias and norm-weight gradients
         raise Unshardable(f"{node.op} reduces over the sequence")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     dim = seq.dim if keepdim else seq.dim - sum(d < seq.dim for d in dims)
@@ -229,20 +188,23 @@ def reduce_other_dims(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Em
 
 
 def row_wise(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    """Ops that treat rows independently (mm, addmm's rows, log_softmax over the last dim)."""
+    """softmax and its kin over a dim that is not the sequence's treat positions independently."""
     tensors = [v for v in _tensor_args(args) if ctx.seq(v) is not None]
     if not tensors:
         return node.op, args, kwargs, [None] * len(node.results)
-    if node.op in ("core.mm", "core.addmm"):
-        left, right = (args[0], args[1]) if node.op == "core.mm" else (args[1], args[2])
-        ls, rs = ctx.seq(left), ctx.seq(right)
-        if node.op == "core.mm" and ls and rs and (ls.dim, rs.dim) == (1, 0) and ls.inner == rs.inner:
-            return node.op, args, kwargs, [PARTIAL]  # weight gradient: a sum over this rank's rows
-        if ctx.seq(left) is None or ctx.seq(left).dim != 0 or len(tensors) != 1:
-            raise Unshardable(f"{node.op} contracts over the sequence")
-        return node.op, args, kwargs, [ctx.seq(left)]
     seq = ctx.seq(tensors[0])
+    dim = args[1] if node.op in ("core._softmax", "core._log_softmax") else args[2]
+    if dim % len(ctx.global_shape(tensors[0])) == seq.dim:
+        raise Unshardable(f"{node.op} normalises over the sequence")
+    args = tuple(_aligned_like(ctx, a, seq) for a in args)
     return node.op, args, kwargs, [seq] * len(node.results)
+
+
+def _aligned_like(ctx: Context, value: Any, seq: Seq) -> Any:
+    """A whole same-shaped operand (a softmax backward's output) sliced like the sharded one."""
+    if isinstance(value, Value) and isinstance(value.type, TensorType) and ctx.seq(value) is None:
+        return ctx.shard(value, seq)
+    return value
 
 
 def embedding(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
@@ -287,6 +249,31 @@ def cat(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         raise Unshardable("cat along the sequence dim")
     tensors = [t if ctx.seq(t) else ctx.shard(t, seq) for t in tensors]
     return node.op, (tensors, *args[1:]), kwargs, [seq]
+
+
+def stack(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """stack(tensors, dim): a new dim at `dim`; the sequence moves past it if it sits at or after it."""
+    tensors = list(args[0])
+    seqs = {ctx.seq(t) for t in tensors} - {None}
+    if not seqs:
+        return node.op, args, kwargs, [None]
+    if len(seqs) > 1:
+        raise Unshardable("stack of tensors sharded in different places")
+    seq = seqs.pop()
+    dim = (args[1] if len(args) > 1 else 0) % (len(ctx.global_shape(tensors[0])) + 1)
+    tensors = [t if ctx.seq(t) else ctx.shard(t, seq) for t in tensors]
+    return node.op, (tensors, *args[1:]), kwargs, [Seq(seq.dim + (dim <= seq.dim), seq.inner)]
+
+
+def unbind(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """unbind(x, dim) along another dim than the sequence's: each piece keeps the shard."""
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None] * len(node.results)
+    dim = (args[1] if len(args) > 1 else 0) % len(ctx.global_shape(args[0]))
+    if dim == seq.dim:
+        raise Unshardable(f"{node.op} splits the sharded sequence dim into positions")
+    return node.op, args, kwargs, [Seq(seq.dim - (dim < seq.dim), seq.inner)] * len(node.results)
 
 
 def strategy(ctx: Context, q: Value, k: Value, kwargs: dict) -> str:
@@ -444,14 +431,14 @@ RULES: dict[str, Rule] = {
     "core.unsqueeze": unsqueeze, "core.transpose.int": transpose, "core.t": transpose, "core.permute": permute,
     "core.select.int": select, "core.select_backward": select_backward,
     "core.expand": expand, "core.slice.Tensor": slice_,
-    "core.mean.dim": reduce_other_dims, "core.sum.dim_IntList": reduce_other_dims, "core.amax": reduce_other_dims,
-    "core.mm": row_wise, "core.addmm": row_wise, "core._log_softmax": row_wise, "core._softmax": row_wise,
+    "core.amax": amax, "core._log_softmax": row_wise, "core._softmax": row_wise,
     "core._log_softmax_backward_data": row_wise, "core._softmax_backward_data": row_wise,
     "core.nll_loss_forward": nll_loss, "core.nll_loss_backward": nll_loss_backward,
     "core.embedding_dense_backward": embedding_backward, "core.native_layer_norm_backward": layer_norm_backward,
     "core.slice_backward": slice_backward, "attn.sdpa_backward": attention_backward,
     "core.embedding": embedding, "core.native_layer_norm": layer_norm,
-    "core.split.Tensor": split, "core.split_with_sizes": split, "core.cat": cat,
+    "core.split.Tensor": split, "core.split_with_sizes": split, "core.cat": cat, "core.stack": stack,
+    "core.unbind.int": unbind, **CONTRACTION_RULES, **REDUCTION_RULES,
     "attn.sdpa": attention,
 }
 

@@ -39,9 +39,9 @@ GOLDEN = '''graph inference(%ids: i64[2, 8]{sp: R}, %w: f32[16, 4]{sp: R}, %cos:
   %mm = core.mm(%flat, %t) : f32[8, 4]{sp: S(0)}
   %x = core.view(%mm, [2, 4, 1, 4]) : f32[2, 4, 1, 4]{sp: S(1)}
   %q = core.transpose.int(%x, 1, 2) : f32[2, 1, 4, 4]{sp: S(2)}
-  %c = core.unsqueeze(%cos, 1) : f32[1, 1, 8, 4]{sp: R}
-  %shard_1 = sp.shard(%c, %sp_positions, dim=2, inner=1, length=8) : f32[1, 1, 4, 4]{sp: S(2)}
-  %qr = core.mul.Tensor(%q, %shard_1) : f32[2, 1, 4, 4]{sp: S(2)}
+  %shard_1 = sp.shard(%cos, %sp_positions, dim=1, inner=1, length=8) : f32[1, 4, 4]{sp: S(1)}
+  %c = core.unsqueeze(%shard_1, 1) : f32[1, 1, 4, 4]{sp: S(2)}
+  %qr = core.mul.Tensor(%q, %c) : f32[2, 1, 4, 4]{sp: S(2)}
   %out, %lse = attn.ring(%qr, %qr, %qr, [], mask="causal", score_mod="none", scale=0.5, kv_heads=1, layout="none", world=2, length=8) : f32[2, 1, 4, 4]{sp: S(2)}, f32[2, 1, 4]{sp: S(2)}
   %gather = sp.gather(%out, dim=2, inner=1, length=8, world=2, layout="none") : f32[2, 1, 8, 4]{sp: R}
   return (%gather,)
@@ -60,16 +60,32 @@ def test_golden():
     assert result.rewrites == 2 and "1 attn.ring" in result.detail
 
 
-def test_refuses_a_mean_over_the_sequence():
+def test_refuses_what_has_no_rule_when_gathering_is_off():
     graph = parse_graph('''graph inference(%ids: i64[1, 8], %w: f32[16, 4]) {
   %emb = core.embedding(%w, %ids) : f32[1, 8, 4]
+  %run = core.cumsum(%emb, 1) : f32[1, 8, 4]
+  return (%run,)
+}
+''')
+    with pytest.raises(PassError, match="no sequence-sharding rule") as caught:
+        ShardSequence(world=2, layout="none", length=8, gather_unshardable=False).run(graph)
+    assert "core.cumsum" in str(caught.value)
+
+
+def test_a_mean_over_the_sequence_is_the_global_mean_without_padding_rows():
+    """9 tokens on 2 ranks: padded to 10, the padding row zeroed, the sum divided by 9 (not by
+    this rank's 5 rows), all-reduced once."""
+    graph = parse_graph('''graph inference(%ids: i64[1, 9], %w: f32[16, 4]) {
+  %emb = core.embedding(%w, %ids) : f32[1, 9, 4]
   %avg = core.mean.dim(%emb, [1]) : f32[1, 4]
   return (%avg,)
 }
 ''')
-    with pytest.raises(PassError, match="reduces over the sequence") as caught:
-        ShardSequence(world=2, layout="none", length=8, gather_unshardable=False).run(graph)
-    assert "core.mean.dim" in str(caught.value)
+    ShardSequence(world=2, layout="none", length=9).run(graph)
+    verify(graph)
+    ops = [node.op for node in graph.nodes]
+    assert ops[-4:] == ["core.masked_fill.Scalar", "core.sum.dim_IntList", "core.div.Scalar", "sp.all_reduce"]
+    assert graph.nodes[-2].args[1] == 9
 
 
 def test_a_sum_over_the_sequence_is_partial_then_all_reduced():
@@ -216,3 +232,20 @@ def test_ops_kept_whole_are_logged_as_warnings(caplog):
     assert len(run.result.warnings) == 3
     assert "shard-sequence: core.index_copy (no sequence-sharding rule for core.index_copy): ran on operands " \
            "gathered whole on every rank" in caplog.text
+
+
+def test_a_saved_partial_sum_leaves_the_forward_all_reduced():
+    """A training forward's saved activation that is a partial sum (a mean-pooled vector the
+    backward reads) must leave the graph whole: the backward treats saved values without a
+    sequence dim as whole on every rank."""
+    graph = parse_graph('''graph forward(%ids: i64[1, 8], %w: f32[16, 4]) {
+  %emb = core.embedding(%w, %ids) : f32[1, 8, 4]
+  %avg = core.mean.dim(%emb, [1]) : f32[1, 4]
+  %out = core.mul.Scalar(%avg, 2.0) : f32[1, 4]
+  return (%out, %avg)
+}
+''')
+    ShardSequence(world=2, layout="none", length=8, keep_sharded_from=1).run(graph)
+    verify(graph)
+    saved = graph.outputs[1]
+    assert saved.producer.op == "sp.all_reduce" and str(saved.type) == "f32[1, 4]{sp: R}"

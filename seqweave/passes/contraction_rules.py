@@ -1,0 +1,76 @@
+"""`shard-sequence` rules for matrix products (mm, addmm, bmm).
+
+A product keeps the sequence where one operand's free dim holds it (rows of `x @ W`), and
+contracting over it leaves each rank a partial sum (a weight gradient `xᵀ @ dy`). A whole
+operand meeting a sharded one is sliced to this rank's positions first: every rank holds it
+whole, so that costs nothing. Padding rows are zeroed in one operand of a contraction so a
+partial sum counts only real positions.
+"""
+from __future__ import annotations
+
+from seqweave.ir.graph import Node, Value
+from seqweave.passes.padding_rows import without_padding
+from seqweave.passes.sharding_context import PARTIAL, Context, Emit, Seq, Unshardable
+
+
+def _as(ctx: Context, value: Value, seq: Seq) -> Value:
+    """`value` holding the sequence as `seq`: sliced if whole, refused if sharded otherwise."""
+    have = ctx.seq(value)
+    if have == seq:
+        return value
+    if have is None and ctx.global_shape(value)[seq.dim] % (ctx.length * seq.inner) == 0:
+        return ctx.shard(value, seq)
+    raise Unshardable(f"operands hold the sequence in different places ({have} vs {seq})")
+
+
+def _contract(ctx: Context, left: Value, right: Value, left_dim: int, right_dim: int) -> tuple[Value, Value]:
+    """Operands for a product contracting over the sequence (left's `left_dim` with right's `right_dim`)."""
+    seq = ctx.seq(left) or ctx.seq(right)
+    left = _as(ctx, left, Seq(left_dim, seq.inner))
+    right = _as(ctx, right, Seq(right_dim, seq.inner))
+    return without_padding(ctx, left), right
+
+
+def mm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """mm(a [M, K], b [K, C]): rows of a, columns of b, or a partial sum over K."""
+    left, right = args[0], args[1]
+    ls, rs = ctx.seq(left), ctx.seq(right)
+    if ls is None and rs is None:
+        return node.op, args, kwargs, [None]
+    if (ls and ls.dim == 1) or (rs and rs.dim == 0):
+        return node.op, _contract(ctx, left, right, 1, 0), kwargs, [PARTIAL]
+    if ls and rs:
+        raise Unshardable(f"{node.op} of two sequence-sharded operands is an N x N product")
+    return node.op, args, kwargs, [ls or Seq(1, rs.inner)]
+
+
+def addmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """addmm(bias, a, b): rows of a (a row-sized bias is sliced with them)."""
+    bias, left, right = args[:3]
+    ls = ctx.seq(left)
+    if ls is None and ctx.seq(right) is None and ctx.seq(bias) is None:
+        return node.op, args, kwargs, [None]
+    if ls is None or ls.dim != 0 or ctx.seq(right) is not None:
+        raise Unshardable(f"{node.op} contracts over the sequence (with a bias)")
+    if len(ctx.global_shape(bias)) == 2 and ctx.global_shape(bias)[0] != 1:
+        bias = _as(ctx, bias, ls)
+    return node.op, (bias, left, right, *args[3:]), kwargs, [ls]
+
+
+def bmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """bmm(a [T, M, K], b [T, K, C]): batch of both, rows of a, columns of b, or a partial sum over K."""
+    left, right = args[0], args[1]
+    ls, rs = ctx.seq(left), ctx.seq(right)
+    if ls is None and rs is None:
+        return node.op, args, kwargs, [None]
+    if (ls and ls.dim == 2) or (rs and rs.dim == 1):
+        return node.op, _contract(ctx, left, right, 2, 1), kwargs, [PARTIAL]
+    if (ls and ls.dim == 0) or (rs and rs.dim == 0):
+        seq = ls if ls and ls.dim == 0 else rs
+        return node.op, (_as(ctx, left, seq), _as(ctx, right, seq)), kwargs, [seq]
+    if ls and rs:
+        raise Unshardable(f"{node.op} of two sequence-sharded operands is an N x N product")
+    return node.op, args, kwargs, [ls or Seq(2, rs.inner)]
+
+
+CONTRACTION_RULES = {"core.mm": mm, "core.addmm": addmm, "core.bmm": bmm}

@@ -249,3 +249,21 @@ def test_a_saved_partial_sum_leaves_the_forward_all_reduced():
     verify(graph)
     saved = graph.outputs[1]
     assert saved.producer.op == "sp.all_reduce" and str(saved.type) == "f32[1, 4]{sp: R}"
+
+
+def test_a_whole_operand_contracted_with_a_sharded_one_is_sliced_and_the_product_is_partial():
+    """mm(whole g [4, N], sharded x [N, 4]): g is sliced to this rank's columns (free), the
+    product is a partial sum with the padding row zeroed, all-reduced once on the way out."""
+    graph = parse_graph('''graph inference(%ids: i64[9], %w: f32[16, 4], %g: f32[4, 9]) {
+  %emb = core.embedding(%w, %ids) : f32[9, 4]
+  %prod = core.mm(%g, %emb) : f32[4, 4]
+  return (%prod,)
+}
+''')
+    ShardSequence(world=2, layout="none", length=9).run(graph)
+    verify(graph)
+    mm = next(node for node in graph.nodes if node.op == "core.mm")
+    assert mm.args[0].producer.op == "core.masked_fill.Scalar"  # padding columns of g zeroed
+    assert mm.args[0].producer.args[0].producer.op == "sp.shard"
+    assert str(mm.results[0].type) == "f32[4, 4]{sp: P(sum)}"
+    assert graph.outputs[0].producer.op == "sp.all_reduce"

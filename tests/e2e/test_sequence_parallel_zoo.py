@@ -1,0 +1,42 @@
+"""Sequence parallelism for models written the way users write them (seqweave.testing.sp_zoo):
+float latents trained with MSE, a ViT classifier with mean pooling and the loss outside, HF
+Llama returning logits with the loss outside, on 2, 3 and 4 gloo ranks under ring (zigzag,
+striped, none), Ulysses, hybrid and auto, with outputs gathered and sharded (DTensors).
+
+Each case pins the attention op that ran and that no op fell back to gathered operands, and
+compares output, loss and every gradient (parameters and float inputs) with one eager process.
+One process per rank runs all of a world's cases: compiling dominates, not starting ranks.
+"""
+import pytest
+
+import seqweave
+from seqweave.testing.distributed import run_ranks
+from seqweave.testing.sp_zoo import sp_steps
+
+TOLERANCE = 1e-5
+
+# (zoo entry, length, options, the distributed attention op it must run as)
+CASES = {
+    2: [("dit", 9, {"attention": "ring", "balance": "zigzag"}, "attn.ring"),
+        ("vit", 9, {"attention": "ring", "balance": "striped"}, "attn.ring"),
+        ("hf-llama-logits", 8, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring")],
+    3: [("vit", 10, {"attention": "ring", "balance": "none"}, "attn.ring"),
+        ("hf-llama-logits", 10, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring")],
+    4: [("dit", 8, {"attention": "ulysses", "balance": "zigzag"}, "attn.ulysses"),
+        ("vit", 8, {"attention": "hybrid", "mesh": seqweave.Mesh(ulysses=2, ring=2)}, "attn.hybrid"),
+        ("hf-llama-logits", 8, {"attention": "auto", "balance": "zigzag"}, None)],
+}
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_zoo_trains_one_step_like_eager(world):
+    cases = CASES[world]
+    results = run_ranks(world, sp_steps, [(name, n, options) for name, n, options, _ in cases], timeout_s=600)
+    for rank, per_case in enumerate(results):
+        for (name, n, options, op), result in zip(cases, per_case):
+            label = (rank, name, n, options)
+            worst = max(result["errors"].items(), key=lambda item: item[1])
+            assert worst[1] <= TOLERANCE, (label, worst)
+            assert not result["warnings"], (label, result["warnings"])  # nothing ran on gathered operands
+            distributed = [o for o in result["ops"] if o in ("attn.ring", "attn.ulysses", "attn.hybrid")]
+            assert distributed and (op is None or distributed == [op]), (label, result["ops"])

@@ -89,6 +89,8 @@ def _mask_operand(graph: fx.Graph, node: fx.Node, role: str) -> fx.Node:
     """Insert (before the attention) the value an operand role needs."""
     if role == "document":
         return graph.call_function(segment_ids_from_positions, (node,))
+    if role == "key_padding":
+        return graph.call_function(torch.logical_not, (node,))
     if role in ("dense", "dense_additive"):
         dense = graph.call_function(torch.eq, (node, 0)) if role == "dense_additive" else node
         return graph.call_function(torch.reshape, (dense, _as_4d(example(node).shape)))

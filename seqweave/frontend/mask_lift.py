@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import fx
+from torch._dynamo.source import AttrSource, LocalSource
 
 from seqweave.frontend.mask_tiles import MAX_WHOLE_ELEMENTS, Tiled, project, tiled_function
 from seqweave.ir.mask import Causal, Chunked, Dense, Document, Full, MaskSpec, Padding, Sinks, SlidingWindow
@@ -24,7 +25,9 @@ from seqweave.ir.mask import Causal, Chunked, Dense, Document, Full, MaskSpec, P
 PROBES_PER_ROLE = 4
 #: An additive mask entry at or below this is "masked": exp() of it underflows to 0 even in fp64.
 MASKED_ADDITIVE_VALUE = -1e6
-ROLES = ("padding", "document")
+#: How a per-token input may be read: `padding` (nonzero = key visible, HF's attention_mask),
+#: `key_padding` (True = key hidden, torch's key_padding_mask), `document` (position ids).
+ROLES = ("padding", "document", "key_padding")
 #: Above MAX_WHOLE_ELEMENTS, rows checked per group (leading, trailing, evenly spread, random).
 SAMPLED_ROWS = 64
 #: Elements evaluated per block of rows (bounds the memory lifting uses at any length).
@@ -35,8 +38,9 @@ BLOCK_ELEMENTS = 1 << 24
 class LiftedMask:
     """The lifted spec, the FX values its `$i` operands are computed from, and how it was decided.
 
-    Each operand is (node, role): `padding` (the keys' valid flags), `document` (position ids,
-    turned into segment ids), or `dense` (the mask itself; additive masks compare to 0).
+    Each operand is (node, role): `padding` (the keys' valid flags), `key_padding` (the keys'
+    hidden flags, negated), `document` (position ids, turned into segment ids), or `dense` (the
+    mask itself; additive masks compare to 0).
     """
 
     spec: MaskSpec
@@ -184,18 +188,18 @@ def _role_capable(value: torch.Tensor, shape: tuple[int, ...]) -> bool:
 def _neutral(value: torch.Tensor, role: str | None) -> torch.Tensor:
     if role == "document":
         return torch.arange(value.shape[-1]).expand(value.shape).to(value.dtype)
-    return torch.ones_like(value)
+    return torch.zeros_like(value) if role == "key_padding" else torch.ones_like(value)
 
 
 def _random_probe(value: torch.Tensor, role: str, generator: torch.Generator) -> torch.Tensor:
-    """Random left/right padding (`padding`) or restarting position ids (`document`)."""
+    """Random left/right padding (`padding`, `key_padding`) or restarting position ids (`document`)."""
     rows, length = value.shape
     probe = torch.empty(rows, length, dtype=torch.int64)
     for row in range(rows):
-        if role == "padding":
+        if role in ("padding", "key_padding"):
             cut = int(torch.randint(0, length, (1,), generator=generator))
             valid = torch.arange(length) >= cut if row % 2 == 0 else torch.arange(length) < length - cut
-            probe[row] = valid.long()
+            probe[row] = (valid if role == "padding" else ~valid).long()
         else:
             starts = torch.rand(length, generator=generator) < 0.25
             starts[0] = True
@@ -213,13 +217,15 @@ def segment_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _operand_for(value: torch.Tensor, role: str) -> torch.Tensor:
+    if role == "key_padding":
+        return torch.logical_not(value)
     return segment_ids_from_positions(value) if role == "document" else value
 
 
 def _candidate_spec(structured: MaskSpec, roles: Sequence[str | None]) -> MaskSpec:
     spec = structured
     for index, role in enumerate(role for role in roles if role is not None):
-        spec = spec & (Padding(index) if role == "padding" else Document(index))
+        spec = spec & (Document(index) if role == "document" else Padding(index))
     return spec
 
 
@@ -257,6 +263,12 @@ def lift_mask(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], ad
     alone, and `Untileable` (a ValueError) when it is built by an op too large to evaluate whole.
     """
     fn = extract_mask_function(mask, placeholder_values, additive)
+    passed_in = [leaf.name for leaf, value in zip(fn.leaves, fn.leaf_values)
+                 if value.dim() >= 2 and not _role_capable(value, shape) and passed_by_caller(leaf)]
+    if passed_in:
+        return LiftedMask(Dense(0), [(mask, "dense_additive" if additive else "dense")],
+                          f"the mask reads {', '.join(passed_in)}, passed in by the caller (its values may "
+                          f"change from call to call); kept as a dense tensor")
     q_idx = checked_rows(shape)
     for roles in _role_assignments(fn, shape):
         neutral = [_neutral(v, role) if role else v for v, role in zip(fn.leaf_values, roles)]
@@ -273,6 +285,18 @@ def lift_mask(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], ad
             return LiftedMask(spec, operands, _lifted_note(q_idx, shape[2]))
     return LiftedMask(Dense(0), [(mask, "dense_additive" if additive else "dense")],
                       "no MaskSpec reproduces the mask on probes; kept as a dense tensor")
+
+
+def passed_by_caller(node: fx.Node) -> bool:
+    """Is this placeholder a tensor the caller passes in (an argument or an item of one), rather
+    than a parameter, buffer or global? Dynamo guards no tensor values, so the next call may
+    bring other values: a spec fitted to these would silently be wrong."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    while source is not None and not isinstance(source, LocalSource):
+        if isinstance(source, AttrSource):  # L['self']._buffers[...] and other object state
+            return False
+        source = getattr(source, "base", None)
+    return isinstance(source, LocalSource)
 
 
 def _lifted_note(q_idx: torch.Tensor, q_len: int) -> str:

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 from torch import fx
 
 from seqweave.frontend.custom_ops import ATTENTION_OP
+from seqweave.frontend.fx_build import NodeBuilder
 from seqweave.frontend.orphans import remove_orphans
 from seqweave.frontend.mask_lift import LiftedMask, SymbolicMaskInput, lift_mask, segment_ids_from_positions
 from seqweave.frontend.mask_tiles import Untileable
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
-                                        looks_like_eager_attention, match_eager, match_sdpa)
+                                        looks_like_eager_attention, match_eager, match_sdpa, softmax_feeding)
 from seqweave.ir.mask import Causal, Dense, Full
-from seqweave.ir.score_mod import NoScoreMod
 
 
 @dataclass
@@ -38,6 +38,7 @@ class AttentionReport:
     batch: int = 0
     seq_len: int = 0
     element_bytes: int = 0
+    score_mod: str = "none"
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -56,14 +57,14 @@ def _candidates(graph: fx.Graph) -> list[tuple[fx.Node, str]]:
 def _lift(match: AttentionMatch, placeholder_values: dict[fx.Node, torch.Tensor]) -> LiftedMask:
     if match.mask is None:
         return LiftedMask(Causal() if match.is_causal else Full(), [], "lifted")
-    q, k = example(match.q), example(match.k)
-    if not _static(q.shape) or not _static(k.shape) or not _static(example(match.mask).shape):
+    q, k = match.shape_4d(match.q), match.shape_4d(match.k)
+    if not _static(q) or not _static(k) or not _static(example(match.mask).shape):
         # Lifting evaluates the mask at one size; with symbolic sizes that would not prove it
         # for the others, so the mask stays a dense operand (exact at every size).
         return _dense(match, "the sequence length is symbolic (dynamic shapes): kept as a dense tensor")
     heads = _as_4d(example(match.mask).shape)[1]
     try:
-        return lift_mask(match.mask, placeholder_values, match.additive, (q.shape[0], heads, q.shape[2], k.shape[2]))
+        return lift_mask(match.mask, placeholder_values, match.additive, (q[0], heads, q[2], k[2]))
     except SymbolicMaskInput as why:
         return _dense(match, f"{why} (dynamic shapes): kept as a dense tensor")
     except Untileable as why:
@@ -102,9 +103,12 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list
     possibly orphaned)."""
     with graph.inserting_before(match.anchor):
         operands = [_mask_operand(graph, node, role) for node, role in lifted.operands]
-        call = graph.call_function(ATTENTION_OP, (match.q, match.k, match.v, operands, str(lifted.spec),
-                                                  str(NoScoreMod()), match.scale))
+        q, k, v = (graph.call_method("unsqueeze", (x, 0)) if match.flat else x for x in (match.q, match.k, match.v))
+        call = graph.call_function(ATTENTION_OP, (q, k, v, operands, str(lifted.spec), str(match.score_mod),
+                                                  match.scale))
         out = graph.call_function(operator.getitem, (call, 0))
+        if match.flat:  # [1, B*H, S, D] back to the [B*H, S, D] the bmm gave
+            out = graph.call_method("squeeze", (out, 0))
     out.meta.update(match.anchor.meta)
     call.meta["nn_module_stack"] = match.anchor.meta.get("nn_module_stack", {})
     match.anchor.replace_all_uses_with(out)
@@ -114,13 +118,12 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list
 
 
 def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
-    q = example(match.q)
     reason = "replaced" if lifted.note == "lifted" else f"replaced; {lifted.note}"
     if isinstance(lifted.spec, Dense):
         reason += f" ({_dense_bytes(match):,} bytes, growing as N²)"
-    batch, heads, length, head_dim = (_hint(size) for size in q.shape)
+    batch, heads, length, head_dim = (_hint(size) for size in match.shape_4d(match.q))
     return AttentionReport(layer, True, reason, match.form, heads, match.kv_heads, head_dim, str(lifted.spec),
-                           batch, length, q.element_size())
+                           batch, length, example(match.q).element_size(), str(match.score_mod))
 
 
 def _dense_bytes(match: AttentionMatch) -> int:
@@ -133,27 +136,52 @@ def _hint(size: int | torch.SymInt) -> int:
     return size if isinstance(size, int) else size.node.hint
 
 
+def _allowed_mask(match: AttentionMatch, negations: dict[fx.Node, fx.Node]) -> AttentionMatch:
+    """The match with a mask that is True where attention is allowed (masked_fill reads the hidden
+    positions): a `logical_not` inserted right after the mask, one per mask however many layers share it."""
+    if not match.mask_hides:
+        return match
+    if match.mask not in negations:
+        after = match.mask
+        if after.op == "placeholder":  # placeholders stay together at the top
+            after = [node for node in after.graph.nodes if node.op == "placeholder"][-1]
+        negations[match.mask] = NodeBuilder(match.mask, after=after).call(torch.logical_not, match.mask)
+    return replace(match, mask=negations[match.mask], mask_hides=False)
+
+
 def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:
     """Rewrite `gm` in place; returns one report per attention-like pattern, in graph order."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     placeholder_values = {node: value for node, value in zip(placeholders, example_inputs)
                           if isinstance(value, torch.Tensor)}
+    reports, _ = _replace_matches(gm.graph, placeholder_values)
+    gm.recompile()
+    return reports
+
+
+def _replace_matches(graph: fx.Graph, placeholder_values: dict[fx.Node, torch.Tensor]
+                     ) -> tuple[list[AttentionReport], set[fx.Node]]:
+    """Match, lift and replace every candidate; returns their reports and the softmaxes tried."""
     reports = []
     lifted_by_mask: dict[tuple, LiftedMask] = {}  # HF shares one mask between all layers
+    negations: dict[fx.Node, fx.Node] = {}
     orphan_candidates: list[fx.Node] = []
-    for node, form in _candidates(gm.graph):
+    tried_softmaxes: set[fx.Node] = set()
+    for node, form in _candidates(graph):
         layer = layer_name(node)
+        if form == "eager":
+            tried_softmaxes.add(softmax_feeding(node))
         try:
-            match = match_sdpa(node) if form == "sdpa" else match_eager(node)
-            key = (match.mask, match.is_causal, str(example(match.q).shape), str(example(match.k).shape))
+            match = _allowed_mask(match_sdpa(node) if form == "sdpa" else match_eager(node), negations)
+            key = (match.mask, match.is_causal, str(match.shape_4d(match.q)), str(match.shape_4d(match.k)))
             if key not in lifted_by_mask:
                 lifted_by_mask[key] = _lift(match, placeholder_values)
             lifted = lifted_by_mask[key]
         except (NotAttention, ValueError) as why:
             reports.append(AttentionReport(layer, False, f"left alone: {why}", form))
             continue
-        orphan_candidates += _replace(gm.graph, match, lifted)
+        orphan_candidates += _replace(graph, match, lifted)
         reports.append(_report(match, lifted, layer))
-    remove_orphans(gm.graph, orphan_candidates)  # never a whole-graph DCE: it drops in-place writes
-    gm.recompile()
-    return reports
+    # Never a whole-graph DCE: it drops in-place writes. Unused negations go too.
+    remove_orphans(graph, orphan_candidates + list(negations.values()))
+    return reports, tried_softmaxes

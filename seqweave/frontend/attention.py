@@ -1,7 +1,9 @@
 """Find every attention in a dynamo graph, lift its mask and replace it by `seqweave::attention`.
 
 Runs before aot_autograd, on the torch-level FX graph, so that the forward and backward
-ATen graphs hold exactly our ops. K/V enter the op at their true KV-head count.
+ATen graphs hold exactly our ops. K/V enter the op at their true KV-head count. einsum/bmm
+products are first rewritten into the form the eager matcher reads (`products`); a softmax that still looks like attention but was not replaced is
+reported with its reason, never passed over in silence.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from seqweave.frontend.mask_lift import LiftedMask, SymbolicMaskInput, lift_mask
 from seqweave.frontend.mask_tiles import Untileable
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
                                         looks_like_eager_attention, match_eager, match_sdpa, softmax_feeding)
+from seqweave.frontend.products import normalise_products
+from seqweave.frontend.unmatched_softmax import unmatched_softmaxes
 from seqweave.ir.mask import Causal, Dense, Full
 
 
@@ -150,11 +154,15 @@ def _allowed_mask(match: AttentionMatch, negations: dict[fx.Node, fx.Node]) -> A
 
 
 def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:
-    """Rewrite `gm` in place; returns one report per attention-like pattern, in graph order."""
+    """Rewrite `gm` in place; returns one report per attention-like pattern: the attentions in
+    graph order, then softmaxes that look like attention but were not replaced."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     placeholder_values = {node: value for node, value in zip(placeholders, example_inputs)
                           if isinstance(value, torch.Tensor)}
-    reports, _ = _replace_matches(gm.graph, placeholder_values)
+    kept_products = normalise_products(gm.graph)
+    reports, tried_softmaxes = _replace_matches(gm.graph, placeholder_values)
+    reports += [AttentionReport(layer_name(node), False, f"attention-like softmax left alone: {why}", "softmax")
+                for node, why in unmatched_softmaxes(gm.graph, tried_softmaxes, kept_products)]
     gm.recompile()
     return reports
 

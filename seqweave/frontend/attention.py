@@ -1,8 +1,9 @@
 """Find every attention in a dynamo graph, lift its mask and replace it by `seqweave::attention`.
 
 Runs before aot_autograd, on the torch-level FX graph, so that the forward and backward
-ATen graphs hold exactly our ops. K/V enter the op at their true KV-head count. einsum/bmm
-products are first rewritten into the form the eager matcher reads (`products`); a softmax that still looks like attention but was not replaced is
+ATen graphs hold exactly our ops. K/V enter the op at their true KV-head count. Multi-head
+attention modules and einsum/bmm products are first rewritten into the forms the matchers
+read (`mha`, `products`); a softmax that still looks like attention but was not replaced is
 reported with its reason, never passed over in silence.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import fx
 
 from seqweave.frontend.custom_ops import ATTENTION_OP
 from seqweave.frontend.fx_build import NodeBuilder
+from seqweave.frontend.mha import FORM as MHA_FORM
+from seqweave.frontend.mha import decompose_multi_head_attention
 from seqweave.frontend.orphans import remove_orphans
 from seqweave.frontend.mask_lift import LiftedMask, SymbolicMaskInput, lift_mask, segment_ids_from_positions
 from seqweave.frontend.mask_tiles import Untileable
@@ -154,13 +157,17 @@ def _allowed_mask(match: AttentionMatch, negations: dict[fx.Node, fx.Node]) -> A
 
 
 def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:
-    """Rewrite `gm` in place; returns one report per attention-like pattern: the attentions in
-    graph order, then softmaxes that look like attention but were not replaced."""
+    """Rewrite `gm` in place; returns one report per attention-like pattern: the multi-head
+    attention left whole, then the attentions in graph order, then softmaxes that look like
+    attention but were not replaced."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     placeholder_values = {node: value for node, value in zip(placeholders, example_inputs)
                           if isinstance(value, torch.Tensor)}
+    reports = [AttentionReport(layer_name(node), False, f"left alone: {why}", MHA_FORM)
+               for node, why in decompose_multi_head_attention(gm.graph)]
     kept_products = normalise_products(gm.graph)
-    reports, tried_softmaxes = _replace_matches(gm.graph, placeholder_values)
+    found, tried_softmaxes = _replace_matches(gm.graph, placeholder_values)
+    reports += found
     reports += [AttentionReport(layer_name(node), False, f"attention-like softmax left alone: {why}", "softmax")
                 for node, why in unmatched_softmaxes(gm.graph, tried_softmaxes, kept_products)]
     gm.recompile()

@@ -29,9 +29,12 @@ EXPECTED_REFUSALS: MappingProxyType[str, str] = MappingProxyType({})
 AOT_EAGER_WRONG = frozenset({"buffer_counter_add", "buffer_int_counter_iadd", "buffer_mul"})
 
 #: Programs whose attention seqweave must find and run as its own op (pinned, not only numbers).
-#: nn.MultiheadAttention reaches dynamo as one F.multi_head_attention_forward node: not yet seen.
+#: nn.TransformerEncoderLayer reaches dynamo as F.multi_head_attention_forward (or, under no_grad in
+#: eval, the fused fast path), which the frontend spells out; the ring cache is `@` on [B, S, D].
 REPLACED_ATTENTION = frozenset({"sdpa_causal", "sdpa_causal_backward_dout", "eager_causal_softmax",
-                                "eager_causal_softmax_no_grad"}) | frozenset(
+                                "eager_causal_softmax_no_grad", "transformer_encoder_layer",
+                                "transformer_encoder_layer_no_grad", "buffer_ring_cache",
+                                "buffer_ring_cache_no_grad"}) | frozenset(
     f"hf_{name}_{kind}" for name in ("llama", "qwen2", "mistral", "gpt2")
     for kind in ("train_loss", "eval_cache", "logits_ce"))
 

@@ -63,6 +63,30 @@ def strategy_for(report: AttentionReport, world: int, balance: str = "zigzag") -
             "backward_bytes": predicted["backward_bytes"], "why": choice.reason}
 
 
+def gathered_outputs(backend: SeqweaveBackend, seq_len: int, world: int) -> list[dict[str, Any]]:
+    """Outputs with a sequence dim, which outputs="gathered" (the default) puts whole on every
+    rank: their bytes, and whether one is the largest tensor a rank then holds (logits usually
+    are: [B, N, vocab] against [B, N/P, hidden] activations)."""
+    graph = next((c.graph for c in backend.graphs if c.kind == "inference"), None)
+    if graph is None or world < 2:
+        return []
+    def per_rank(value: Any) -> int:
+        shape = value.type.concrete_shape()
+        whole = math.prod(shape) * value.type.dtype.itemsize
+        return whole // world if seq_len in shape else whole
+    outputs = [(index, v) for index, v in enumerate(graph.output_values())
+               if isinstance(v.type, TensorType) and v.type.is_static() and seq_len in v.type.concrete_shape()]
+    others = [per_rank(v) for v in graph.values() if isinstance(v.type, TensorType) and v.type.is_static()
+              and all(v is not out for _, out in outputs)]
+    largest = max(others, default=0)
+    found = []
+    for index, value in outputs:
+        size = math.prod(value.type.concrete_shape()) * value.type.dtype.itemsize
+        found.append({"output": index, "shape": list(value.type.concrete_shape()), "bytes": size,
+                      "largest_per_rank": size >= largest})
+    return found
+
+
 def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = "zigzag") -> Explanation:
     """Capture (inference graph only) and compile without running; with `world` > 1, add the
     per-layer sequence-parallel strategy the cost model would choose."""
@@ -73,4 +97,7 @@ def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = 
         if world > 1 and report.found:
             layer["sp"] = strategy_for(report, world, balance)
         layers.append(layer)
-    return Explanation(layers, _totals(backend, model))
+    totals = _totals(backend, model)
+    if world > 1 and backend.reports:
+        totals["gathered_outputs"] = gathered_outputs(backend, max(r.seq_len for r in backend.reports), world)
+    return Explanation(layers, totals)

@@ -1,0 +1,28 @@
+"""`explain(world=P)` names outputs gathered whole on every rank when one is the largest tensor a
+rank holds (HF logits), and stays quiet for a model whose output is small."""
+import torch
+
+from seqweave.explain import explain
+from seqweave.testing.models import SampleSpec, build_sample
+
+
+def test_logits_are_named_as_the_largest_gathered_output():
+    model, inputs = build_sample(SampleSpec("llama-tiny", seq_len=64, layers=1))
+    inputs.pop("labels")
+    totals = explain(model.eval(), inputs, world=4).totals
+    (logits,) = [o for o in totals["gathered_outputs"] if o["largest_per_rank"]]
+    assert logits["shape"] == [2, 64, 128] and logits["bytes"] == 2 * 64 * 128 * 4
+
+
+def test_a_pooled_output_is_not_a_gathered_output():
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(dim=2)
+
+    totals = explain(Pooled(), (torch.randn(1, 16, 8),), world=2).totals
+    assert totals["gathered_outputs"] == []

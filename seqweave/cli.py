@@ -141,6 +141,10 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
               f"parameters: {totals['parameters']:,}")
+    for output in totals.get("gathered_outputs", []):
+        if output["largest_per_rank"]:
+            out.print(f"output {output['output']} {output['shape']} is gathered whole on every rank "
+                      f"({output['bytes']:,} bytes, the largest tensor per rank): outputs='sharded' keeps it sharded")
     if "memory" in totals:
         predicted = totals["memory"]
         out.print(f"per-rank memory of a training step on {predicted['world']} rank(s), bytes: saved activations "
@@ -218,18 +222,39 @@ def kernels(mask: str = typer.Option("causal", help="MaskSpec text, e.g. 'causal
         out.print(_kernel_table(spec, results))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# Everything after SCRIPT is the script's, options included (`--nproc` there is the script's own),
+# as torchrun's argument parsing does.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
 def run(ctx: typer.Context,
-        script: str = typer.Argument(..., help="the Python script every rank runs"),
+        script: str = typer.Argument(..., help="the Python script every rank runs, then its arguments"),
         nproc: int = typer.Option(2, "--nproc", help="number of local ranks (processes)")) -> None:
-    """Launch SCRIPT on NPROC local ranks, like torchrun (RANK, WORLD_SIZE, MASTER_ADDR/PORT set)."""
+    """Launch SCRIPT on NPROC local ranks with torchrun's launcher (torchrun --standalone):
+    torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), output prefixed by
+    rank, and the first failing rank stops the others."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+
     from seqweave.runtime.launch import launch
 
-    result = launch(nproc, script, ctx.args)
+    if nproc < 1:
+        _fail(OptionError(f"--nproc must be at least 1, got {nproc}"))
+    try:
+        result = launch(nproc, script, ctx.args)
+    except SignalException as stopped:  # Ctrl-C or a scheduler's SIGTERM: the agent stopped every rank
+        err.print(f"[bold red]stopped:[/] {stopped.sigval.name}; every rank was stopped")
+        raise typer.Exit(128 + int(stopped.sigval))
     if result.returncode:
+        err.print(result.report, markup=False, highlight=False, soft_wrap=True)
         err.print(f"[bold red]error:[/] rank {result.failed_rank} exited with status {result.returncode}; "
                   "the other ranks were stopped")
-        raise typer.Exit(result.returncode if 0 < result.returncode < 256 else 1)
+        raise typer.Exit(_exit_status(result.returncode))
+
+
+def _exit_status(returncode: int) -> int:
+    """A rank's status as ours: killed by signal S (returncode -S) exits 128 + S, as in a shell."""
+    if returncode < 0:
+        return 128 - returncode
+    return returncode if returncode < 256 else 1
 
 
 def main(argv: Optional[list[str]] = None) -> None:

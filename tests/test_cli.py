@@ -1,5 +1,6 @@
-"""The `seqweave` command: explain's per-layer table and JSON, clear errors, and the demo table."""
+"""The `seqweave` command: explain's per-layer table and JSON, clear errors, the demo table, and `run`."""
 import json
+import time
 
 import pytest
 import sympy
@@ -110,3 +111,31 @@ def test_explain_memory_needs_a_built_in_sample(tmp_path, monkeypatch):
     target = _module_target(tmp_path, monkeypatch, "mem_target", "'gpt2-tiny', seq_len=16, layers=1")
     result = runner.invoke(app, ["explain", target, "--memory"])
     assert result.exit_code == 2 and "only built-in samples" in result.output
+
+
+def _job(tmp_path, text: str) -> str:
+    path = tmp_path / "job.py"
+    path.write_text(text)
+    return str(path)
+
+
+def test_run_hands_the_script_everything_after_it(tmp_path):
+    script = _job(tmp_path, "import os, sys\nprint(os.environ['WORLD_SIZE'], sys.argv[1:])\n")
+    result = runner.invoke(app, ["run", "--nproc", "2", script, "--nproc", "5", "x"])  # the 2nd --nproc: the script's
+    assert result.exit_code == 0, result.output
+    printed = sorted(line for line in result.stdout.splitlines() if line.startswith("[rank "))
+    assert printed == [f"[rank {rank}] 2 ['--nproc', '5', 'x']" for rank in range(2)]
+
+
+def test_run_names_the_failed_rank_and_stops_the_others_at_once(tmp_path):
+    script = _job(tmp_path, "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(600)\n")
+    start = time.monotonic()
+    result = runner.invoke(app, ["run", "--nproc", "2", script])
+    assert time.monotonic() - start < 10  # rank 0 sleeps 600 s unless stopped
+    assert result.exit_code == 3, result.output
+    assert "rank 1 exited with status 3; the other ranks were stopped" in result.output
+
+
+def test_run_refuses_no_ranks(tmp_path):
+    result = runner.invoke(app, ["run", "--nproc", "0", _job(tmp_path, "")])
+    assert result.exit_code == 2 and "--nproc must be at least 1" in result.output

@@ -12,12 +12,12 @@ DISTRIBUTED_MARK = "init_process_group"
 
 
 @pytest.mark.parametrize("script", SAMPLES, ids=lambda path: path.name)
-def test_sample_runs(script, capsys):
+def test_sample_runs(script, capfd):
     if DISTRIBUTED_MARK not in script.read_text():
         runpy.run_path(str(script), run_name="__main__")
-        assert "loss" in capsys.readouterr().out
+        assert "loss" in capfd.readouterr().out
         return
-    lines = []
-    result = launch(2, str(script), ["--steps", "2", "--seq-len", "64"], sink=lines.append)
-    assert result.returncode == 0, "".join(lines)
-    assert any(line.startswith("[rank 0] step 1: loss") for line in lines), "".join(lines)
+    result = launch(2, str(script), ["--steps", "2", "--seq-len", "64"])
+    out = capfd.readouterr().out
+    assert result.returncode == 0, result.report + out
+    assert any(line.startswith("[rank 0] step 1: loss") for line in out.splitlines()), out

@@ -36,18 +36,23 @@ def padded_length(seq_len: int, world: int, layout: Layout) -> int:
 
 
 def shard_positions(layout: Layout, rank: int, world: int, seq_len: int) -> torch.Tensor:
-    """Global positions held by `rank`, in local order (1-D int64). `seq_len` must already be padded."""
+    """Global positions held by `rank`, in local order (1-D int64). `seq_len` must already be padded.
+
+    Always on the CPU, whatever torch's default device: plans read them in Python, and the
+    runtime moves them to the data's device where it indexes with them.
+    """
     if seq_len % (world * chunks_per_rank(layout)):
         raise ValueError(f"length {seq_len} does not split evenly under {layout.value} over {world} ranks; "
                          f"pad it to padded_length(...) = {padded_length(seq_len, world, layout)}")
     if layout is Layout.STRIPED:
-        return torch.arange(seq_len // world) * world + rank  # rank + world*i; empty for N = 0
+        return torch.arange(seq_len // world, device="cpu") * world + rank  # rank + world*i; empty for N = 0
     if layout is Layout.CONTIGUOUS:
         size = seq_len // world
-        return torch.arange(rank * size, (rank + 1) * size)
+        return torch.arange(rank * size, (rank + 1) * size, device="cpu")
     chunk = seq_len // (2 * world)
     first, second = rank * chunk, (2 * world - 1 - rank) * chunk
-    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+    return torch.cat([torch.arange(first, first + chunk, device="cpu"),
+                      torch.arange(second, second + chunk, device="cpu")])
 
 
 def contiguous_runs(positions: torch.Tensor) -> list[tuple[int, int]]:

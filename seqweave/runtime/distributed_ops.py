@@ -108,7 +108,8 @@ def gather(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw: Any
         whole = x.new_empty(split)
         positions_of = _positions_of(kw["layout"], world, length)
         for rank in range(world):
-            whole.index_copy_(dim + 1, positions_of(rank), stacked[rank].view(local_shape))
+            positions = positions_of(rank).to(x.device)  # planned on the CPU; CUDA refuses a CPU index
+            whole.index_copy_(dim + 1, positions, stacked[rank].view(local_shape))
         del stacked
     true_length = kw.get("true_length", length)
     whole = whole.narrow(dim + 1, 0, true_length)  # drop padding rows (a view)

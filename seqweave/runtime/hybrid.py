@@ -17,8 +17,9 @@ from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import RingPlan, plan_from_positions
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.local_attention import REFERENCE, LocalAttention
-from seqweave.runtime.sequence_parallel import (PositionsOf, _gathered_order, _to_heads, _to_sequence, _ulysses_kv,
-                                                ring_attention_backward, ring_attention_forward)
+from seqweave.runtime.sequence_parallel import (PositionsOf, gathered_order, ring_attention_backward,
+                                                ring_attention_forward, sum_kv_replicas, to_heads, to_sequence,
+                                                ulysses_kv)
 
 
 def group_positions(positions_of: PositionsOf, ulysses: int, group: int) -> PositionsOf:
@@ -28,7 +29,7 @@ def group_positions(positions_of: PositionsOf, ulysses: int, group: int) -> Posi
 
 def ring_positions(positions_of: PositionsOf, ulysses: int) -> PositionsOf:
     """Positions one ring 'rank' (a whole Ulysses group) holds, in global order."""
-    return lambda group: _gathered_order(ulysses, group_positions(positions_of, ulysses, group))[0]
+    return lambda group: gathered_order(ulysses, group_positions(positions_of, ulysses, group))[0]
 
 
 def hybrid_plan(mask: MaskSpec, positions_of: PositionsOf, ulysses: int, rings: int) -> RingPlan:
@@ -42,13 +43,13 @@ def hybrid_attention_forward(inner: Communicator, outer: Communicator, q: Tensor
                              kernels: LocalAttention = REFERENCE) -> tuple[Tensor, Tensor]:
     """This rank's (out, lse): all-to-all in the Ulysses group, ring across groups, all-to-all back."""
     group = outer.rank
-    _, k, v = _ulysses_kv(inner, q, k, v)
-    _, perm, inverse = _gathered_order(inner.world, group_positions(positions_of, inner.world, group))
-    qh, kh, vh = _to_heads(inner, (q, k, v), perm, 0, "hybrid forward all-to-all of q/k/v")
+    _, k, v = ulysses_kv(inner, q, k, v)
+    _, perm, inverse = gathered_order(inner.world, group_positions(positions_of, inner.world, group))
+    qh, kh, vh = to_heads(inner, (q, k, v), perm, 0, "hybrid forward all-to-all of q/k/v")
     plan = hybrid_plan(mask, positions_of, inner.world, outer.world)
     out, lse = ring_attention_forward(outer, qh, kh, vh, mask, score_mod, scale, plan,
                                       ring_positions(positions_of, inner.world), operands, kernels=kernels)
-    out, lse = _to_sequence(inner, (out, lse), inverse, 1, "hybrid forward all-to-all of out/lse")
+    out, lse = to_sequence(inner, (out, lse), inverse, 1, "hybrid forward all-to-all of out/lse")
     return out, lse
 
 
@@ -59,17 +60,14 @@ def hybrid_attention_backward(inner: Communicator, outer: Communicator, dout: Te
                               kernels: LocalAttention = REFERENCE) -> tuple[Tensor, ...]:
     """(dq, dk, dv) of this rank's shards: the forward's path in reverse; replicated K/V heads summed."""
     group = outer.rank
-    heads, k_rep, v_rep = _ulysses_kv(inner, q, k, v)
-    _, perm, inverse = _gathered_order(inner.world, group_positions(positions_of, inner.world, group))
-    tensors = _to_heads(inner, (dout, q, k_rep, v_rep, out, lse), perm, 0, "hybrid backward all-to-all")
+    heads, k_rep, v_rep = ulysses_kv(inner, q, k, v)
+    _, perm, inverse = gathered_order(inner.world, group_positions(positions_of, inner.world, group))
+    tensors = to_heads(inner, (dout, q, k_rep, v_rep, out, lse), perm, 0, "hybrid backward all-to-all")
     plan = hybrid_plan(mask, positions_of, inner.world, outer.world)
     grads = ring_attention_backward(outer, *tensors, mask, score_mod, scale, plan,
                                     ring_positions(positions_of, inner.world), operands, kernels=kernels)
-    dq, dk, dv = _to_sequence(inner, grads, inverse, 1, "hybrid backward all-to-all of dq/dk/dv")
-    if heads.kv_repeat > 1:
-        dk = dk.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)
-        dv = dv.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)
-    return dq, dk, dv
+    dq, dk, dv = to_sequence(inner, grads, inverse, 1, "hybrid backward all-to-all of dq/dk/dv")
+    return (dq, *sum_kv_replicas(heads, dk, dv))
 
 
 def hybrid_groups(world: int, ulysses: int) -> tuple[list[list[int]], list[list[int]]]:

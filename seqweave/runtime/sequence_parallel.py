@@ -246,24 +246,27 @@ def _swap(comm: Communicator, tensors: Sequence[Tensor], split_dim: int, cat_dim
     return result
 
 
-def _gathered_order(world: int, positions_of: PositionsOf) -> tuple[Tensor, Tensor, Tensor]:
+def gathered_order(world: int, positions_of: PositionsOf) -> tuple[Tensor, Tensor, Tensor]:
     """(sorted global positions, perm, inverse perm): gathered[perm] is in global order."""
     gathered = torch.cat([positions_of(r) for r in range(world)])
     perm = torch.argsort(gathered, stable=True)
     return gathered[perm], perm, torch.argsort(perm)
 
 
-def _to_heads(comm: Communicator, tensors: Sequence[Tensor], perm: Tensor, step: int, op: str) -> list[Tensor]:
+def to_heads(comm: Communicator, tensors: Sequence[Tensor], perm: Tensor, step: int, op: str) -> list[Tensor]:
     """Sequence shards [B, H, S/P, ...] -> head shards [B, H/P, S, ...] in global position order."""
-    return [t.index_select(2, perm) for t in _swap(comm, tensors, 1, 2, step, op)]
+    heads = _swap(comm, tensors, 1, 2, step, op)
+    perm = perm.to(heads[0].device)  # planned on the CPU; CUDA refuses a CPU index
+    return [t.index_select(2, perm) for t in heads]
 
 
-def _to_sequence(comm: Communicator, tensors: Sequence[Tensor], inverse: Tensor, step: int, op: str) -> list[Tensor]:
+def to_sequence(comm: Communicator, tensors: Sequence[Tensor], inverse: Tensor, step: int, op: str) -> list[Tensor]:
     """Head shards [B, H/P, S, ...] in global order -> sequence shards [B, H, S/P, ...]."""
+    inverse = inverse.to(tensors[0].device)  # planned on the CPU; CUDA refuses a CPU index
     return _swap(comm, [t.index_select(2, inverse) for t in tensors], 2, 1, step, op)
 
 
-def _ulysses_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor) -> tuple[UlyssesHeads, Tensor, Tensor]:
+def ulysses_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor) -> tuple[UlyssesHeads, Tensor, Tensor]:
     """Validate heads and replicate K/V heads up to P where there are fewer."""
     heads = ulysses_heads(comm.world, q.shape[1], k.shape[1])
     if heads.kv_repeat == 1:
@@ -271,16 +274,24 @@ def _ulysses_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor) -> tuple[Ul
     return heads, k.repeat_interleave(heads.kv_repeat, 1), v.repeat_interleave(heads.kv_repeat, 1)
 
 
+def sum_kv_replicas(heads: UlyssesHeads, dk: Tensor, dv: Tensor) -> tuple[Tensor, Tensor]:
+    """dK/dV of the K/V heads `ulysses_kv` replicated: each head's replicas summed back into it."""
+    if heads.kv_repeat == 1:
+        return dk, dv
+    # replicas are adjacent (repeat_interleave)
+    return tuple(g.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2) for g in (dk, dv))
+
+
 def ulysses_attention_forward(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec,
                               score_mod: ScoreMod, scale: float, positions_of: PositionsOf,
                               operands: Sequence[Tensor] = (), *,
                               kernels: LocalAttention = REFERENCE) -> tuple[Tensor, Tensor]:
     """This rank's (out [B, Hq, S/P, Dv], lse [B, Hq, S/P]) via two all-to-alls (Ulysses)."""
-    _, k, v = _ulysses_kv(comm, q, k, v)
-    positions, perm, inverse = _gathered_order(comm.world, positions_of)
-    qh, kh, vh = _to_heads(comm, (q, k, v), perm, 0, "ulysses forward all-to-all of q/k/v")
+    _, k, v = ulysses_kv(comm, q, k, v)
+    positions, perm, inverse = gathered_order(comm.world, positions_of)
+    qh, kh, vh = to_heads(comm, (q, k, v), perm, 0, "ulysses forward all-to-all of q/k/v")
     out, lse = kernels.forward(qh, kh, vh, mask, score_mod, scale, operands, positions, positions)
-    out, lse = _to_sequence(comm, (out, lse), inverse, 1, "ulysses forward all-to-all of out/lse")
+    out, lse = to_sequence(comm, (out, lse), inverse, 1, "ulysses forward all-to-all of out/lse")
     return out, lse
 
 
@@ -289,14 +300,11 @@ def ulysses_attention_backward(comm: Communicator, dout: Tensor, q: Tensor, k: T
                                positions_of: PositionsOf, operands: Sequence[Tensor] = (), *,
                                kernels: LocalAttention = REFERENCE) -> tuple[Tensor, ...]:
     """(dq, dk, dv) of this rank's sequence shards; dK/dV of replicated kv heads are summed."""
-    heads, k_rep, v_rep = _ulysses_kv(comm, q, k, v)
-    positions, perm, inverse = _gathered_order(comm.world, positions_of)
-    dout_h, q_h, k_h, v_h, out_h, lse_h = _to_heads(comm, (dout, q, k_rep, v_rep, out, lse), perm, 0,
+    heads, k_rep, v_rep = ulysses_kv(comm, q, k, v)
+    positions, perm, inverse = gathered_order(comm.world, positions_of)
+    dout_h, q_h, k_h, v_h, out_h, lse_h = to_heads(comm, (dout, q, k_rep, v_rep, out, lse), perm, 0,
                                                     "ulysses backward all-to-all of dout/q/k/v/out/lse")
     grads = kernels.backward(dout_h, q_h, k_h, v_h, out_h, lse_h, mask, score_mod, scale, operands,
                              positions, positions)
-    dq, dk, dv = _to_sequence(comm, grads, inverse, 1, "ulysses backward all-to-all of dq/dk/dv")
-    if heads.kv_repeat > 1:  # replicas are adjacent (repeat_interleave): sum each group
-        dk = dk.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)
-        dv = dv.unflatten(1, (heads.kv_heads, heads.kv_repeat)).sum(2)
-    return dq, dk, dv
+    dq, dk, dv = to_sequence(comm, grads, inverse, 1, "ulysses backward all-to-all of dq/dk/dv")
+    return (dq, *sum_kv_replicas(heads, dk, dv))

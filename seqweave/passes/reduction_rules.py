@@ -21,8 +21,8 @@ def _count(shape: tuple[int, ...], dims: list[int]) -> int:
 
 
 def _dims(node: Node, args: tuple, rank: int) -> list[int]:
-    """The dims a reduction sums over (all of them for sum.default / mean.default)."""
-    if node.op in ("core.sum.default", "core.mean.default") or len(args) < 2 or args[1] in (None, []):
+    """The dims a reduction sums over (all of them for sum / mean without dims)."""
+    if node.op in ("core.sum", "core.mean") or len(args) < 2 or args[1] in (None, []):
         return list(range(rank))
     dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
     return sorted(d % rank for d in dims)
@@ -44,7 +44,7 @@ def reduce(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
         return node.op, args, kwargs, [Seq(seq.dim if keepdim else seq.dim - sum(d < seq.dim for d in dims), seq.inner)]
     out_shape = tuple(int(d) for d in node.results[0].type.shape)
-    summed_op = "core.sum.default" if node.op in ("core.sum.default", "core.mean.default") else "core.sum.dim_IntList"
+    summed_op = "core.sum" if node.op in ("core.sum", "core.mean") else "core.sum.dim_IntList"
     (total,) = ctx.emit(summed_op, (without_padding(ctx, source), *args[1:]), kwargs, [PARTIAL], node.loc, out_shape)
     if node.op.startswith("core.sum"):
         return EMITTED, (total,), {}, [PARTIAL]
@@ -108,7 +108,7 @@ def pointwise_loss_backward(ctx: Context, node: Node, args: tuple, kwargs: dict)
 
 LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
 REDUCTION_RULES = {
-    **{f"core.{name}": reduce for name in ("sum.default", "sum.dim_IntList", "mean.default", "mean.dim")},
+    **{f"core.{name}": reduce for name in ("sum", "sum.dim_IntList", "mean", "mean.dim")},
     **{f"core.{name}": pointwise_loss for name in LOSSES},
     **{f"core.{name}_backward": pointwise_loss_backward for name in LOSSES},
 }

@@ -98,11 +98,20 @@ def _unsqueeze(node: Node, dim: int, rank: int) -> int | None:
 
 
 def _dropped(node: Node, dim: int, rank: int) -> int | None:
-    """select/squeeze/unbind: the result lacks the source's dim `args[1]`."""
+    """select/unbind: the result lacks the source's dim `args[1]`."""
     removed = (node.args[1] if len(node.args) > 1 else 0) % rank
-    if node.op == "core.squeeze.dim" and _shape(node.args[0])[removed] != 1:  # type: ignore[index]
-        return dim
     return dim + (removed <= dim)
+
+
+def _squeezed(node: Node, dim: int, rank: int) -> int | None:
+    """squeeze(x, dim | dims): the result lacks those of the asked dims that have size 1."""
+    shape = _shape(node.args[0])
+    asked = node.args[1] if len(node.args) > 1 else list(range(rank))
+    asked = asked if isinstance(asked, (list, tuple)) else [asked]
+    source = dim
+    for removed in sorted({d % rank for d in asked if shape[d % rank] == 1}):  # type: ignore[index]
+        source += removed <= source
+    return source
 
 
 def _expand(node: Node, dim: int, rank: int) -> int | None:
@@ -199,7 +208,8 @@ BACK_RULES: dict[str, BackRule] = {
                             "core.mse_loss_backward", "core.where.self", "core.lt.Tensor", "core.gt.Tensor")},
     **{f"core.{name}": _view for name in ("view", "_unsafe_view", "reshape")},
     "core.transpose.int": _moved(_transpose), "core.t": _moved(_transpose), "core.permute": _moved(_permute),
-    "core.unsqueeze": _moved(_unsqueeze), "core.squeeze.dim": _moved(_dropped), "core.select.int": _moved(_dropped),
+    "core.unsqueeze": _moved(_unsqueeze), "core.squeeze.dim": _moved(_squeezed),
+    "core.squeeze.dims": _moved(_squeezed), "core.squeeze": _moved(_squeezed), "core.select.int": _moved(_dropped),
     "core.unbind.int": _moved(_dropped), "core.expand": _moved(_expand),
     "core.slice.Tensor": _moved(_kept), "core.split.Tensor": _moved(_kept), "core.split_with_sizes": _moved(_kept),
     "core.sum.dim_IntList": _moved(_reduced), "core.mean.dim": _moved(_reduced),

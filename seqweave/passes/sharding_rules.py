@@ -32,7 +32,16 @@ ELEMENTWISE = frozenset(f"core.{name}" for name in (
     "_to_copy", "clone", "detach", "alias", "where.self", "eq.Scalar", "ne.Scalar", "eq.Tensor", "ne.Tensor",
     "lt.Scalar", "le.Scalar", "gt.Scalar", "ge.Scalar", "masked_fill.Scalar", "bitwise_and.Tensor", "abs",
     "reciprocal", "erf", "maximum", "minimum", "clamp_min", "clamp", "silu_backward", "gelu_backward",
-    "threshold_backward", "sigmoid_backward", "tanh_backward"))
+    "threshold_backward", "sigmoid_backward", "tanh_backward",
+    # more pointwise ops users' models and losses produce
+    "sgn", "sign", "log1p", "expm1", "log2", "exp2", "floor", "ceil", "round", "trunc", "frac", "square",
+    "sub.Scalar", "rsub.Scalar", "pow.Tensor_Tensor", "pow.Scalar", "clamp_max", "clamp.Tensor", "lerp.Scalar",
+    "lt.Tensor", "le.Tensor", "gt.Tensor", "ge.Tensor", "logical_not", "logical_and", "logical_or", "bitwise_not",
+    "bitwise_or.Tensor", "where.ScalarOther", "where.ScalarSelf", "masked_fill.Tensor", "isnan", "isinf",
+    "softplus", "softplus_backward", "elu", "elu_backward", "leaky_relu", "leaky_relu_backward", "hardtanh",
+    "hardtanh_backward", "hardswish", "hardswish_backward", "hardsigmoid", "hardsigmoid_backward", "mish",
+    "mish_backward", "relu6", "logit", "atan", "sinh", "cosh", "asin", "acos", "erfinv", "xlogy.Tensor",
+    "nan_to_num", "copysign.Tensor", "fmod.Scalar", "remainder.Scalar"))
 
 
 def _tensor_args(args: tuple) -> list[Value]:
@@ -104,6 +113,18 @@ def unsqueeze(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         return node.op, args, kwargs, [None]
     dim = args[1] % (len(ctx.global_shape(args[0])) + 1)
     return node.op, args, kwargs, [Seq(seq.dim + (dim <= seq.dim), seq.inner)]
+
+
+def squeeze(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """squeeze(x, dim | dims): size-1 dims go; the sequence dim (never size 1 here) moves left past them."""
+    seq = ctx.seq(args[0])
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    shape = ctx.global_shape(args[0])
+    asked = args[1] if len(args) > 1 else list(range(len(shape)))
+    asked = asked if isinstance(asked, (list, tuple)) else [asked]
+    dropped = {d % len(shape) for d in asked if shape[d % len(shape)] == 1}
+    return node.op, args, kwargs, [Seq(seq.dim - sum(d < seq.dim for d in dropped), seq.inner)]
 
 
 def transpose(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
@@ -355,6 +376,14 @@ def _rows_aligned(ctx: Context, value: Value, seq: Seq, fill: int = 0) -> Value:
     return value if ctx.seq(value) is not None else ctx.shard(value, seq, fill)
 
 
+def _target_seq(node: Node, seq: Seq) -> Seq:
+    """Where the targets hold the sequence: input [M, C] rows -> target [M]; input [B, C, *S]
+    (nll_loss2d, cross-entropy on [B, C, N]) -> target [B, *S], the class dim removed."""
+    if seq.dim == 1:
+        raise Unshardable(f"{node.op}: the class dim holds the sequence")
+    return Seq(seq.dim - (seq.dim > 1), seq.inner)
+
+
 def nll_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     """A mean loss is the global mean: sum on each rank, all-reduce sum and count, then divide
     (never a mean of per-rank means; no 0/0 on a rank whose targets are all ignored)."""
@@ -362,9 +391,9 @@ def nll_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     seq = ctx.seq(logp)
     if seq is None:
         return node.op, args, kwargs, [None, None]
-    if seq.dim != 0 or reduction not in (1, 2):
+    if reduction not in (1, 2):
         raise Unshardable(f"{node.op} with reduction={reduction} on rows sharded in dim {seq.dim}")
-    target = _rows_aligned(ctx, target, Seq(0, seq.inner), fill=ignore_index)  # padding rows are ignored
+    target = _rows_aligned(ctx, target, _target_seq(node, seq), fill=ignore_index)  # padding rows are ignored
     shapes = [(), ()]
     total, count = ctx.emit(node.op, (logp, target, weight, 2, ignore_index), kwargs, [PARTIAL, PARTIAL],
                             node.loc, *shapes)
@@ -381,7 +410,7 @@ def nll_loss_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Em
     seq = ctx.seq(logp)
     if seq is None:
         return node.op, args, kwargs, [None]
-    target = _rows_aligned(ctx, target, Seq(0, seq.inner), fill=rest[2])  # rest: weight, reduction, ignore_index
+    target = _rows_aligned(ctx, target, _target_seq(node, seq), fill=rest[2])  # rest: weight, reduction, ignore_index
     return node.op, (grad, logp, target, *rest), kwargs, [seq]
 
 
@@ -428,12 +457,14 @@ def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> E
 RULES: dict[str, Rule] = {
     **{name: elementwise for name in ELEMENTWISE},
     **{f"core.{name}": view for name in ("view", "_unsafe_view", "reshape")},
-    "core.unsqueeze": unsqueeze, "core.transpose.int": transpose, "core.t": transpose, "core.permute": permute,
+    "core.unsqueeze": unsqueeze, "core.squeeze.dim": squeeze, "core.squeeze.dims": squeeze, "core.squeeze": squeeze,
+    "core.transpose.int": transpose, "core.t": transpose, "core.permute": permute,
     "core.select.int": select, "core.select_backward": select_backward,
     "core.expand": expand, "core.slice.Tensor": slice_,
     "core.amax": amax, "core._log_softmax": row_wise, "core._softmax": row_wise,
     "core._log_softmax_backward_data": row_wise, "core._softmax_backward_data": row_wise,
     "core.nll_loss_forward": nll_loss, "core.nll_loss_backward": nll_loss_backward,
+    "core.nll_loss2d_forward": nll_loss, "core.nll_loss2d_backward": nll_loss_backward,
     "core.embedding_dense_backward": embedding_backward, "core.native_layer_norm_backward": layer_norm_backward,
     "core.slice_backward": slice_backward, "attn.sdpa_backward": attention_backward,
     "core.embedding": embedding, "core.native_layer_norm": layer_norm,

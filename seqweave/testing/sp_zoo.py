@@ -98,6 +98,26 @@ class TorchEncoder(nn.Module):
         return self.encoder(x, mask=causal, src_key_padding_mask=padding, is_causal=True)
 
 
+class ManyLosses(nn.Module):
+    """Float frames through one attention layer, then every usual loss over tokens inside the
+    module: MSE, L1, smooth L1, KL divergence and cross-entropy with label smoothing and an
+    ignored class."""
+
+    def __init__(self, classes: int = 6) -> None:
+        super().__init__()
+        self.qkv, self.head = nn.Linear(D, 3 * D), nn.Linear(D, classes)
+
+    def forward(self, frames: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        b, n, _ = frames.shape
+        q, k, v = self.qkv(frames).view(b, n, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, D)
+        logits = self.head(x)
+        log_probs = logits.log_softmax(-1)
+        return (F.mse_loss(x, target) + F.l1_loss(x, target) + F.smooth_l1_loss(x, target, beta=0.5)
+                + F.kl_div(log_probs, target[..., :log_probs.shape[-1]].softmax(-1), reduction="batchmean")
+                + F.cross_entropy(logits.transpose(1, 2), labels, label_smoothing=0.1, ignore_index=0))
+
+
 class HFLogits(nn.Module):
     """HF Llama as users call it for their own loss: token ids in, logits out."""
 
@@ -148,6 +168,12 @@ def _encoder(batch_first: bool) -> Callable[[int], tuple[nn.Module, tuple]]:
     return build
 
 
+def _many_losses(n: int) -> tuple[nn.Module, tuple]:
+    g = _seeded(n)
+    return ManyLosses(), (torch.randn(2, n, D, generator=g, requires_grad=True), torch.randn(2, n, D, generator=g),
+                          torch.randint(0, 6, (2, n), generator=g))
+
+
 def _hf_logits(n: int) -> tuple[nn.Module, tuple]:
     return HFLogits(), (torch.randint(1, 128, (2, n), generator=_seeded(n)),)
 
@@ -173,6 +199,7 @@ ZOO: dict[str, Entry] = {entry.name: entry for entry in (
     Entry("encoder-batch-first", _encoder(True), _weighted_sum),
     Entry("encoder-seq-first", _encoder(False), _weighted_sum),
     Entry("hf-llama-logits", _hf_logits, _next_token_loss),
+    Entry("losses", _many_losses),
 )}
 
 

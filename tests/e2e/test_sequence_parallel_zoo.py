@@ -1,7 +1,9 @@
 """Sequence parallelism for models written the way users write them (seqweave.testing.sp_zoo):
-float latents trained with MSE, a ViT classifier with mean pooling and the loss outside, HF
-Llama returning logits with the loss outside, on 2, 3 and 4 gloo ranks under ring (zigzag,
-striped, none), Ulysses, hybrid and auto, with outputs gathered and sharded (DTensors).
+float latents trained with MSE, a ViT classifier with mean pooling and the loss outside, a GPT
+with einsum attention, nn.TransformerEncoder (batch-first and not) with causal and key padding
+masks, every usual loss inside the graph, HF Llama returning logits with the loss outside; on
+2, 3 and 4 gloo ranks under ring (zigzag, striped, none), Ulysses, hybrid and auto, with
+outputs gathered and sharded (DTensors), at lengths that split and that do not.
 
 Each case pins the attention op that ran and that no op fell back to gathered operands, and
 compares output, loss and every gradient (parameters and float inputs) with one eager process.
@@ -19,11 +21,17 @@ TOLERANCE = 1e-5
 CASES = {
     2: [("dit", 9, {"attention": "ring", "balance": "zigzag"}, "attn.ring"),
         ("vit", 9, {"attention": "ring", "balance": "striped"}, "attn.ring"),
+        ("einsum-gpt", 9, {"attention": "ring", "balance": "zigzag"}, "attn.ring"),
+        ("losses", 9, {"attention": "ring", "balance": "striped"}, "attn.ring"),
+        ("encoder-seq-first", 9, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring"),
         ("hf-llama-logits", 8, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring")],
     3: [("vit", 10, {"attention": "ring", "balance": "none"}, "attn.ring"),
+        ("encoder-batch-first", 12, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring"),
         ("hf-llama-logits", 10, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring")],
     4: [("dit", 8, {"attention": "ulysses", "balance": "zigzag"}, "attn.ulysses"),
+        ("einsum-gpt", 8, {"attention": "ulysses", "balance": "striped"}, "attn.ulysses"),
         ("vit", 8, {"attention": "hybrid", "mesh": seqweave.Mesh(ulysses=2, ring=2)}, "attn.hybrid"),
+        ("losses", 8, {"attention": "auto", "balance": "zigzag"}, None),
         ("hf-llama-logits", 8, {"attention": "auto", "balance": "zigzag"}, None)],
 }
 

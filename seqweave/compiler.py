@@ -127,7 +127,7 @@ class SeqweaveBackend:
         """shard-sequence for this graph: a training forward keeps its saved activations sharded,
         and the backward receives them sharded, as the forward left them (its tangents too, for
         outputs the caller got sharded)."""
-        length = self._length = sequence_length(graph, world, self.options.balance)
+        length = self._length = sequence_length(graph, self.reports)
         mesh, options = self.options.mesh, self.options
         _check_sharded_outputs(options, length, world)
         attention = "hybrid" if mesh.hybrid and options.attention == "auto" else options.attention
@@ -229,10 +229,26 @@ def _device_of(args: list, default: torch.device) -> torch.device:
     return next((arg.device for arg in args if isinstance(arg, torch.Tensor)), default)
 
 
-def sequence_length(graph: Graph, world: int, balance: str) -> int:
-    """The global sequence length N, read off the graph's attention (shard-sequence pads it to split)."""
-    lengths = {int(node.args[1 if node.op == "attn.sdpa_backward" else 0].type.shape[2])
-               for node in graph.nodes if node.op in ("attn.sdpa", "attn.sdpa_backward")}
+def sequence_length(graph: Graph, reports: Sequence[AttentionReport] = ()) -> int:
+    """The global sequence length N, read off the graph's attentions (shard-sequence pads it to
+    split): queries and keys of every attention must share it. What cannot be split is refused
+    with the reason: no attention found (with what was left alone and why), cross-attention
+    between two lengths, or attentions over different lengths."""
+    seen = [(int(node.args[first].type.shape[2]), int(node.args[first + 1].type.shape[2]), node.loc)
+            for node in graph.nodes if node.op in ("attn.sdpa", "attn.sdpa_backward")
+            for first in [1 if node.op == "attn.sdpa_backward" else 0]]
+    if not seen:
+        left = "; ".join(f"{r.layer}: {r.reason}" for r in reports if not r.found) or "no attention-like pattern"
+        raise OptionError(f"sequence parallelism found no attention to split the sequence of in the {graph.name} "
+                          f"graph (left alone: {left})",
+                          hint="see backend.reports / seqweave explain; compile without sequence parallelism")
+    crossing = [(q, k, loc) for q, k, loc in seen if q != k]
+    if crossing:
+        q, k, loc = crossing[0]
+        raise OptionError(f"sequence parallelism splits one sequence shared by queries and keys; {loc or 'an attention'}"
+                          f" attends from {q} queries to {k} keys (cross-attention, or latents no input carries)",
+                          hint="compile this model without sequence parallelism")
+    lengths = {q for q, _, _ in seen}
     if len(lengths) != 1:
         raise OptionError(f"sequence parallelism needs one sequence length across attentions, found {sorted(lengths)}",
                           hint="compile a model whose attention layers share the sequence")

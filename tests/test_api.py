@@ -53,5 +53,27 @@ def test_sequence_parallel_needs_attention_to_read_the_length_from():
     from seqweave.compiler import sequence_length
     from seqweave.ir.graph import Graph
 
-    with pytest.raises(OptionError, match="one sequence length"):
-        sequence_length(Graph("forward", [], [], ()), 2, "zigzag")
+    with pytest.raises(OptionError, match="found no attention to split") as caught:
+        sequence_length(Graph("forward", [], [], ()))
+    assert "no attention-like pattern" in str(caught.value)
+
+
+def test_sequence_parallel_refuses_cross_attention_with_the_reason():
+    """A Perceiver-style latent array attending to the tokens: queries and keys of different
+    lengths cannot share one split of the sequence."""
+    import torch
+    import torch.nn.functional as F
+    import seqweave
+
+    class Latents(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.latents = torch.nn.Parameter(torch.randn(1, 2, 4, 8))
+
+        def forward(self, x):
+            return F.scaled_dot_product_attention(self.latents, x, x)
+
+    compiled = torch.compile(Latents(), backend=seqweave.backend(mesh=seqweave.Mesh(sp=2)), fullgraph=True,
+                             dynamic=False)
+    with pytest.raises(Exception, match="attends from 4 queries to 16 keys"):
+        compiled(torch.randn(1, 2, 16, 8))

@@ -28,6 +28,9 @@ CASES = [  # (sample, attn_implementation, padded, packed, balance, attention[, 
     ("llama-tiny", "sdpa", True, False, "zigzag", "ulysses"),   # 2 kv heads: replicated to 4 ranks
     ("mistral-tiny", "sdpa", False, False, "none", "auto"),
 ]
+#: 4 ranks run every case; 2 ranks the ones whose padding or layout differs at P = 2 (user-written
+#: models on 2, 3 and 4 ranks are in test_sequence_parallel_zoo.py)
+CASES_BY_WORLD = {2: [CASES[1], CASES[2], CASES[6]], 4: CASES}
 ATTENTION_OPS = ("attn.ring_backward", "attn.ulysses_backward", "attn.hybrid_backward")
 
 
@@ -57,8 +60,8 @@ def sharded_step(rank: int, world: int, cases: list) -> list[tuple[float, float,
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_loss_and_gradients_match_one_process(world):
-    per_rank = run_ranks(world, sharded_step, CASES, timeout_s=300)
-    cases = [case for case in CASES if world >= 4 or case[5] != "hybrid"]
+    cases = CASES_BY_WORLD[world]
+    per_rank = run_ranks(world, sharded_step, cases, timeout_s=300)
     for rank, results in enumerate(per_rank):
         assert len(results) == len(cases)
         for case, (loss_error, grad_error, param, rings) in zip(cases, results):

@@ -10,24 +10,14 @@ from __future__ import annotations
 
 from seqweave.ir.graph import Node, Value
 from seqweave.passes.padding_rows import without_padding
-from seqweave.passes.sharding_context import PARTIAL, Context, Emit, Seq, Unshardable
-
-
-def _as(ctx: Context, value: Value, seq: Seq) -> Value:
-    """`value` holding the sequence as `seq`: sliced if whole, refused if sharded otherwise."""
-    have = ctx.seq(value)
-    if have == seq:
-        return value
-    if have is None and ctx.global_shape(value)[seq.dim] % (ctx.length * seq.inner) == 0:
-        return ctx.shard(value, seq)
-    raise Unshardable(f"operands hold the sequence in different places ({have} vs {seq})")
+from seqweave.passes.sharding_context import PARTIAL, Context, Emit, Seq, Unshardable, as_sharded
 
 
 def _contract(ctx: Context, left: Value, right: Value, left_dim: int, right_dim: int) -> tuple[Value, Value]:
     """Operands for a product contracting over the sequence (left's `left_dim` with right's `right_dim`)."""
     seq = ctx.seq(left) or ctx.seq(right)
-    left = _as(ctx, left, Seq(left_dim, seq.inner))
-    right = _as(ctx, right, Seq(right_dim, seq.inner))
+    left = as_sharded(ctx, left, Seq(left_dim, seq.inner))
+    right = as_sharded(ctx, right, Seq(right_dim, seq.inner))
     return without_padding(ctx, left), right
 
 
@@ -53,7 +43,7 @@ def addmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     if ls is None or ls.dim != 0 or ctx.seq(right) is not None:
         raise Unshardable(f"{node.op} contracts over the sequence (with a bias)")
     if len(ctx.global_shape(bias)) == 2 and ctx.global_shape(bias)[0] != 1:
-        bias = _as(ctx, bias, ls)
+        bias = as_sharded(ctx, bias, ls)
     return node.op, (bias, left, right, *args[3:]), kwargs, [ls]
 
 
@@ -67,7 +57,7 @@ def bmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         return node.op, _contract(ctx, left, right, 2, 1), kwargs, [PARTIAL]
     if (ls and ls.dim == 0) or (rs and rs.dim == 0):
         seq = ls if ls and ls.dim == 0 else rs
-        return node.op, (_as(ctx, left, seq), _as(ctx, right, seq)), kwargs, [seq]
+        return node.op, (as_sharded(ctx, left, seq), as_sharded(ctx, right, seq)), kwargs, [seq]
     if ls and rs:
         raise Unshardable(f"{node.op} of two sequence-sharded operands is an N x N product")
     return node.op, args, kwargs, [ls or Seq(2, rs.inner)]

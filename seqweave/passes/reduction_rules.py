@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from seqweave.ir.graph import Node, Value
 from seqweave.passes.padding_rows import without_padding
-from seqweave.passes.sharding_context import EMITTED, PARTIAL, Context, Emit, Seq, Unshardable
+from seqweave.passes.sharding_context import EMITTED, PARTIAL, Context, Emit, Seq, Unshardable, as_sharded
 
 MEAN, SUM = 1, 2  # ATen's loss reductions (0 is "none")
 
@@ -51,21 +51,12 @@ def reduce(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     return EMITTED, (_divided(ctx, total, _count(shape, dims), node.loc),), {}, [PARTIAL]
 
 
-def _aligned(ctx: Context, value: Value, seq: Seq) -> Value:
-    have = ctx.seq(value)
-    if have == seq:
-        return value
-    if have is None and ctx.global_shape(value)[seq.dim] % (ctx.length * seq.inner) == 0:
-        return ctx.shard(value, seq)
-    raise Unshardable(f"loss operands hold the sequence in different places ({have} vs {seq})")
-
-
 def _pair(ctx: Context, node: Node, x: Value, y: Value) -> tuple[Seq, Value, Value]:
     """The sharded one of a loss's (input, target), and both aligned to it."""
     seq = ctx.seq(x) or ctx.seq(y)
     if ctx.global_shape(x) != ctx.global_shape(y):
         raise Unshardable(f"{node.op} of operands of different shapes")
-    return seq, _aligned(ctx, x, seq), _aligned(ctx, y, seq)
+    return seq, as_sharded(ctx, x, seq), as_sharded(ctx, y, seq)
 
 
 def pointwise_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
@@ -94,7 +85,7 @@ def pointwise_loss_backward(ctx: Context, node: Node, args: tuple, kwargs: dict)
         return node.op, args, kwargs, [None]
     if reduction not in (MEAN, SUM):
         seq, x, y = _pair(ctx, node, x, y)
-        return node.op, (_aligned(ctx, grad, seq), x, y, reduction, *rest), kwargs, [seq]
+        return node.op, (as_sharded(ctx, grad, seq), x, y, reduction, *rest), kwargs, [seq]
     if ctx.seq(grad) is not None:
         raise Unshardable(f"{node.op}: the gradient of a reduced loss is sharded")
     seq, x, y = _pair(ctx, node, x, y)

@@ -50,3 +50,14 @@ Emit = tuple[str, tuple, dict, list]  # (op, args, kwargs, one Seq | None | PART
 EMITTED = "="
 Rule = Callable[[Context, Node, tuple, dict], Emit]
 
+
+
+def as_sharded(ctx: Context, value: Value, seq: Seq) -> Value:
+    """`value` holding the sequence as `seq`: this rank's rows if it is whole (free: every rank
+    holds it), itself if it already does; refused if it is sharded some other way."""
+    have = ctx.seq(value)
+    if have == seq:
+        return value
+    if have is None and ctx.global_shape(value)[seq.dim] % (ctx.length * seq.inner) == 0:
+        return ctx.shard(value, seq)
+    raise Unshardable(f"operands hold the sequence in different places ({have} vs {seq})")

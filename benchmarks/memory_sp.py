@@ -114,7 +114,7 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 
 def render(payload: dict) -> list[results_io.TableData]:
-    header = ["N", "run", "peak MiB/rank", "vs eager", f"target <= {TARGET}", "|loss - eager loss|"]
+    header = ["N", "run", "peak MiB/rank", "vs eager", f"target <= {TARGET}", "loss error vs eager"]
     body = []
     for r in payload["rows"]:
         sharded = r["outputs"] == "sharded" and r["backend"] == "seqweave"

@@ -110,7 +110,8 @@ class SeqweaveBackend:
         world = self.options.mesh.sp
         passes = [*first, *parse_pipeline(self.options.pipeline)]
         shard = self._shard_pass(graph, world, user_outputs, saved) if world > 1 else None
-        pristine_outputs = list(graph.outputs) if isinstance(graph.outputs, (tuple, list)) else [graph.outputs]
+        outputs = graph.outputs if isinstance(graph.outputs, (tuple, list)) else [graph.outputs]
+        global_types = [getattr(value, "type", None) for value in outputs]  # before the pass makes them local
         runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
                             dump_dir=self.options.dump_dir)
         self.graphs.append(CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
@@ -119,8 +120,9 @@ class SeqweaveBackend:
             program = lower(graph)
             return lambda args: program(args)
         if graph.name == "forward":  # the backward's first inputs are these saved activations
-            seqs, types = shard.report["output_seqs"], [getattr(v, "type", None) for v in pristine_outputs]
-            self._saved_seqs.append((seqs[user_outputs:], list(zip(types[:user_outputs], seqs[:user_outputs]))))
+            seqs = shard.report["output_seqs"]
+            placed = list(zip(global_types[:user_outputs], seqs[:user_outputs]))
+            self._saved_seqs.append((seqs[user_outputs:], placed))
         return self._sharded_program(graph, world)
 
     def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None, saved: tuple | None) -> ShardSequence:
@@ -245,7 +247,8 @@ def sequence_length(graph: Graph, reports: Sequence[AttentionReport] = ()) -> in
     crossing = [(q, k, loc) for q, k, loc in seen if q != k]
     if crossing:
         q, k, loc = crossing[0]
-        raise OptionError(f"sequence parallelism splits one sequence shared by queries and keys; {loc or 'an attention'}"
+        where = loc or "an attention"
+        raise OptionError(f"sequence parallelism splits one sequence shared by queries and keys; {where}"
                           f" attends from {q} queries to {k} keys (cross-attention, or latents no input carries)",
                           hint="compile this model without sequence parallelism")
     lengths = {q for q, _, _ in seen}

@@ -1,9 +1,11 @@
 """`shard-sequence`: run a whole-sequence graph on P ranks, each holding N/P positions.
 
 Every input is whole on every rank (inputs="replicated"), so taking a rank's rows of a value
-is free; the pass seeds the shard at the token ids of the embedding and carries it forward
-through token-local ops with one rule per op (`sharding_rules.py`). Attention becomes
-`attn.ring`; sharded outputs are gathered back into global order. The result has LOCAL
+is free. `sequence_plan.py` finds, backwards from the attentions, where each value feeding
+one holds the sequence; the pass takes the rows of such values at their first use on that
+path and carries the shard forward with one rule per op (`sharding_rules.py` and the
+contraction and reduction rules beside it). Attention becomes `attn.ring`, `attn.ulysses` or
+`attn.hybrid`; outputs are gathered back into global order, or kept sharded (`outputs`). The result has LOCAL
 shapes, every tensor typed `{sp: S(d)}` or `{sp: R}`, and one extra input: this rank's
 global positions (`sp_positions`, int64 [N/P]), which keeps the graph the same on every rank.
 

@@ -22,8 +22,15 @@ from seqweave.ir.sharding import Layout, padded_length, shard_positions
 
 
 def sp_mesh(device_type: str) -> DeviceMesh:
-    """The mesh of every rank of the default group (the sp ranks), for this device type."""
-    return DeviceMesh(device_type, list(range(dist.get_world_size())))
+    """The mesh of every rank of the default group (the sp ranks), for this device type; built
+    once per default group (a mesh over the whole world reuses that group)."""
+    key = (device_type, id(dist.group.WORLD))
+    if key not in _MESHES:
+        _MESHES[key] = DeviceMesh(device_type, list(range(dist.get_world_size())))
+    return _MESHES[key]
+
+
+_MESHES: dict[tuple[str, int], DeviceMesh] = {}
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -118,6 +118,31 @@ class ManyLosses(nn.Module):
                 + F.cross_entropy(logits.transpose(1, 2), labels, label_smoothing=0.1, ignore_index=0))
 
 
+class BareAttention(nn.Module):
+    """Attention alone on q, k, v inputs [B, N, H, D], as sequence-parallel libraries test it:
+    grouped KV heads, and a mask kind: "causal", "window" (each query sees itself and the 2
+    keys before it) or "documents" (packed documents from cumulative lengths, causal inside)."""
+
+    def __init__(self, mask: str) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ends: torch.Tensor) -> torch.Tensor:
+        n = q.shape[1]
+        positions = torch.arange(n)
+        causal = positions[:, None] >= positions[None, :]
+        if self.mask == "causal":
+            mask = None
+        elif self.mask == "window":
+            mask = causal & (positions[:, None] - positions[None, :] < 3)
+        else:
+            docs = torch.bucketize(positions, doc_ends, right=True)
+            mask = causal & (docs[:, None] == docs[None, :])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return out.transpose(1, 2)
+
+
 class HFLogits(nn.Module):
     """HF Llama as users call it for their own loss: token ids in, logits out."""
 
@@ -174,6 +199,15 @@ def _many_losses(n: int) -> tuple[nn.Module, tuple]:
                           torch.randint(0, 6, (2, n), generator=g))
 
 
+def _bare(mask: str) -> Callable[[int], tuple[nn.Module, tuple]]:
+    def build(n: int) -> tuple[nn.Module, tuple]:
+        g = _seeded(n)
+        q = torch.randn(2, n, HEADS, D // HEADS, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, n, 2, D // HEADS, generator=g, requires_grad=True) for _ in range(2))
+        return BareAttention(mask), (q, k, v, torch.tensor([n // 3, n // 2, n]))
+    return build
+
+
 def _hf_logits(n: int) -> tuple[nn.Module, tuple]:
     return HFLogits(), (torch.randint(1, 128, (2, n), generator=_seeded(n)),)
 
@@ -200,6 +234,7 @@ ZOO: dict[str, Entry] = {entry.name: entry for entry in (
     Entry("encoder-seq-first", _encoder(False), _weighted_sum),
     Entry("hf-llama-logits", _hf_logits, _next_token_loss),
     Entry("losses", _many_losses),
+    *(Entry(f"attention-{mask}", _bare(mask), _weighted_sum) for mask in ("causal", "window", "documents")),
 )}
 
 
@@ -270,7 +305,8 @@ def sp_step(rank: int, world: int, name: str, n: int, options: dict) -> dict:
     ops = sorted({node.op for compiled_graph in backend.graphs for node in compiled_graph.graph.nodes
                   if node.op.startswith("attn.")})
     return {"errors": _errors(model, reference, out, expected, inputs, ref_inputs, loss, ref_loss),
-            "ops": ops, "warnings": [w for c in backend.graphs for r in c.passes for w in r.result.warnings]}
+            "ops": ops, "masks": [report.mask for report in backend.reports if report.found],
+            "warnings": [w for c in backend.graphs for r in c.passes for w in r.result.warnings]}
 
 
 def sp_steps(rank: int, world: int, cases: list[tuple[str, int, dict]]) -> list[dict]:

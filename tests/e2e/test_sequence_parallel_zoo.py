@@ -1,4 +1,5 @@
 """Sequence parallelism for models written the way users write them (seqweave.testing.sp_zoo):
+attention alone on q, k, v inputs with grouped KV heads (causal, a window, packed documents),
 float latents trained with MSE, a ViT classifier with mean pooling and the loss outside, a GPT
 with einsum attention, nn.TransformerEncoder (batch-first and not) with causal and key padding
 masks, every usual loss inside the graph, HF Llama returning logits with the loss outside; on
@@ -24,16 +25,23 @@ CASES = {
         ("einsum-gpt", 9, {"attention": "ring", "balance": "zigzag"}, "attn.ring"),
         ("losses", 9, {"attention": "ring", "balance": "striped"}, "attn.ring"),
         ("encoder-seq-first", 9, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring"),
-        ("hf-llama-logits", 8, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring")],
-    3: [("vit", 10, {"attention": "ring", "balance": "none"}, "attn.ring"),
+        ("hf-llama-logits", 8, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring"),
+        ("attention-documents", 9, {"attention": "ring", "balance": "zigzag"}, "attn.ring")],
+    3: [("attention-window", 11, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring"),
+        ("vit", 10, {"attention": "ring", "balance": "none"}, "attn.ring"),
         ("encoder-batch-first", 12, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring"),
         ("hf-llama-logits", 10, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring")],
     4: [("dit", 8, {"attention": "ulysses", "balance": "zigzag"}, "attn.ulysses"),
         ("einsum-gpt", 8, {"attention": "ulysses", "balance": "striped"}, "attn.ulysses"),
         ("vit", 8, {"attention": "hybrid", "mesh": seqweave.Mesh(ulysses=2, ring=2)}, "attn.hybrid"),
         ("losses", 8, {"attention": "auto", "balance": "zigzag"}, None),
-        ("hf-llama-logits", 8, {"attention": "auto", "balance": "zigzag"}, None)],
+        ("hf-llama-logits", 8, {"attention": "auto", "balance": "zigzag"}, None),
+        ("attention-causal", 16, {"attention": "ulysses", "balance": "striped"}, "attn.ulysses")],
 }
+
+#: the MaskSpec each bare attention must be lifted to (documents from a caller's tensor stay dense: exact)
+MASKS = {"attention-causal": "causal", "attention-window": "causal & sliding_window(2, 0)",
+         "attention-documents": "dense($0)"}
 
 
 @pytest.mark.parametrize("world", sorted(CASES))
@@ -45,6 +53,8 @@ def test_zoo_trains_one_step_like_eager(world):
             label = (rank, name, n, options)
             worst = max(result["errors"].items(), key=lambda item: item[1])
             assert worst[1] <= TOLERANCE, (label, worst)
-            assert not result["warnings"], (label, result["warnings"])  # nothing ran on gathered operands
+            assert name not in MASKS or result["masks"] == [MASKS[name]], (label, result["masks"])
+            fallbacks = [w for w in result["warnings"] if "ran on operands gathered" in w]
+            assert not fallbacks, (label, fallbacks)
             distributed = [o for o in result["ops"] if o in ("attn.ring", "attn.ulysses", "attn.hybrid")]
             assert distributed and (op is None or distributed == [op]), (label, result["ops"])

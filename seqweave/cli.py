@@ -141,6 +141,9 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
               f"parameters: {totals['parameters']:,}")
+    for warning in totals.get("sp_warnings", []):
+        if "ran on operands gathered" in warning or warning.startswith("refused"):
+            out.print(f"sequence parallelism: {warning}")
     for output in totals.get("gathered_outputs", []):
         if output["largest_per_rank"]:
             out.print(f"output {output['output']} {output['shape']} is gathered whole on every rank "

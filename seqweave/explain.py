@@ -1,6 +1,7 @@
 """`seqweave explain`: capture a model and say, per layer, what the frontend found."""
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,10 +11,12 @@ import torch
 
 from seqweave.capture_only import capture
 from seqweave.compiler import SeqweaveBackend
+from seqweave.errors import SeqweaveError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.sharding import Layout
 from seqweave.ir.types import TensorType
+from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.passes.strategy import LayerShape, choose_strategy
 
 
@@ -87,6 +90,20 @@ def gathered_outputs(backend: SeqweaveBackend, seq_len: int, world: int) -> list
     return found
 
 
+def sharding_warnings(backend: SeqweaveBackend, seq_len: int, world: int, balance: str) -> list[str]:
+    """What `shard-sequence` would say of the inference graph on `world` ranks: ops that would
+    run on operands gathered whole (no rule for them), outputs gathered whole. Runs the pass on
+    a copy; nothing is executed."""
+    graph = next((c.graph for c in backend.graphs if c.kind == "inference"), None)
+    if graph is None:
+        return []
+    try:
+        result = ShardSequence(world=world, layout=balance, length=seq_len, attention="auto").run(copy.deepcopy(graph))
+    except SeqweaveError as error:
+        return [f"refused: {error}"]
+    return list(result.warnings)
+
+
 def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = "zigzag") -> Explanation:
     """Capture (inference graph only) and compile without running; with `world` > 1, add the
     per-layer sequence-parallel strategy the cost model would choose."""
@@ -99,5 +116,7 @@ def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = 
         layers.append(layer)
     totals = _totals(backend, model)
     if world > 1 and backend.reports:
-        totals["gathered_outputs"] = gathered_outputs(backend, max(r.seq_len for r in backend.reports), world)
+        seq_len = max(r.seq_len for r in backend.reports)
+        totals["gathered_outputs"] = gathered_outputs(backend, seq_len, world)
+        totals["sp_warnings"] = sharding_warnings(backend, seq_len, world, balance)
     return Explanation(layers, totals)

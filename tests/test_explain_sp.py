@@ -26,3 +26,19 @@ def test_a_pooled_output_is_not_a_gathered_output():
 
     totals = explain(Pooled(), (torch.randn(1, 16, 8),), world=2).totals
     assert totals["gathered_outputs"] == []
+
+
+def test_explain_names_ops_that_would_run_on_gathered_operands():
+    """A running sum over the attention's output tokens (cumsum) has no sharding rule: explain
+    --sp says, by name and before anything runs, that it would run on gathered operands."""
+    class RunningSum(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).cumsum(dim=2)
+
+    warnings = explain(RunningSum(), (torch.randn(1, 16, 8),), world=2).totals["sp_warnings"]
+    assert any("core.cumsum" in w and "gathered" in w for w in warnings), warnings

@@ -112,8 +112,9 @@ class SeqweaveBackend:
         shard = self._shard_pass(graph, world, user_outputs, saved) if world > 1 else None
         outputs = graph.outputs if isinstance(graph.outputs, (tuple, list)) else [graph.outputs]
         global_types = [getattr(value, "type", None) for value in outputs]  # before the pass makes them local
+        # every rank compiles the same graph: its warnings are said once, by rank 0
         runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
-                            dump_dir=self.options.dump_dir)
+                            dump_dir=self.options.dump_dir, log_warnings=world == 1 or _rank() == 0)
         self.graphs.append(CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
                                          caller_output_bytes(graph, user_outputs)))
         if shard is None:
@@ -178,6 +179,10 @@ class SeqweaveBackend:
 
 def _static(graph: Graph) -> bool:
     return all(value.type.is_static() for value in graph.values() if isinstance(value.type, TensorType))
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _tangent_seqs(graph: Graph, first: int, outputs: list) -> list[tuple[int, int, int]]:

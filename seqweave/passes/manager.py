@@ -85,9 +85,10 @@ def _dump(graph: Graph, directory: str, index: int, name: str) -> None:
 
 
 def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], *, check: bool = True,
-                 dump_dir: str | None = None) -> list[PassRun]:
+                 dump_dir: str | None = None, log_warnings: bool = True) -> list[PassRun]:
     """Run every pass of `pipeline` (a pipeline string or pass objects) on `graph` in place;
-    raises PassError naming the pass that broke it."""
+    raises PassError naming the pass that broke it. Pass warnings are logged unless
+    `log_warnings` is off (they stay in the returned runs either way)."""
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     runs = []
     if dump_dir:
@@ -105,7 +106,7 @@ def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], *, check: bool = 
                                 hint="this is a bug in the pass; rerun with SEQWEAVE_DUMP=dir to see its input") from error
         if dump_dir:
             _dump(graph, dump_dir, index, pass_.name)
-        for warning in result.warnings:
+        for warning in result.warnings if log_warnings else ():
             LOG.warning("%s: %s", pass_.name, warning)
         runs.append(PassRun(pass_.name, result, millis))
     return runs

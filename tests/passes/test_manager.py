@@ -159,3 +159,20 @@ def test_dump_dir_is_created_when_missing(tmp_path: Path) -> None:
     target = tmp_path / "nested" / "dumps"
     run_pipeline(parse_graph(GRAPH), "canonicalize", dump_dir=str(target))
     assert sorted(path.name for path in target.iterdir()) == ["g.00.input.ir", "g.01.canonicalize.ir"]
+
+
+@dataclass(frozen=True)
+class _Warns(Pass):
+    name = "warns"
+
+    def run(self, graph: Graph) -> PassResult:
+        return PassResult(0, "nothing", ("look here",))
+
+
+@pytest.mark.parametrize("log_warnings", [True, False])
+def test_warnings_are_logged_unless_asked_not_to_and_kept_either_way(caplog, log_warnings):
+    """Sequence-parallel ranks compile the same graph: only rank 0 logs its warnings."""
+    with caplog.at_level("WARNING"):
+        runs = run_pipeline(parse_graph(GRAPH), [_Warns()], log_warnings=log_warnings)
+    assert runs[0].result.warnings == ("look here",)
+    assert ("warns: look here" in caplog.text) == log_warnings

@@ -58,3 +58,25 @@ def test_zoo_trains_one_step_like_eager(world):
             assert not fallbacks, (label, fallbacks)
             distributed = [o for o in result["ops"] if o in ("attn.ring", "attn.ulysses", "attn.hybrid")]
             assert distributed and (op is None or distributed == [op]), (label, result["ops"])
+
+
+def sharded_inference(rank: int, world: int) -> tuple:
+    """HF Llama logits under no_grad with outputs="sharded": a DTensor of this rank's rows whose
+    unshard equals eager."""
+    import torch
+    from seqweave.testing.sp_zoo import ZOO
+
+    model, (ids,) = ZOO["hf-llama-logits"].build(8)
+    model.eval()
+    backend = seqweave.backend(mesh=seqweave.Mesh(sp=world), outputs="sharded", balance="zigzag", timeout=60)
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(ids)
+        expected = model(ids)
+    error = float((seqweave.unshard(out, "zigzag") - expected).abs().max() / expected.abs().max())
+    return type(out).__name__, tuple(out.to_local().shape), error, [c.kind for c in backend.graphs]
+
+
+def test_sharded_outputs_without_grad_are_dtensors_of_each_ranks_rows():
+    for kind, local_shape, error, graphs in run_ranks(2, sharded_inference, timeout_s=300):
+        assert (kind, local_shape, graphs) == ("DTensor", (2, 4, 128), ["inference"])
+        assert error <= TOLERANCE

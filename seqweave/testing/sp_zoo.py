@@ -212,6 +212,10 @@ def _hf_logits(n: int) -> tuple[nn.Module, tuple]:
     return HFLogits(), (torch.randint(1, 128, (2, n), generator=_seeded(n)),)
 
 
+def _weights(shape: torch.Size) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(7))
+
+
 def _classes_loss(out: torch.Tensor, inputs: tuple) -> torch.Tensor:
     return F.cross_entropy(out, torch.arange(out.shape[0]) % out.shape[1], label_smoothing=0.1)
 
@@ -222,8 +226,8 @@ def _next_token_loss(out: torch.Tensor, inputs: tuple) -> torch.Tensor:
 
 
 def _weighted_sum(out: torch.Tensor, inputs: tuple) -> torch.Tensor:
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    return (out * weights).sum()
+    """What `out.backward(dout)` does, as a scalar: dout is a fixed random tensor."""
+    return (out * _weights(out.shape)).sum()
 
 
 ZOO: dict[str, Entry] = {entry.name: entry for entry in (
@@ -265,10 +269,6 @@ def _fresh_inputs(inputs: tuple) -> tuple:
 
 def _shard_dim(out: Any) -> int:
     return next(p.dim for p in out.placements if hasattr(p, "dim"))
-
-
-def _weights(shape: torch.Size) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(7))
 
 
 def _is_dtensor(value: Any) -> bool:

@@ -54,6 +54,8 @@ class CompileOptions:
     #: "gathered": every output whole on every rank; "sharded": outputs with a sequence dim come
     #: back as DTensors, Shard(dim) over the sp ranks, in the layout's row order (see docs)
     outputs: str = "gathered"
+    #: "replicated": every rank passes the whole batch (taking its rows costs nothing)
+    inputs: str = "replicated"
     #: seconds a rank waits for a peer before failing with the rank, step and op named
     timeout: float = 300.0
     pipeline: str = DEFAULT_PIPELINE
@@ -78,6 +80,11 @@ class CompileOptions:
             raise OptionError(f"balance={options['balance']!r} is not a sequence layout", hint=f"use one of {BALANCES}")
         if options.get("outputs", "gathered") not in OUTPUTS:
             raise OptionError(f"outputs={options['outputs']!r} is not an output placement", hint=f"use one of {OUTPUTS}")
+        if options.get("inputs", "replicated") != "replicated":
+            raise OptionError(f"inputs={options['inputs']!r} is not offered yet: torch.compile traces the shapes it is "
+                              "called with, so a rank's rows would be compiled as the whole sequence",
+                              hint="pass the whole batch on every rank (inputs='replicated'; each rank takes its rows "
+                                   "for free) and keep big outputs sharded with outputs='sharded'")
         built = CompileOptions(**options)
         if built.attention == "hybrid" and not built.mesh.hybrid:
             raise OptionError("attention='hybrid' needs a hybrid mesh", hint="use Mesh(ulysses=U, ring=R) with U, R > 1")

@@ -77,3 +77,14 @@ def test_sequence_parallel_refuses_cross_attention_with_the_reason():
                              dynamic=False)
     with pytest.raises(Exception, match="attends from 4 queries to 16 keys"):
         compiled(torch.randn(1, 2, 16, 8))
+
+
+def test_sharded_inputs_are_refused_with_what_to_do_instead():
+    with pytest.raises(OptionError, match="inputs='sharded' is not offered yet") as caught:
+        seqweave.backend(mesh=seqweave.Mesh(sp=2), inputs="sharded")
+    assert "outputs='sharded'" in caught.value.hint
+
+
+def test_outputs_must_be_gathered_or_sharded():
+    with pytest.raises(OptionError, match="outputs='scattered' is not an output placement"):
+        seqweave.backend(outputs="scattered")

@@ -290,8 +290,9 @@ class ShardSequence(Pass):
         return tuple(outputs) if isinstance(graph.outputs, tuple) else outputs
 
     def _largest_gathered(self, graph: Graph) -> tuple[str, ...]:
-        """A gathered output that is the largest tensor this rank holds (logits, typically) is named."""
-        gathered = self.report["gathered_output_bytes"]
+        """A gathered output that is the largest tensor this rank holds (logits, typically) is named.
+        A backward's outputs are gradients of whole inputs: gathered whatever `outputs` says."""
+        gathered = self.report["gathered_output_bytes"] if graph.name != "backward" else []
         local = [_bytes(tuple(int(d) for d in v.type.shape), v.type.dtype) for node in graph.nodes
                  if node.op != "sp.gather" for v in node.results if isinstance(v.type, TensorType)]
         largest = max(local, default=0)

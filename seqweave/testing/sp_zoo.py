@@ -144,14 +144,18 @@ class BareAttention(nn.Module):
 
 
 class HFLogits(nn.Module):
-    """HF Llama as users call it for their own loss: token ids in, logits out."""
+    """An HF causal LM as users call it for their own loss: token ids (or, with `embeds`, float
+    input embeddings) in, logits out."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample: str = "llama-tiny", embeds: bool = False) -> None:
         super().__init__()
         from seqweave.testing.models import SampleSpec, build_sample
-        self.lm = build_sample(SampleSpec("llama-tiny", hidden=32, layers=1))[0]
+        self.lm = build_sample(SampleSpec(sample, hidden=32, layers=1))[0]
+        self.embeds = embeds
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embeds:
+            return self.lm(inputs_embeds=ids, use_cache=False).logits
         return self.lm(input_ids=ids, use_cache=False).logits
 
 
@@ -208,8 +212,14 @@ def _bare(mask: str) -> Callable[[int], tuple[nn.Module, tuple]]:
     return build
 
 
-def _hf_logits(n: int) -> tuple[nn.Module, tuple]:
-    return HFLogits(), (torch.randint(1, 128, (2, n), generator=_seeded(n)),)
+def _hf_logits(sample: str = "llama-tiny") -> Callable[[int], tuple[nn.Module, tuple]]:
+    def build(n: int) -> tuple[nn.Module, tuple]:
+        return HFLogits(sample), (torch.randint(1, 128, (2, n), generator=_seeded(n)),)
+    return build
+
+
+def _hf_embeds(n: int) -> tuple[nn.Module, tuple]:
+    return HFLogits(embeds=True), (torch.randn(2, n, 32, generator=_seeded(n), requires_grad=True),)
 
 
 def _weights(shape: torch.Size) -> torch.Tensor:
@@ -236,7 +246,9 @@ ZOO: dict[str, Entry] = {entry.name: entry for entry in (
     Entry("einsum-gpt", _einsum_gpt, _next_token_loss),
     Entry("encoder-batch-first", _encoder(True), _weighted_sum),
     Entry("encoder-seq-first", _encoder(False), _weighted_sum),
-    Entry("hf-llama-logits", _hf_logits, _next_token_loss),
+    Entry("hf-llama-logits", _hf_logits(), _next_token_loss),
+    *(Entry(f"hf-{name}-logits", _hf_logits(f"{name}-tiny"), _next_token_loss) for name in ("qwen2", "mistral", "gpt2")),
+    Entry("hf-llama-embeds", _hf_embeds, _weighted_sum),
     Entry("losses", _many_losses),
     *(Entry(f"attention-{mask}", _bare(mask), _weighted_sum) for mask in ("causal", "window", "documents")),
 )}

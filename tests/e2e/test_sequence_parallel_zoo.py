@@ -2,7 +2,8 @@
 attention alone on q, k, v inputs with grouped KV heads (causal, a window, packed documents),
 float latents trained with MSE, a ViT classifier with mean pooling and the loss outside, a GPT
 with einsum attention, nn.TransformerEncoder (batch-first and not) with causal and key padding
-masks, every usual loss inside the graph, HF Llama returning logits with the loss outside; on
+masks, every usual loss inside the graph, HF Llama returning logits with the loss outside and
+fed float `inputs_embeds`; on
 2, 3 and 4 gloo ranks under ring (zigzag, striped, none), Ulysses, hybrid and auto, with
 outputs gathered and sharded (DTensors), at lengths that split and that do not.
 
@@ -30,7 +31,8 @@ CASES = {
     3: [("attention-window", 11, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring"),
         ("vit", 10, {"attention": "ring", "balance": "none"}, "attn.ring"),
         ("encoder-batch-first", 12, {"attention": "ring", "balance": "zigzag", "outputs": "sharded"}, "attn.ring"),
-        ("hf-llama-logits", 10, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring")],
+        ("hf-llama-logits", 10, {"attention": "ring", "balance": "none", "outputs": "sharded"}, "attn.ring"),
+        ("hf-llama-embeds", 11, {"attention": "ring", "balance": "none"}, "attn.ring")],
     4: [("dit", 8, {"attention": "ulysses", "balance": "zigzag"}, "attn.ulysses"),
         ("einsum-gpt", 8, {"attention": "ulysses", "balance": "striped"}, "attn.ulysses"),
         ("vit", 8, {"attention": "hybrid", "mesh": seqweave.Mesh(ulysses=2, ring=2)}, "attn.hybrid"),

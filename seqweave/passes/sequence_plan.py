@@ -234,7 +234,8 @@ def plan_sequence(graph: Graph, length: int) -> dict[Value, Seq]:
     for node in reversed(graph.nodes):
         if node.op in ATTENTION_OPS:
             for operand in node.args[:-1]:  # the last operand is the list of mask operands
-                if _shape(operand) is not None:
+                shape = _shape(operand)
+                if shape is not None and len(shape) > 2 and shape[2] == length:  # keys of another length: none
                     claim(operand, Seq(2))
             continue
         rule = BACK_RULES.get(node.op)

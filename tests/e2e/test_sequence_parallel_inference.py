@@ -38,7 +38,7 @@ def sharded_logits(rank: int, world: int, cases: list) -> list[tuple[float, int,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [4])  # 2 ranks: the zoo's no_grad case and every training run's forward
 def test_every_rank_gets_the_eager_logits(world):
     per_rank = run_ranks(world, sharded_logits, CASES, timeout_s=240)
     for rank, results in enumerate(per_rank):

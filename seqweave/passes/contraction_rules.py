@@ -8,6 +8,8 @@ partial sum counts only real positions.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from seqweave.ir.graph import Node, Value
 from seqweave.passes.padding_rows import without_padding
 from seqweave.passes.sharding_context import PARTIAL, Context, Emit, Seq, Unshardable, as_sharded
@@ -21,17 +23,28 @@ def _contract(ctx: Context, left: Value, right: Value, left_dim: int, right_dim:
     return without_padding(ctx, left), right
 
 
-def mm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    """mm(a [M, K], b [K, C]): rows of a, columns of b, or a partial sum over K."""
-    left, right = args[0], args[1]
-    ls, rs = ctx.seq(left), ctx.seq(right)
-    if ls is None and rs is None:
-        return node.op, args, kwargs, [None]
-    if (ls and ls.dim == 1) or (rs and rs.dim == 0):
-        return node.op, _contract(ctx, left, right, 1, 0), kwargs, [PARTIAL]
-    if ls and rs:
-        raise Unshardable(f"{node.op} of two sequence-sharded operands is an N x N product")
-    return node.op, args, kwargs, [ls or Seq(1, rs.inner)]
+@dataclass(frozen=True)
+class Product:
+    """Where a matrix product's dims sit: left [*batch, rows, K] @ right [*batch, K, cols]."""
+
+    rows: int        # left's free dim (the result's rows sit there too)
+    cols: int        # right's free dim (and the result's)
+    batch: bool      # dim 0 of both and of the result is a batch (bmm)
+
+    def rule(self, ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+        """Batch of both, rows of left, columns of right, or a partial sum over K."""
+        left, right = args[0], args[1]
+        ls, rs = ctx.seq(left), ctx.seq(right)
+        if ls is None and rs is None:
+            return node.op, args, kwargs, [None]
+        if (ls and ls.dim == self.rows + 1) or (rs and rs.dim == self.cols - 1):
+            return node.op, _contract(ctx, left, right, self.rows + 1, self.cols - 1), kwargs, [PARTIAL]
+        if self.batch and ((ls and ls.dim == 0) or (rs and rs.dim == 0)):
+            seq = ls if ls and ls.dim == 0 else rs
+            return node.op, (as_sharded(ctx, left, seq), as_sharded(ctx, right, seq)), kwargs, [seq]
+        if ls and rs:
+            raise Unshardable(f"{node.op} of two sequence-sharded operands is an N x N product")
+        return node.op, args, kwargs, [ls or Seq(self.cols, rs.inner)]
 
 
 def addmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
@@ -47,20 +60,5 @@ def addmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     return node.op, (bias, left, right, *args[3:]), kwargs, [ls]
 
 
-def bmm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
-    """bmm(a [T, M, K], b [T, K, C]): batch of both, rows of a, columns of b, or a partial sum over K."""
-    left, right = args[0], args[1]
-    ls, rs = ctx.seq(left), ctx.seq(right)
-    if ls is None and rs is None:
-        return node.op, args, kwargs, [None]
-    if (ls and ls.dim == 2) or (rs and rs.dim == 1):
-        return node.op, _contract(ctx, left, right, 2, 1), kwargs, [PARTIAL]
-    if (ls and ls.dim == 0) or (rs and rs.dim == 0):
-        seq = ls if ls and ls.dim == 0 else rs
-        return node.op, (as_sharded(ctx, left, seq), as_sharded(ctx, right, seq)), kwargs, [seq]
-    if ls and rs:
-        raise Unshardable(f"{node.op} of two sequence-sharded operands is an N x N product")
-    return node.op, args, kwargs, [ls or Seq(2, rs.inner)]
-
-
-CONTRACTION_RULES = {"core.mm": mm, "core.addmm": addmm, "core.bmm": bmm}
+CONTRACTION_RULES = {"core.mm": Product(rows=0, cols=1, batch=False).rule, "core.addmm": addmm,
+                     "core.bmm": Product(rows=1, cols=2, batch=True).rule}

@@ -184,19 +184,24 @@ def _earlier_rows(path: str | None) -> list[dict]:
         return [{**row, "run_of": handle.name} for row in json.load(handle)["rows"]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Lengths, ranks, threads and the per-configuration timeout (shared with memory_sp.py)."""
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--world", type=int, default=4, help="sequence-parallel ranks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
     parser.add_argument("--eager-max", type=int, default=32768, help="longest N to run eager at (it must fit)")
     parser.add_argument("--single-max", type=int, default=16384,
                         help="longest N to run seqweave on one process at")
     parser.add_argument("--add-to", metavar="JSON", help="extend the rows of an earlier run (same machine)")
     parser.add_argument("--gathered-max", type=int, default=16384,
                         help="longest N to run the gathered-logits model at (every rank holds N x vocab)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     results_io.add_output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
     results_io.run_or_report(args, lambda: run(args, argv), render, LEFT_COLUMNS)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import results_io
-from long_context import build_model
+from long_context import add_run_arguments, build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "memory_sp.json")
@@ -143,12 +143,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384])
-    parser.add_argument("--world", type=int, default=4, help="sequence-parallel ranks")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    add_run_arguments(parser)
     parser.add_argument("--gathered-max", type=int, default=8192,
                         help="longest N to run the gathered-logits row at (every rank holds N x vocab)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     results_io.add_output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
     results_io.run_or_report(args, lambda: run(args, argv), render, LEFT_COLUMNS)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 
 from seqweave.codegen import attention_kernels
+from seqweave.ir.ops.attn import positions_of
+from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
@@ -37,13 +39,23 @@ def _frees(graph: Graph, index: int, node: Node, last: dict[Value, int], slot_of
 
 
 def _local_attention(node: Node):
-    """`attn.sdpa` / `attn.sdpa_backward` through the kernel dispatch, mask parsed once here."""
+    """`attn.sdpa` / `attn.sdpa_backward` through the kernel dispatch, mask and positions parsed
+    once here (positions rotate q and k around the kernels, `ir.ops.attn_positions`)."""
     mask, score_mod, scale = parse_mask(node.kwargs["mask"]), parse_score_mod(node.kwargs["score_mod"]), \
         node.kwargs["scale"]
+    positions = positions_of(node)
     if node.op == "attn.sdpa":
-        return lambda q, k, v, operands, **kw: attention_kernels.forward(q, k, v, mask, score_mod, scale, operands)
-    return lambda dout, q, k, v, out, lse, operands, **kw: attention_kernels.backward(
-        dout, q, k, v, out, lse, mask, score_mod, scale, operands)
+        def forward(q, k, v, operands, **kw):
+            attend = lambda q_, k_, v_, mask_: attention_kernels.forward(  # noqa: E731
+                q_, k_, v_, mask_, score_mod, scale, operands)
+            return positional_forward(attend, q, k, v, mask, positions, operands)
+        return forward
+
+    def backward(dout, q, k, v, out, lse, operands, **kw):
+        attend_backward = lambda dout_, q_, k_, v_, out_, lse_, mask_: attention_kernels.backward(  # noqa: E731
+            dout_, q_, k_, v_, out_, lse_, mask_, score_mod, scale, operands)
+        return positional_backward(attend_backward, dout, q, k, v, out, lse, mask, positions, operands)
+    return backward
 
 
 def _implementation(node: Node, index: int, comm: Communicator | None):

@@ -26,6 +26,7 @@ from seqweave.frontend.mask_tiles import Untileable
 from seqweave.frontend.patterns import (SDPA_TARGETS, AttentionMatch, NotAttention, example, layer_name,
                                         looks_like_eager_attention, match_eager, match_sdpa, softmax_feeding)
 from seqweave.frontend.products import normalise_products
+from seqweave.frontend.rope_lift import LiftedRotary, NotRotary, lift_rotary, looks_rotary
 from seqweave.frontend.unmatched_softmax import unmatched_softmaxes
 from seqweave.ir.mask import Causal, Dense, Full
 
@@ -46,6 +47,8 @@ class AttentionReport:
     seq_len: int = 0
     element_bytes: int = 0
     score_mod: str = "none"
+    #: the rotary lifted into the attention (a PositionSpec's text), or "" when none was
+    positions: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -105,14 +108,32 @@ def _mask_operand(graph: fx.Graph, node: fx.Node, role: str) -> fx.Node:
     return node
 
 
-def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list[fx.Node]:
+def _lift_positions(match: AttentionMatch, placeholder_values: dict[fx.Node, torch.Tensor]
+                    ) -> tuple[LiftedRotary | None, str]:
+    """The rotary before this attention as a spec, or None and why (empty when q is not rotated)."""
+    if match.flat:
+        return None, ""
+    try:
+        return lift_rotary(match.q, match.k, placeholder_values), ""
+    except NotRotary as why:
+        return None, (f"rotary left in the graph: {why}" if looks_rotary(match.q) else "")
+
+
+def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask, rotary: LiftedRotary | None,
+             layer: int) -> list[fx.Node]:
     """Put `seqweave::attention` in place of the match; returns the nodes the match read (now
     possibly orphaned)."""
     with graph.inserting_before(match.anchor):
         operands = [_mask_operand(graph, node, role) for node, role in lifted.operands]
         q, k, v = (graph.call_method("unsqueeze", (x, 0)) if match.flat else x for x in (match.q, match.k, match.v))
+        positions = "none"
+        if rotary is not None:  # q and k enter unrotated; the positions' operands follow the mask's
+            q, k = rotary.q, rotary.k
+            offset = len(operands)
+            positions = str(rotary.spec.remap_operands({i: i + offset for i in range(len(rotary.operands))}))
+            operands += rotary.operands
         call = graph.call_function(ATTENTION_OP, (q, k, v, operands, str(lifted.spec), str(match.score_mod),
-                                                  match.scale))
+                                                  match.scale, positions, layer))
         out = graph.call_function(operator.getitem, (call, 0))
         if match.flat:  # [1, B*H, S, D] back to the [B*H, S, D] the bmm gave
             out = graph.call_method("squeeze", (out, 0))
@@ -124,13 +145,19 @@ def _replace(graph: fx.Graph, match: AttentionMatch, lifted: LiftedMask) -> list
     return read
 
 
-def _report(match: AttentionMatch, lifted: LiftedMask, layer: str) -> AttentionReport:
+def _report(match: AttentionMatch, lifted: LiftedMask, layer: str, rotary: LiftedRotary | None,
+            rotary_note: str) -> AttentionReport:
     reason = "replaced" if lifted.note == "lifted" else f"replaced; {lifted.note}"
     if isinstance(lifted.spec, Dense):
         reason += f" ({_dense_bytes(match):,} bytes, growing as N²)"
+    if rotary is not None:
+        reason += "; rotary lifted"
+    elif rotary_note:
+        reason += f"; {rotary_note}"
     batch, heads, length, head_dim = (_hint(size) for size in match.shape_4d(match.q))
     return AttentionReport(layer, True, reason, match.form, heads, match.kv_heads, head_dim, str(lifted.spec),
-                           batch, length, example(match.q).element_size(), str(match.score_mod))
+                           batch, length, example(match.q).element_size(), str(match.score_mod),
+                           str(rotary.spec) if rotary is not None else "")
 
 
 def _dense_bytes(match: AttentionMatch) -> int:
@@ -195,8 +222,10 @@ def _replace_matches(graph: fx.Graph, placeholder_values: dict[fx.Node, torch.Te
         except (NotAttention, ValueError) as why:
             reports.append(AttentionReport(layer, False, f"left alone: {why}", form))
             continue
-        orphan_candidates += _replace(graph, match, lifted)
-        reports.append(_report(match, lifted, layer))
+        rotary, rotary_note = _lift_positions(match, placeholder_values)
+        orphan_candidates += _replace(graph, match, lifted, rotary, sum(report.found for report in reports))
+        orphan_candidates += [match.q, match.k] if rotary is not None else []
+        reports.append(_report(match, lifted, layer, rotary, rotary_note))
     # Never a whole-graph DCE: it drops in-place writes. Unused negations go too.
     remove_orphans(graph, orphan_candidates + list(negations.values()))
     return reports, tried_softmaxes

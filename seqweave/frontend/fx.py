@@ -96,11 +96,11 @@ class _Importer:
     def _op_and_args(self, node: fx.Node) -> tuple[str, tuple, dict]:
         args, kwargs = self.convert(tuple(node.args)), self.convert(dict(node.kwargs))
         if node.target is ATTENTION_OP:
-            q, k, v, operands, mask, score_mod, scale = args
-            return "attn.sdpa", (q, k, v, list(operands)), _attn_kwargs(mask, score_mod, scale, k)
+            q, k, v, operands, *attributes = _with_defaults(args, kwargs, 4)
+            return "attn.sdpa", (q, k, v, list(operands)), _attn_kwargs(k, *attributes)
         if node.target is ATTENTION_BACKWARD_OP:
-            dout, q, k, v, out, lse, operands, mask, score_mod, scale = args
-            return "attn.sdpa_backward", (dout, q, k, v, out, lse, list(operands)), _attn_kwargs(mask, score_mod, scale, k)
+            dout, q, k, v, out, lse, operands, *attributes = _with_defaults(args, kwargs, 7)
+            return "attn.sdpa_backward", (dout, q, k, v, out, lse, list(operands)), _attn_kwargs(k, *attributes)
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             return core_name(node.target), args, kwargs
         if node.target is torch.ops.prims.convert_element_type.default:  # decompositions under dynamic shapes
@@ -111,8 +111,25 @@ class _Importer:
                            hint="seqweave imports ATen ops only; dynamic shapes are not supported yet (use dynamic=False)")
 
 
-def _attn_kwargs(mask: str, score_mod: str, scale: float, k: Value) -> dict:
-    return {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": int(k.type.shape[1])}
+#: the attention ops' trailing attributes and their defaults (see `frontend.custom_ops`)
+_ATTRIBUTES = (("mask", None), ("score_mod", None), ("scale", None), ("positions", "none"), ("layer", -1))
+
+
+def _with_defaults(args: tuple, kwargs: dict, tensors: int) -> list:
+    """The op's arguments in schema order, attributes the call left out at their defaults."""
+    given = list(args)
+    for name, default in _ATTRIBUTES[len(given) - tensors:]:
+        given.append(kwargs.get(name, default))
+    return given
+
+
+def _attn_kwargs(k: Value, mask: str, score_mod: str, scale: float, positions: str, layer: int) -> dict:
+    attributes = {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": int(k.type.shape[1])}
+    if positions != "none":
+        attributes["positions"] = positions
+    if layer >= 0:
+        attributes["layer"] = int(layer)
+    return attributes
 
 
 def _attribute(gm: fx.GraphModule, target: str) -> Any:

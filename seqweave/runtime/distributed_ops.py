@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from seqweave.ir.graph import Node
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
+from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.sp import split_factor
+from seqweave.ir.positions import NoPositions, PositionSpec, parse_positions
 from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import Layout, RingPlan, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
@@ -131,5 +134,40 @@ def bind(comm: Communicator, step: int, node: Node, kernels: LocalAttention = RE
     """The step function of a distributed node: its implementation bound to `comm`, with the
     attention ops' mask, score mod and ring plan prepared once here, running `kernels` locally."""
     implementation = DISTRIBUTED_OPS[node.op]
-    setup = _attention_setup(node.kwargs, kernels) if node.op.startswith("attn.") else node
-    return functools.partial(implementation, comm, step, setup)
+    if not node.op.startswith("attn."):
+        return functools.partial(implementation, comm, step, node)
+    setup = _attention_setup(node.kwargs, kernels)
+    spec = parse_positions(node.kwargs.get("positions", "none"))
+    if isinstance(spec, NoPositions):
+        return functools.partial(implementation, comm, step, setup)
+    return _with_positions(implementation, comm, step, setup, spec, node)
+
+
+def _with_positions(implementation: Callable[..., Any], comm: Communicator, step: int, setup: AttentionSetup,
+                    spec: PositionSpec, node: Node) -> Callable[..., Any]:
+    """A distributed attention carrying positions: this rank rotates its own rows of q and k by
+    their global positions before anything is sent, and its gradients back after
+    (`ir.ops.attn_positions`); a far rotation runs the op once more under its own ring plan."""
+    setups = {setup.mask: setup}
+
+    def setup_for(mask: MaskSpec) -> AttentionSetup:
+        if mask not in setups:
+            kw = node.kwargs
+            setups[mask] = replace(setup, mask=mask, plan=plan_ring(mask, Layout(kw["layout"]), kw["world"],
+                                                                   kw["length"]))
+        return setups[mask]
+
+    rank = dist.get_rank() if isinstance(comm, HybridCommunicator) else comm.rank
+    rows = setup.positions_of(rank)
+    if node.op.endswith("_backward"):
+        def run_backward(dout, q, k, v, out, lse, operands, **kw):
+            attend_backward = lambda dout_, q_, k_, v_, out_, lse_, mask: implementation(  # noqa: E731
+                comm, step, setup_for(mask), dout_, q_, k_, v_, out_, lse_, operands)
+            return positional_backward(attend_backward, dout, q, k, v, out, lse, setup.mask, spec, operands,
+                                       rows, rows)
+        return run_backward
+
+    def run(q, k, v, operands, **kw):
+        attend = lambda q_, k_, v_, mask: implementation(comm, step, setup_for(mask), q_, k_, v_, operands)  # noqa: E731
+        return positional_forward(attend, q, k, v, setup.mask, spec, operands, rows, rows)
+    return run

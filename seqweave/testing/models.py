@@ -47,6 +47,25 @@ def _mistral(spec: SampleSpec) -> torch.nn.Module:
                                             sliding_window=window))
 
 
+def _neox(spec: SampleSpec) -> torch.nn.Module:
+    """GPT-NeoX: partial rotary (a quarter of each head rotated), fused QKV, parallel residual."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    sizes = _decoder_sizes(spec)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**sizes, rotary_pct=0.25, hidden_dropout=0.0))
+
+
+def _phi3(spec: SampleSpec) -> torch.nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3ForCausalLM(Phi3Config(**_decoder_sizes(spec), num_key_value_heads=spec.kv_heads,
+                                      resid_pdrop=0.0, embd_pdrop=0.0))
+
+
+def _gemma(spec: SampleSpec) -> torch.nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+    return GemmaForCausalLM(GemmaConfig(**_decoder_sizes(spec), num_key_value_heads=spec.kv_heads,
+                                        head_dim=spec.hidden // HEADS))
+
+
 def _gpt2(spec: SampleSpec) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=spec.hidden, n_layer=spec.layers, n_head=HEADS,
@@ -64,6 +83,7 @@ def _decoder_sizes(spec: SampleSpec) -> dict[str, Any]:
 
 BUILDERS: dict[str, Callable[[SampleSpec], torch.nn.Module]] = {
     "llama-tiny": _llama, "qwen2-tiny": _qwen2, "mistral-tiny": _mistral, "gpt2-tiny": _gpt2,
+    "neox-tiny": _neox, "phi3-tiny": _phi3, "gemma-tiny": _gemma,
 }
 
 

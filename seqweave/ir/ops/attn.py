@@ -1,5 +1,9 @@
 """`attn.*`: attention as data. The mask is a MaskSpec (text attribute) whose `$i` operands
-are the tensors in the node's fourth argument; heads are laid out as in SDPA, [B, H, S, D]."""
+are the tensors in the node's fourth argument; heads are laid out as in SDPA, [B, H, S, D].
+
+Optional attributes: `positions` (a PositionSpec's text, `ir.positions`: q and k arrive
+unrotated and the op rotates them; its `$i` operands share the list with the mask's) and
+`layer` (the attention's index in the captured model, the same in forward and backward)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +14,10 @@ from seqweave.ir.graph import Node, Value
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.score_mod import ScoreMod
+from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_reference import attention_backward, attention_forward, lse_dtype
 from seqweave.ir.ops.base import OpDef, fail
+from seqweave.ir.positions import PositionSpec, Rope, parse_positions
 from seqweave.ir.types import TensorType, ValueType
 
 ATTN_KWARGS = ("mask", "score_mod", "scale", "kv_heads")
@@ -23,6 +29,11 @@ def mask_of(node: Node) -> MaskSpec:
 
 def score_mod_of(node: Node) -> ScoreMod:
     return parse_score_mod(node.kwargs["score_mod"])
+
+
+def positions_of(node: Node) -> PositionSpec:
+    """The node's PositionSpec (`NoPositions` when it has none)."""
+    return parse_positions(node.kwargs.get("positions", "none"))
 
 
 def _tensor_type(node: Node, value: Any, what: str) -> TensorType:
@@ -65,6 +76,18 @@ def _check_attributes(node: Node, mask_operands: Any) -> None:
     bad = [i for i in mask.operand_indices() if i >= len(mask_operands)]
     if bad:
         raise fail(node, f"mask {mask} uses operands {bad} but only {len(mask_operands)} are given")
+    try:
+        positions = positions_of(node)
+    except ValueError as error:
+        raise fail(node, str(error)) from error
+    bad = [i for i in positions.operand_indices() if i >= len(mask_operands)]
+    if bad:
+        raise fail(node, f"positions {positions} use operands {bad} but only {len(mask_operands)} are given")
+    if isinstance(positions, Rope) and positions.far:
+        try:
+            parse_mask(positions.far)
+        except ValueError as error:
+            raise fail(node, f"positions: far mask: {error}") from error
 
 
 class Sdpa(OpDef):
@@ -88,8 +111,10 @@ class Sdpa(OpDef):
         _check_attention_operands(node, q, k, v)
 
     def reference(self, node: Node, q, k, v, operands, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_forward(q, k, v, parse_mask(kwargs["mask"]), parse_score_mod(kwargs["score_mod"]),
-                                 kwargs["scale"], operands)
+        modifier = parse_score_mod(kwargs["score_mod"])
+        attend = lambda q_, k_, v_, mask: attention_forward(q_, k_, v_, mask, modifier, kwargs["scale"], operands)  # noqa: E731
+        return positional_forward(attend, q, k, v, parse_mask(kwargs["mask"]),
+                                  parse_positions(kwargs.get("positions", "none")), operands)
 
 
 class SdpaBackward(OpDef):
@@ -110,5 +135,8 @@ class SdpaBackward(OpDef):
             raise fail(node, f"dout {dout.shape_text()} / lse {lse.shape_text()} do not match q {q.shape_text()}")
 
     def reference(self, node: Node, dout, q, k, v, out, lse, operands, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        return attention_backward(dout, q, k, v, out, lse, parse_mask(kwargs["mask"]),
-                                  parse_score_mod(kwargs["score_mod"]), kwargs["scale"], operands)
+        modifier = parse_score_mod(kwargs["score_mod"])
+        attend_backward = lambda dout_, q_, k_, v_, out_, lse_, mask: attention_backward(  # noqa: E731
+            dout_, q_, k_, v_, out_, lse_, mask, modifier, kwargs["scale"], operands)
+        return positional_backward(attend_backward, dout, q, k, v, out, lse, parse_mask(kwargs["mask"]),
+                                   parse_positions(kwargs.get("positions", "none")), operands)

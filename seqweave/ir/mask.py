@@ -293,6 +293,63 @@ class Sinks(_Structured):
 
 
 @dataclass(frozen=True)
+class QueriesFrom(_Structured):
+    """q >= n: only queries from position n on (the pairs StreamingLLM rotates by cache slot)."""
+
+    n: int
+    KIND: ClassVar[str] = "queries_from"
+    ARG_KINDS: ClassVar[tuple[str, ...]] = (ARG_INT,)
+    HINT: ClassVar[str] = "pass the first query position, e.g. QueriesFrom(1028)"
+
+    def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
+        return (q >= self.n) & (kv == kv)
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"(({q}) + 0 * ({kv}) >= {self.n})"
+
+    def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
+        return _from_bounds(all_true=q[0] >= self.n, all_false=q[1] - 1 < self.n)
+
+
+@dataclass(frozen=True)
+class QueriesBefore(_Structured):
+    """q < n: only queries before position n."""
+
+    n: int
+    KIND: ClassVar[str] = "queries_before"
+    ARG_KINDS: ClassVar[tuple[str, ...]] = (ARG_INT,)
+    HINT: ClassVar[str] = "pass the first query position excluded, e.g. QueriesBefore(1028)"
+
+    def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
+        return (q < self.n) & (kv == kv)
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"(({q}) + 0 * ({kv}) < {self.n})"
+
+    def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
+        return _from_bounds(all_true=q[1] - 1 < self.n, all_false=q[0] >= self.n)
+
+
+@dataclass(frozen=True)
+class DistanceAtLeast(_Structured):
+    """q - kv >= d: keys at least d tokens before the query (LM-Infinite's clamped distances)."""
+
+    d: int
+    KIND: ClassVar[str] = "distance_at_least"
+    ARG_KINDS: ClassVar[tuple[str, ...]] = (ARG_INT,)
+    HINT: ClassVar[str] = "pass the smallest distance q - kv, e.g. DistanceAtLeast(2049)"
+
+    def _allows(self, q: Tensor, kv: Tensor) -> Tensor:
+        return q - kv >= self.d
+
+    def to_triton(self, q: str, kv: str) -> str:
+        return f"(({q}) - ({kv}) >= {self.d})"
+
+    def _classify(self, q: Range, kv: Range, operands: Operands | None) -> BlockClass:
+        return _from_bounds(all_true=q[0] - (kv[1] - 1) >= self.d, all_false=(q[1] - 1) - kv[0] < self.d)
+
+
+@dataclass(frozen=True)
 class Chunked(_Structured):
     """q // size == kv // size: attention only within fixed-size chunks."""
 

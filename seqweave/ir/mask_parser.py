@@ -11,12 +11,13 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from seqweave.ir.mask import (_ARG_DESCRIPTIONS, _END, _IDENT, _PUNCT, _TOKEN_RE, ARG_FLOAT, ARG_INT, ARG_OPERAND,
-                              OPERAND_SIGIL, Causal, Chunked, Dense, Document, Full, MaskSpec, Padding,
-                              Sinks, SlidingWindow, _TextForm)
+                              OPERAND_SIGIL, Causal, Chunked, Dense, DistanceAtLeast, Document, Full, MaskSpec,
+                              Padding, QueriesBefore, QueriesFrom, Sinks, SlidingWindow, _TextForm)
 from seqweave.ir.score_mod import NoScoreMod, ScoreMod, Softcap
 
 _MASK_KINDS: Mapping[str, type[MaskSpec]] = MappingProxyType(
-    {c.KIND: c for c in (Full, Causal, SlidingWindow, Sinks, Chunked, Document, Padding, Dense)})
+    {c.KIND: c for c in (Full, Causal, SlidingWindow, Sinks, Chunked, Document, Padding, Dense, QueriesFrom,
+                        QueriesBefore, DistanceAtLeast)})
 _SCORE_MOD_KINDS: Mapping[str, type[ScoreMod]] = MappingProxyType({c.KIND: c for c in (NoScoreMod, Softcap)})
 
 

@@ -1,0 +1,228 @@
+"""Rewrites of what an attention sees: its span of keys and the positions its rotary reads.
+
+Each pass edits the `mask` and `positions` attributes of `attn.sdpa` and `attn.sdpa_backward`
+alike (a training step's forward and backward graphs are compiled apart and rewritten the
+same way). Positions must have been lifted by the frontend (`seqweave explain` says so per
+attention); a pass that needs them and finds an attention without them stops with the reason
+rather than rewrite some layers and not others. `layers="0+5"` limits a pass to those
+attention layers (their index in the captured model, as `explain` numbers them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+from seqweave.errors import PassError
+from seqweave.ir.graph import Graph, Node
+from seqweave.ir.mask import Causal, DistanceAtLeast, MaskSpec, QueriesBefore, QueriesFrom, Sinks, SlidingWindow
+from seqweave.ir.mask_parser import parse_mask
+from seqweave.ir.ops.attn import positions_of
+from seqweave.ir.positions import NoPositions, Rope, yarn_scaling
+from seqweave.passes.base import Pass, PassResult
+
+ATTENTION_OPS = ("attn.sdpa", "attn.sdpa_backward")
+SCALE_RULES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def parse_layers(text: object, option: str = "layers") -> frozenset[int] | None:
+    """`""` -> None (every layer); `3` or `"0+5"` -> {0, 5}."""
+    if text in ("", None):
+        return None
+    try:
+        return frozenset(int(part) for part in str(text).split("+"))
+    except ValueError:
+        raise PassError(f"{option}={text!r} is not a list of layer indices",
+                        hint="join layer indices with '+', e.g. full=0+5") from None
+
+
+def attentions(graph: Graph, layers: frozenset[int] | None = None) -> Iterator[Node]:
+    """The attention nodes of `graph`, those of `layers` only when given."""
+    for node in graph.nodes:
+        if node.op in ATTENTION_OPS and (layers is None or node.kwargs.get("layer", -1) in layers):
+            yield node
+
+
+def _rotary(node: Node, pass_name: str) -> Rope:
+    spec = positions_of(node)
+    if not isinstance(spec, Rope):
+        raise PassError(f"attention layer {node.kwargs.get('layer', '?')} ({node.loc or node.op}) carries no lifted "
+                        "rotary embedding, so its positions cannot be rewritten", pass_name=pass_name,
+                        hint="`seqweave explain` says per attention whether its rotary was lifted and, if not, why; "
+                             "limit the pass with layers=... or leave it out")
+    return spec
+
+
+def _set(node: Node, mask: MaskSpec | None = None, positions: Rope | None = None) -> None:
+    if mask is not None:
+        node.kwargs = {**node.kwargs, "mask": str(mask)}
+    if positions is not None:
+        node.kwargs = {**node.kwargs, "positions": str(positions)}
+
+
+def _layers_text(nodes: list[Node]) -> str:
+    return "+".join(str(layer) for layer in sorted({node.kwargs.get("layer", -1) for node in nodes}))
+
+
+@dataclass(frozen=True)
+class RopeScale(Pass):
+    """Change the rotary frequencies, as HF's `rope_parameters` would for the same rule.
+
+    `rule=default` with `base=B` is ABF (a new base theta); `linear` divides the frequencies by
+    `factor`; `dynamic` (NTK) grows the base once positions pass `original_max`; `yarn` blends
+    interpolation and extrapolation between the `beta_fast` / `beta_slow` corrections and sets
+    the attention scaling to 0.1 ln(factor) + 1; `llama3` divides long wavelengths by `factor`,
+    keeps short ones and interpolates between (`low_freq_factor`, `high_freq_factor`).
+    `base=0` keeps the lifted base.
+    """
+
+    name = "rope-scale"
+    base: float = 0.0
+    factor: float = 1.0
+    rule: str = "default"
+    original_max: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    layers: object = ""
+
+    def __post_init__(self) -> None:
+        if self.rule not in SCALE_RULES:
+            raise PassError(f"rule={self.rule!r} is not a rotary scaling rule", pass_name=self.name,
+                            hint=f"use one of {SCALE_RULES}")
+        if self.rule in ("dynamic", "yarn", "llama3") and self.original_max <= 0:
+            raise PassError(f"rule={self.rule} needs original_max (the context length the model was trained at)",
+                            pass_name=self.name, hint=f"e.g. rope-scale{{rule={self.rule},factor=8,original_max=8192}}")
+
+    def run(self, graph: Graph) -> PassResult:
+        nodes = list(attentions(graph, parse_layers(self.layers)))
+        for node in nodes:
+            _set(node, positions=self.scaled(_rotary(node, self.name), node))
+        return PassResult(len(nodes), f"rule {self.rule} on layers {_layers_text(nodes)}")
+
+    def scaled(self, spec: Rope, node: Node) -> Rope:
+        base = self.base or spec.base
+        if base <= 0:
+            raise PassError(f"attention layer {node.kwargs.get('layer', '?')}: its rotary frequencies are a table "
+                            "(not base^(-2i/d)), so there is no base to scale", pass_name=self.name,
+                            hint="give the base explicitly, e.g. rope-scale{base=10000,rule=linear,factor=4}")
+        low, high = (self.beta_slow, self.beta_fast) if self.rule == "yarn" else \
+            (self.low_freq_factor, self.high_freq_factor)
+        scaling = yarn_scaling(self.factor) if self.rule == "yarn" else 1.0
+        return replace(spec, rule=self.rule, base=float(base), freqs=-1, factor=float(self.factor),
+                       original_max=int(self.original_max), low=float(low), high=float(high), scaling=scaling)
+
+
+@dataclass(frozen=True)
+class RopeFp32(Pass):
+    """Rotate q and k in fp32 and cast back (AnchorAttention: bf16 rotary tables and products
+    lose relative positions at long context). Exact no-op in fp32 models."""
+
+    name = "rope-fp32"
+    layers: object = ""
+
+    def run(self, graph: Graph) -> PassResult:
+        nodes = list(attentions(graph, parse_layers(self.layers)))
+        for node in nodes:
+            _set(node, positions=replace(_rotary(node, self.name), compute="float32"))
+        return PassResult(len(nodes), f"fp32 rotary on layers {_layers_text(nodes)}")
+
+
+def _span(sinks: int, window: int) -> MaskSpec:
+    """Each query sees the first `sinks` keys and itself with the `window - 1` keys before it."""
+    return Sinks(sinks) | SlidingWindow(window - 1, 0) if sinks else SlidingWindow(window - 1, 0)
+
+
+def _check_span(pass_name: str, sinks: object, window: object) -> None:
+    if not isinstance(sinks, int) or not isinstance(window, int) or sinks < 0 or window < 1:
+        raise PassError(f"sinks={sinks!r}, window={window!r}: need whole numbers, sinks >= 0 and window >= 1",
+                        pass_name=pass_name, hint=f"e.g. {pass_name}{{sinks=4,window=1024}}")
+
+
+@dataclass(frozen=True)
+class Streaming(Pass):
+    """StreamingLLM: each query sees the first `sinks` tokens and the last `window` (itself
+    included), with positions taken inside that cache: once a query is past `sinks + window`
+    tokens, the cache holds the sinks and the window, the query sits at slot sinks+window-1 and
+    the keys at their slots, so window keys keep their true distance and a sink key j is seen
+    at distance sinks+window-1-j. Written as the near pairs (true positions) and the far pairs
+    `sinks(s) & queries_from(s+w)` (query rotated at s+w-1). Positions are token indices."""
+
+    name = "streaming"
+    sinks: int = 4
+    window: int = 1024
+    layers: object = ""
+
+    def __post_init__(self) -> None:
+        _check_span(self.name, self.sinks, self.window)
+
+    def run(self, graph: Graph) -> PassResult:
+        nodes = list(attentions(graph, parse_layers(self.layers)))
+        cache = self.sinks + self.window
+        for node in nodes:
+            seen = parse_mask(node.kwargs["mask"]) & Causal() & _span(self.sinks, self.window)
+            spec = positions_of(node)
+            if isinstance(spec, NoPositions) or not self.sinks:
+                _set(node, mask=seen)
+                continue
+            near = seen & (SlidingWindow(self.window - 1, 0) | QueriesBefore(cache))
+            far = seen & Sinks(self.sinks) & QueriesFrom(cache)
+            _set(node, mask=near, positions=replace(_rotary(node, self.name), far=str(far), far_q=cache - 1, far_k=-1))
+        return PassResult(len(nodes), f"sinks {self.sinks}, window {self.window} on layers {_layers_text(nodes)}")
+
+
+@dataclass(frozen=True)
+class LmInfinite(Pass):
+    """LM-Infinite: the Λ-shaped mask (first `sinks` tokens and the last `window`) and a limit
+    on the distance RoPE sees: a pair further apart than `max_distance` (default: the window)
+    is scored as if exactly `max_distance` apart (query rotated at max_distance, key at 0)."""
+
+    name = "lm-infinite"
+    sinks: int = 4
+    window: int = 1024
+    max_distance: int = 0
+    layers: object = ""
+
+    def __post_init__(self) -> None:
+        _check_span(self.name, self.sinks, self.window)
+
+    def run(self, graph: Graph) -> PassResult:
+        nodes = list(attentions(graph, parse_layers(self.layers)))
+        limit = self.max_distance or self.window
+        for node in nodes:
+            seen = parse_mask(node.kwargs["mask"]) & Causal() & _span(self.sinks, self.window)
+            spec = _rotary(node, self.name)
+            near, far = seen & SlidingWindow(limit, 0), seen & DistanceAtLeast(limit + 1)
+            _set(node, mask=near, positions=replace(spec, far=str(far), far_q=limit, far_k=0))
+        return PassResult(len(nodes), f"sinks {self.sinks}, window {self.window}, max distance {limit} "
+                                      f"on layers {_layers_text(nodes)}")
+
+
+@dataclass(frozen=True)
+class MixedSpans(Pass):
+    """MASFormer: full attention in the layers listed in `full` (indices joined by '+'), a
+    sliding window elsewhere; `window=W` means each query sees itself and the W - 1 tokens
+    before it (HF's `sliding_window=W`)."""
+
+    name = "mixed-spans"
+    window: int = 1024
+    full: object = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or self.window < 1:
+            raise PassError(f"window={self.window!r} must be a whole number >= 1", pass_name=self.name,
+                            hint="e.g. mixed-spans{window=4096,full=0+5}")
+
+    def run(self, graph: Graph) -> PassResult:
+        full = parse_layers(self.full, "full") or frozenset()
+        nodes = [node for node in attentions(graph) if node.kwargs.get("layer", -1) not in full]
+        for node in nodes:
+            if "layer" not in node.kwargs:
+                raise PassError(f"{node.op} ({node.loc}) has no layer index", pass_name=self.name,
+                                hint="this attention was not captured by seqweave's frontend; report this graph")
+            if isinstance(positions_of(node), Rope) and positions_of(node).far:
+                raise PassError("mixed-spans after streaming / lm-infinite would cut their far pairs",
+                                pass_name=self.name, hint="put mixed-spans first in the pipeline")
+            _set(node, mask=parse_mask(node.kwargs["mask"]) & SlidingWindow(self.window - 1, 0))
+        return PassResult(len(nodes), f"window {self.window} on layers {_layers_text(nodes)}; full on "
+                                      f"{'+'.join(map(str, sorted(full))) or 'none'}")

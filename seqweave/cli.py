@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from seqweave.config import BALANCES
+from seqweave.config import BALANCES, DEFAULT_PIPELINE
 from seqweave.errors import OptionError, SeqweaveError
 from seqweave.testing.models import SampleSpec
 
@@ -86,14 +87,16 @@ def _demo_single() -> None:
 
 def _explain_table(explanation, world: int) -> Table:
     table = Table(title="attention per layer" + (f" (sequence parallel over {world} ranks)" if world > 1 else ""))
-    columns = ["layer", "found", "form", "q heads", "kv heads", "head dim", "mask", "note"]
+    columns = ["layer", "found", "form", "q heads", "kv heads", "head dim", "mask", "positions", "note"]
     if world > 1:
         columns += ["strategy", "fwd bytes/device", "bwd bytes/device"]
     for column in columns:
         table.add_column(column)
     for layer in explanation.layers:
+        after = layer.get("after") or {}
         row = [layer["layer"], "yes" if layer["found"] else "no", layer["form"], str(layer["q_heads"]),
-               str(layer["kv_heads"]), str(layer["head_dim"]), layer["mask"], layer["reason"]]
+               str(layer["kv_heads"]), str(layer["head_dim"]), after.get("mask", layer["mask"]),
+               escape(after.get("positions", layer["positions"] or "none")), escape(layer["reason"])]
         if world > 1:
             sp = layer.get("sp", {})
             row += [sp.get("strategy", "-"), f"{sp['forward_bytes']:,}" if sp else "-",
@@ -114,6 +117,9 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
             sp: int = typer.Option(1, "--sp", help="also show the cost model's sequence-parallel strategy "
                                                    "and predicted bytes per layer for this many ranks"),
             balance: str = typer.Option("zigzag", help="sequence layout for --sp: zigzag, striped or none"),
+            pipeline: str = typer.Option(DEFAULT_PIPELINE, help="pass pipeline, e.g. "
+                                         "'canonicalize,streaming{sinks=4,window=1024}': the table shows each "
+                                         "attention's mask and positions after it"),
             memory: bool = typer.Option(False, "--memory", help="predict each rank's training-step memory as an "
                                         "expression of N (built-in samples: captures at N/4, N/2 and N)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
@@ -128,7 +134,7 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
                           attn_implementation=attn, padded=padded, packed=packed)
         model, inputs = load_target(target, spec)
         with err.status(f"capturing {target}…"):
-            explanation = run_explain(model, inputs, world=sp, balance=balance)
+            explanation = run_explain(model, inputs, world=sp, balance=balance, pipeline=pipeline)
         if memory:
             explanation.totals["memory"] = _memory_prediction(target, spec, sp)
     except SeqweaveError as error:
@@ -141,6 +147,8 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
     out.print(f"graphs: {', '.join(totals['graphs'])}; IR nodes: {totals['nodes']}; attention found: "
               f"{totals['attention_found']}, left alone: {totals['attention_left_alone']}; "
               f"parameters: {totals['parameters']:,}")
+    for step in totals["pipeline"]:
+        out.print(f"pass {step['pass']}: {step['semantics']}")
     for warning in totals.get("sp_warnings", []):
         if "ran on operands gathered" in warning or warning.startswith("refused"):
             out.print(f"sequence parallelism: {warning}")

@@ -11,11 +11,13 @@ import torch
 
 from seqweave.capture_only import capture
 from seqweave.compiler import SeqweaveBackend
+from seqweave.config import DEFAULT_PIPELINE, CompileOptions
 from seqweave.errors import SeqweaveError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.sharding import Layout
 from seqweave.ir.types import TensorType
+from seqweave.passes.manager import parse_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.passes.strategy import LayerShape, choose_strategy
 
@@ -104,17 +106,40 @@ def sharding_warnings(backend: SeqweaveBackend, seq_len: int, world: int, balanc
     return list(result.warnings)
 
 
-def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = "zigzag") -> Explanation:
+def rewritten_attention(backend: SeqweaveBackend) -> dict[int, dict[str, str]]:
+    """Per attention layer index: the mask and positions it runs with after the pipeline."""
+    graph = next((c.graph for c in backend.graphs if c.kind == "inference"), None)
+    found = {}
+    for node in graph.nodes if graph is not None else ():
+        if node.op == "attn.sdpa":
+            found[node.kwargs.get("layer", -1)] = {"mask": node.kwargs["mask"],
+                                                   "positions": node.kwargs.get("positions", "none")}
+    return found
+
+
+def pipeline_semantics(pipeline: str) -> list[dict[str, str]]:
+    """Each pass of `pipeline` with its options and what it declares it does (its docstring)."""
+    return [{"pass": str(step), "semantics": " ".join((type(step).__doc__ or "").split())}
+            for step in parse_pipeline(pipeline)]
+
+
+def explain(model: torch.nn.Module, inputs: Any, world: int = 1, balance: str = "zigzag",
+            pipeline: str = DEFAULT_PIPELINE) -> Explanation:
     """Capture (inference graph only) and compile without running; with `world` > 1, add the
-    per-layer sequence-parallel strategy the cost model would choose."""
-    backend = capture(model, inputs)
-    layers = []
+    per-layer sequence-parallel strategy the cost model would choose. Each found attention
+    says what it runs with after `pipeline` (`after`: mask and positions)."""
+    backend = capture(model, inputs, CompileOptions(pipeline=pipeline))
+    after = rewritten_attention(backend)
+    layers, found = [], 0
     for report in backend.reports:
         layer = report.as_dict()
+        layer["after"] = after.get(found) if report.found else None  # layer indices count found attentions
+        found += report.found
         if world > 1 and report.found:
             layer["sp"] = strategy_for(report, world, balance)
         layers.append(layer)
     totals = _totals(backend, model)
+    totals["pipeline"] = pipeline_semantics(pipeline)
     if world > 1 and backend.reports:
         seq_len = max(r.seq_len for r in backend.reports)
         totals["gathered_outputs"] = gathered_outputs(backend, seq_len, world)

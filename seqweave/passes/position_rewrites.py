@@ -14,10 +14,10 @@ from typing import Iterator
 
 from seqweave.errors import PassError
 from seqweave.ir.graph import Graph, Node
-from seqweave.ir.mask import Causal, DistanceAtLeast, MaskSpec, QueriesBefore, QueriesFrom, Sinks, SlidingWindow
+from seqweave.ir.mask import And, Causal, DistanceAtLeast, MaskSpec, QueriesBefore, QueriesFrom, Sinks, SlidingWindow
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.ops.attn import positions_of
-from seqweave.ir.positions import NoPositions, Rope, yarn_scaling
+from seqweave.ir.positions import Rope, yarn_scaling
 from seqweave.passes.base import Pass, PassResult
 
 ATTENTION_OPS = ("attn.sdpa", "attn.sdpa_backward")
@@ -128,6 +128,12 @@ class RopeFp32(Pass):
         return PassResult(len(nodes), f"fp32 rotary on layers {_layers_text(nodes)}")
 
 
+def _causal(mask: MaskSpec) -> MaskSpec:
+    """`mask & causal`, without repeating a causal term the mask already has."""
+    parts = mask.parts if isinstance(mask, And) else (mask,)
+    return mask if Causal() in parts else mask & Causal()
+
+
 def _span(sinks: int, window: int) -> MaskSpec:
     """Each query sees the first `sinks` keys and itself with the `window - 1` keys before it."""
     return Sinks(sinks) | SlidingWindow(window - 1, 0) if sinks else SlidingWindow(window - 1, 0)
@@ -160,14 +166,14 @@ class Streaming(Pass):
         nodes = list(attentions(graph, parse_layers(self.layers)))
         cache = self.sinks + self.window
         for node in nodes:
-            seen = parse_mask(node.kwargs["mask"]) & Causal() & _span(self.sinks, self.window)
-            spec = positions_of(node)
-            if isinstance(spec, NoPositions) or not self.sinks:
+            seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
+            spec = _rotary(node, self.name)  # a rotary left in the graph would see the wrong distances
+            if not self.sinks:
                 _set(node, mask=seen)
                 continue
             near = seen & (SlidingWindow(self.window - 1, 0) | QueriesBefore(cache))
             far = seen & Sinks(self.sinks) & QueriesFrom(cache)
-            _set(node, mask=near, positions=replace(_rotary(node, self.name), far=str(far), far_q=cache - 1, far_k=-1))
+            _set(node, mask=near, positions=replace(spec, far=str(far), far_q=cache - 1, far_k=-1))
         return PassResult(len(nodes), f"sinks {self.sinks}, window {self.window} on layers {_layers_text(nodes)}")
 
 
@@ -190,7 +196,7 @@ class LmInfinite(Pass):
         nodes = list(attentions(graph, parse_layers(self.layers)))
         limit = self.max_distance or self.window
         for node in nodes:
-            seen = parse_mask(node.kwargs["mask"]) & Causal() & _span(self.sinks, self.window)
+            seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
             spec = _rotary(node, self.name)
             near, far = seen & SlidingWindow(limit, 0), seen & DistanceAtLeast(limit + 1)
             _set(node, mask=near, positions=replace(spec, far=str(far), far_q=limit, far_k=0))

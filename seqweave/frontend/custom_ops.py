@@ -72,7 +72,8 @@ def _backward(ctx, dout, dlse):
     mask, score_mod, scale, positions, layer = ctx.attrs
     dq, dk, dv = torch.ops.seqweave.attention_backward(dout, q, k, v, out, lse, mask_operands, mask, score_mod, scale,
                                                        positions, layer)
-    return dq, dk, dv, [None] * ctx.num_mask_operands, None, None, None, None, None
+    grads = (dq, dk, dv, [None] * ctx.num_mask_operands, None, None, None, None, None)
+    return grads[:len(ctx.needs_input_grad)]  # one per argument the call gave (defaults left out have none)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -15,6 +15,7 @@ Anything else stays in the graph, with the reason in the attention's report.
 from __future__ import annotations
 
 import operator
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,16 +134,16 @@ def match_application(node: fx.Node) -> Application:
 
 
 def looks_rotary(node: fx.Node) -> bool:
-    """Does `node` read a rotate_half (so a failure to lift is worth a note)?"""
-    seen, stack = set(), [node]
-    while stack and len(seen) < 12:
-        current = stack.pop()
+    """Does `node` read a rotate_half within a few ops (so a failure to lift is worth a note)?"""
+    seen, queue = set(), deque([node])
+    while queue and len(seen) < 16:  # breadth first: the tables behind cos / sin are deep
+        current = queue.popleft()
         if current in seen or not isinstance(current, fx.Node):
             continue
         seen.add(current)
         if _rotate_half_source(current) is not None:
             return True
-        stack.extend(current.all_input_nodes)
+        queue.extend(current.all_input_nodes)
     return False
 
 

@@ -52,6 +52,15 @@ def _rotary(node: Node, pass_name: str) -> Rope:
     return spec
 
 
+def _unrewritten_rotary(node: Node, pass_name: str) -> Rope:
+    """The lifted rotary, refusing one a streaming / lm-infinite rewrite already split in two."""
+    spec = _rotary(node, pass_name)
+    if spec.far:
+        raise PassError(f"attention layer {node.kwargs.get('layer', '?')} was already rewritten with a far rotation "
+                        f"({spec.far})", pass_name=pass_name, hint="use one of streaming / lm-infinite, once")
+    return spec
+
+
 def _set(node: Node, mask: MaskSpec | None = None, positions: Rope | None = None) -> None:
     if mask is not None:
         node.kwargs = {**node.kwargs, "mask": str(mask)}
@@ -167,7 +176,7 @@ class Streaming(Pass):
         cache = self.sinks + self.window
         for node in nodes:
             seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
-            spec = _rotary(node, self.name)  # a rotary left in the graph would see the wrong distances
+            spec = _unrewritten_rotary(node, self.name)  # a rotary left in the graph would see wrong distances
             if not self.sinks:
                 _set(node, mask=seen)
                 continue
@@ -197,7 +206,7 @@ class LmInfinite(Pass):
         limit = self.max_distance or self.window
         for node in nodes:
             seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
-            spec = _rotary(node, self.name)
+            spec = _unrewritten_rotary(node, self.name)
             near, far = seen & SlidingWindow(limit, 0), seen & DistanceAtLeast(limit + 1)
             _set(node, mask=near, positions=replace(spec, far=str(far), far_q=limit, far_k=0))
         return PassResult(len(nodes), f"sinks {self.sinks}, window {self.window}, max distance {limit} "

@@ -289,3 +289,26 @@ def attention_graph(shape: AttentionShape, mask: str, score_mod: str = "none", s
     out, lse = builder.node("attn.sdpa", (q, k, v, operands), kwargs)
     builder.graph.outputs = (out, lse)
     return builder.graph
+
+
+def rotary_attention_graph(shape: AttentionShape, mask: str = "causal", base: float = 10000.0,
+                           layer: int = 0, backward: bool = False) -> Graph:
+    """`attn.sdpa` (or its backward) whose unrotated q and k are rotated by a lifted rotary over
+    every channel: `positions=$0` is an int64 input [1, S] (token indices), frequencies by
+    HF's default rule from `base`. q and k have the same length."""
+    builder = GraphBuilder.new("attention")
+    b, d, s = shape.batch, shape.head_dim, shape.q_len
+    tensors = [builder.input((b, heads, s, d), torch.float64)
+               for heads in (shape.q_heads, shape.kv_heads, shape.kv_heads)]
+    positions = builder.input((1, s), torch.int64)
+    kwargs = {"mask": mask, "score_mod": "none", "scale": d ** -0.5, "kv_heads": shape.kv_heads,
+              "positions": f"rope(dims={d}, positions=$0, rule=default, base={base!r})", "layer": layer}
+    if backward:
+        dout, out = builder.input((b, shape.q_heads, s, d), torch.float64), builder.input((b, shape.q_heads, s, d),
+                                                                                          torch.float64)
+        lse = builder.input((b, shape.q_heads, s), torch.float64)
+        builder.graph.outputs = tuple(builder.node("attn.sdpa_backward", (dout, *tensors, out, lse, [positions]),
+                                                   kwargs))
+    else:
+        builder.graph.outputs = tuple(builder.node("attn.sdpa", (*tensors, [positions]), kwargs))
+    return builder.graph

@@ -1,0 +1,112 @@
+"""Rotary embeddings lifted into attention (`frontend.rope_lift`).
+
+Every HF architecture with rotary positions in the sample zoo (full rotary: Llama, Qwen2,
+Mistral, Phi-3, Gemma; partial: GPT-NeoX) compiles with its rotary lifted into the attention
+op, the report says so, no cos/sin is left in the forward graph, and the training step equals
+eager. A rotary the lifter cannot reproduce stays in the graph, exact, with the reason.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import seqweave
+from seqweave.testing.models import SampleSpec, build_sample
+
+TOLERANCE = 1e-5
+ROTARY_SAMPLES = ["llama-tiny", "qwen2-tiny", "mistral-tiny", "phi3-tiny", "gemma-tiny", "neox-tiny"]
+
+
+def _relative(got, expected):
+    got, expected = got.detach(), expected.detach()
+    return float((got.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-12))
+
+
+def _step(model, inputs, run=None):
+    model.zero_grad()
+    out = (model if run is None else run)(**inputs)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ROTARY_SAMPLES)
+def test_hf_rotary_is_lifted_and_training_matches_eager(name):
+    model, inputs = build_sample(SampleSpec(name, seq_len=12, batch=2))
+    logits, grads = _step(model, inputs)
+    backend = seqweave.backend()
+    got_logits, got_grads = _step(model, inputs, torch.compile(model, backend=backend, fullgraph=True,
+                                                                  dynamic=False))
+    assert _relative(got_logits, logits) <= TOLERANCE
+    assert grads.keys() == got_grads.keys()
+    for key, grad in grads.items():
+        assert _relative(got_grads[key], grad) <= TOLERANCE, key
+    found = [report for report in backend.reports if report.found]
+    assert len(found) == 2 and all("rotary lifted" in r.reason and r.positions.startswith("rope(") for r in found)
+    expected_dims = 4 if name == "neox-tiny" else 16  # NeoX rotates a quarter of each 16-wide head
+    assert all(f"dims={expected_dims}," in r.positions for r in found)
+    forward = next(g.graph for g in backend.graphs if g.kind == "forward")
+    assert forward.count("core.cos") == 0 and forward.count("core.sin") == 0
+    attention = [node for g in backend.graphs for node in g.graph.nodes if node.op.startswith("attn.")]
+    assert len(attention) == 4 and all(node.kwargs["positions"].startswith("rope(") for node in attention)
+    assert sorted(node.kwargs["layer"] for node in attention) == [0, 0, 1, 1]
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class OddRotary(nn.Module):
+    """Rotary written almost like HF's; `variant` makes it something the lifter must refuse."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.proj = nn.Linear(16, 48)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)))
+
+    def tables(self, positions):
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        if self.variant == "squared-cos":
+            return emb.cos().square().unsqueeze(1), emb.sin().unsqueeze(1)
+        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.proj(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        positions = torch.arange(n)[None]
+        cos, sin = self.tables(positions)
+        q = q * cos + _rotate_half(q) * sin
+        if self.variant == "shifted-keys":
+            cos, sin = self.tables(positions + 3)
+        k = k * cos + _rotate_half(k) * sin
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("squared-cos", "the captured tables are not rope("),
+    ("shifted-keys", "q and k are rotated by different tables"),
+])
+def test_a_rotary_the_lifter_cannot_reproduce_stays_with_its_reason(variant, reason):
+    torch.manual_seed(0)
+    model, x = OddRotary(variant), torch.randn(2, 10, 16)
+    backend = seqweave.backend()
+    got = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
+    assert _relative(got, model(x)) <= TOLERANCE
+    (report,) = backend.reports
+    assert report.found and report.positions == "" and f"rotary left in the graph: {reason}" in report.reason
+
+
+def test_keys_from_a_cache_keep_their_rotary_in_the_graph():
+    from transformers import DynamicCache
+
+    model, inputs = build_sample(SampleSpec("llama-tiny", seq_len=12, batch=1))
+    model.eval()
+    backend = seqweave.backend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        got = compiled(inputs["input_ids"], cache=DynamicCache(config=model.config)).logits
+        expected = model(inputs["input_ids"], cache=DynamicCache(config=model.config)).logits
+    assert _relative(got, expected) <= TOLERANCE
+    assert all("k is not rotated right before the attention" in r.reason for r in backend.reports if r.found)

@@ -44,4 +44,12 @@ def unshard(tensor: Any, balance: str = "zigzag") -> Any:
     return whole(tensor, balance)
 
 
-__all__ = ["CompileOptions", "Mesh", "SeqweaveError", "backend", "compile_options", "shard", "unshard", "__version__"]
+def __getattr__(name: str) -> Any:
+    if name == "StreamingCache":  # needs transformers: imported when asked for
+        from seqweave.runtime.streaming_cache import StreamingCache
+
+        return StreamingCache
+    raise AttributeError(f"module 'seqweave' has no attribute {name!r}")
+
+
+__all__ = ["StreamingCache", "CompileOptions", "Mesh", "SeqweaveError", "backend", "compile_options", "shard", "unshard", "__version__"]

@@ -47,8 +47,9 @@ def _rotary(node: Node, pass_name: str) -> Rope:
     if not isinstance(spec, Rope):
         raise PassError(f"attention layer {node.kwargs.get('layer', '?')} ({node.loc or node.op}) carries no lifted "
                         "rotary embedding, so its positions cannot be rewritten", pass_name=pass_name,
-                        hint="`seqweave explain` says per attention whether its rotary was lifted and, if not, why; "
-                             "limit the pass with layers=... or leave it out")
+                        hint="`seqweave explain` says per attention whether its rotary was lifted and, if not, why "
+                             "(for generate(), pass past_key_values=seqweave.StreamingCache(model, sinks, window): "
+                             "its keys never outgrow the span); or limit the pass with layers=...")
     return spec
 
 
@@ -59,6 +60,19 @@ def _unrewritten_rotary(node: Node, pass_name: str) -> Rope:
         raise PassError(f"attention layer {node.kwargs.get('layer', '?')} was already rewritten with a far rotation "
                         f"({spec.far})", pass_name=pass_name, hint="use one of streaming / lm-infinite, once")
     return spec
+
+
+def _key_length(node: Node) -> object:
+    return node.args[1 if node.op == "attn.sdpa" else 2].type.shape[2]
+
+
+def _bounded_by_cache(node: Node, span: int) -> bool:
+    """Keys from a cache that holds at most `span` of them (a rolling `StreamingCache`, or the
+    first decode steps): the keys are already the ones the method keeps, at the distances the
+    cache gave them, so the attention is left as it is."""
+    length = _key_length(node)  # a sympy Integer when static
+    static = bool(getattr(length, "is_Integer", isinstance(length, int)))
+    return static and int(length) <= span and not isinstance(positions_of(node), Rope)
 
 
 def _set(node: Node, mask: MaskSpec | None = None, positions: Rope | None = None) -> None:
@@ -172,7 +186,8 @@ class Streaming(Pass):
         _check_span(self.name, self.sinks, self.window)
 
     def run(self, graph: Graph) -> PassResult:
-        nodes = list(attentions(graph, parse_layers(self.layers)))
+        nodes = [node for node in attentions(graph, parse_layers(self.layers))
+                 if not _bounded_by_cache(node, self.sinks + self.window)]
         cache = self.sinks + self.window
         for node in nodes:
             seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
@@ -202,7 +217,8 @@ class LmInfinite(Pass):
         _check_span(self.name, self.sinks, self.window)
 
     def run(self, graph: Graph) -> PassResult:
-        nodes = list(attentions(graph, parse_layers(self.layers)))
+        nodes = [node for node in attentions(graph, parse_layers(self.layers))
+                 if not _bounded_by_cache(node, self.sinks + self.window)]
         limit = self.max_distance or self.window
         for node in nodes:
             seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)

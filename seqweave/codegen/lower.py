@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 
 from seqweave.codegen import attention_kernels
+from seqweave.codegen.attention_observer import observed
 from seqweave.ir.ops.attn import positions_of
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
+from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
@@ -40,14 +42,17 @@ def _frees(graph: Graph, index: int, node: Node, last: dict[Value, int], slot_of
 
 def _local_attention(node: Node):
     """`attn.sdpa` / `attn.sdpa_backward` through the kernel dispatch, mask and positions parsed
-    once here (positions rotate q and k around the kernels, `ir.ops.attn_positions`)."""
+    once here (positions rotate q and k around the kernels, `ir.ops.attn_positions`; a decode
+    attention with `sparsity` attends to its selected keys only, `ir.ops.attn_sparsity`)."""
     mask, score_mod, scale = parse_mask(node.kwargs["mask"]), parse_score_mod(node.kwargs["score_mod"]), \
         node.kwargs["scale"]
-    positions = positions_of(node)
+    positions, sparsity = positions_of(node), parse_sparsity(node.kwargs.get("sparsity"))
     if node.op == "attn.sdpa":
+        def kernel(q, k, v, mask_, operands):
+            return attention_kernels.forward(q, k, v, mask_, score_mod, scale, operands)
+
         def forward(q, k, v, operands, **kw):
-            attend = lambda q_, k_, v_, mask_: attention_kernels.forward(  # noqa: E731
-                q_, k_, v_, mask_, score_mod, scale, operands)
+            attend = observed(node.kwargs.get("layer", -1), sparse_attend(kernel, operands, sparsity), operands)
             return positional_forward(attend, q, k, v, mask, positions, operands)
         return forward
 

@@ -20,13 +20,14 @@ from seqweave.ir.printer import print_graph
 from seqweave.ir.verifier import verify
 from seqweave.passes.base import Pass, PassResult
 from seqweave.passes.canonicalize import Canonicalize
+from seqweave.passes.double_sparsity import DoubleSparsityPass
 from seqweave.passes.position_rewrites import LmInfinite, MixedSpans, RopeFp32, RopeScale, Streaming
 from seqweave.passes.shard_sequence import ShardSequence
 
 LOG = logging.getLogger("seqweave")
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize, ShardSequence, RopeScale, RopeFp32, Streaming,
-                                                           LmInfinite, MixedSpans)}
+                                                           LmInfinite, MixedSpans, DoubleSparsityPass)}
 _STEP = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{(.*)\})?\s*$")
 
 

@@ -366,6 +366,8 @@ def _pad_sequence_dims(ctx: Context, operand: Value) -> Value:
 def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     """attn.sdpa on shards becomes attn.ring or attn.ulysses; mask operands stay whole (global positions)."""
     q, k, v, operands = args
+    if kwargs.get("sparsity"):
+        raise Unshardable("double sparsity is a single-device decode approximation")
     qkv = _sharded_operands(ctx, [q, k, v], operands, "q, k, v")
     op = f"attn.{strategy(ctx, q, k, kwargs)}"
     return op, (*qkv, _padded_operands(ctx, operands)), _distributed_attrs(ctx, kwargs), [Seq(2), Seq(2)]

@@ -16,6 +16,7 @@ from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_reference import attention_backward, attention_forward, lse_dtype
+from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.positions import PositionSpec, Rope, parse_positions
 from seqweave.ir.types import TensorType, ValueType
@@ -83,6 +84,12 @@ def _check_attributes(node: Node, mask_operands: Any) -> None:
     bad = [i for i in positions.operand_indices() if i >= len(mask_operands)]
     if bad:
         raise fail(node, f"positions {positions} use operands {bad} but only {len(mask_operands)} are given")
+    try:
+        parse_sparsity(node.kwargs.get("sparsity"))
+    except ValueError as error:
+        raise fail(node, str(error)) from error
+    if node.kwargs.get("sparsity") and node.op != "attn.sdpa":
+        raise fail(node, "sparsity is a decode-time approximation: only attn.sdpa (inference) may carry it")
     if isinstance(positions, Rope) and positions.far:
         try:
             parse_mask(positions.far)
@@ -112,7 +119,9 @@ class Sdpa(OpDef):
 
     def reference(self, node: Node, q, k, v, operands, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         modifier = parse_score_mod(kwargs["score_mod"])
-        attend = lambda q_, k_, v_, mask: attention_forward(q_, k_, v_, mask, modifier, kwargs["scale"], operands)  # noqa: E731
+        kernel = lambda q_, k_, v_, mask, operands_: attention_forward(  # noqa: E731
+            q_, k_, v_, mask, modifier, kwargs["scale"], operands_)
+        attend = sparse_attend(kernel, operands, parse_sparsity(kwargs.get("sparsity")))
         return positional_forward(attend, q, k, v, parse_mask(kwargs["mask"]),
                                   parse_positions(kwargs.get("positions", "none")), operands)
 

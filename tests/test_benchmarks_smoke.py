@@ -47,3 +47,17 @@ def test_generate_cpu_smoke_compares_tokens_with_eager(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [r["backend"] for r in rows] == ["eager", "aot_eager", "seqweave"]
     assert all(r["same_tokens"] for r in rows) and rows[2]["graphs"] == 2  # prefill and decode
+
+
+def test_streaming_smoke_keeps_rolling_caches_flat(tmp_path: Path) -> None:
+    out = tmp_path / "streaming.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(REPO / "benchmarks" / "streaming.py"), "--window", "8", "--factor", "2",
+               "--prompt", "6", "--tokens", "4", "--layers", "1", "--out", str(out)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "streaming", "lm-infinite", "double-sparsity"]
+    assert rows["dense"]["cache_bytes"]["2x"] > rows["dense"]["cache_bytes"]["1x"]  # the dense cache grows
+    assert len(set(rows["streaming"]["cache_bytes"].values())) == 1  # the rolling one does not
+    assert 0 < rows["double-sparsity"]["recall"] <= 1 and 0 < rows["double-sparsity"]["kv_read_fraction"] < 1

@@ -51,6 +51,31 @@ def test_hf_rotary_is_lifted_and_training_matches_eager(name):
     assert sorted(node.kwargs["layer"] for node in attention) == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("rope_parameters, expected", [
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16, "rope_theta": 10000.0}, "freqs=$1)"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+     "scaling=1.1386"),
+    ({"rope_type": "default", "rope_theta": 500000.0}, "base=500000.0"),
+], ids=["llama3", "yarn", "abf-base"])
+def test_scaled_frequency_tables_are_lifted(rope_parameters, expected):
+    """Tables that are not HF's default rule are lifted with the captured frequencies (and
+    YaRN's attention scaling); a default rule keeps its base, so rope-scale can change it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                         rope_parameters=rope_parameters))
+    ids = torch.randint(1, 64, (2, 24))
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    logits, grads = _step(model, inputs)
+    backend = seqweave.backend()
+    got_logits, got_grads = _step(model, inputs, torch.compile(model, backend=backend, fullgraph=True, dynamic=False))
+    assert _relative(got_logits, logits) <= TOLERANCE
+    assert all(_relative(got_grads[key], grad) <= TOLERANCE for key, grad in grads.items())
+    assert all(expected in r.positions for r in backend.reports)
+
+
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

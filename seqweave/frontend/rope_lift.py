@@ -199,6 +199,18 @@ def _frequencies_node(table: fx.Node, dims: int) -> fx.Node:
     raise NotRotary(f"no [{dims // 2}] inverse-frequency buffer found behind the tables")
 
 
+def _leaves(node: fx.Node) -> set[fx.Node]:
+    return {n for n in _ancestors(node) if n.op in ("placeholder", "get_attr")}
+
+
+def _check_reads_only(table: fx.Node, positions: fx.Node, frequencies: fx.Node) -> None:
+    """The tables must be a function of the positions and the frequencies alone: equal tables on
+    the example inputs prove nothing if they also read, say, a parameter that training changes."""
+    extra = _leaves(table) - _leaves(positions) - {frequencies}
+    if extra:
+        raise NotRotary(f"the tables also read {', '.join(sorted(n.name for n in extra))}")
+
+
 def _scaling(table: fx.Node) -> float:
     """HF's `attention_scaling`: the number the cos table is multiplied by (1.0 when none)."""
     for node in reversed(_ancestors(table)):
@@ -242,6 +254,8 @@ def lift_rotary(q: fx.Node, k: fx.Node, placeholder_values: dict[fx.Node, torch.
         raise NotRotary("q and k are rotated by different tables")
     length = example(q).shape[2]
     positions, frequencies = _positions_node(rq.cos, length), _frequencies_node(rq.cos, rq.dims)
+    _check_reads_only(rq.cos, positions, frequencies)
+    _check_reads_only(rq.sin, positions, frequencies)
     values = [evaluate(node, placeholder_values) for node in (rq.cos, rq.sin, positions, frequencies)]
     cos, sin, position_values, inv_freq = values
     if cos.dtype != example(rq.x).dtype:

@@ -169,7 +169,37 @@ def _check_span(pass_name: str, sinks: object, window: object) -> None:
 
 
 @dataclass(frozen=True)
-class Streaming(Pass):
+class _SpanRewrite(Pass):
+    """Shared by streaming and lm-infinite: the Λ-shaped span (the first `sinks` keys and the
+    last `window`, itself included) on every attention with a lifted rotary, whose pairs each
+    subclass splits into near (true positions) and far (another rotation)."""
+
+    sinks: int = 4
+    window: int = 1024
+    layers: object = ""
+
+    def __post_init__(self) -> None:
+        _check_span(self.name, self.sinks, self.window)
+
+    def run(self, graph: Graph) -> PassResult:
+        nodes = [node for node in attentions(graph, parse_layers(self.layers))
+                 if not _bounded_by_cache(node, self.sinks + self.window)]
+        for node in nodes:
+            seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
+            spec = _unrewritten_rotary(node, self.name)  # a rotary left in the graph would see wrong distances
+            mask, positions = self.split(seen, spec)
+            _set(node, mask=mask, positions=positions)
+        return PassResult(len(nodes), f"{self.describe()} on layers {_layers_text(nodes)}")
+
+    def split(self, seen: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"sinks {self.sinks}, window {self.window}"
+
+
+@dataclass(frozen=True)
+class Streaming(_SpanRewrite):
     """StreamingLLM: each query sees the first `sinks` tokens and the last `window` (itself
     included), with positions taken inside that cache: once a query is past `sinks + window`
     tokens, the cache holds the sinks and the window, the query sits at slot sinks+window-1 and
@@ -178,55 +208,32 @@ class Streaming(Pass):
     `sinks(s) & queries_from(s+w)` (query rotated at s+w-1). Positions are token indices."""
 
     name = "streaming"
-    sinks: int = 4
-    window: int = 1024
-    layers: object = ""
 
-    def __post_init__(self) -> None:
-        _check_span(self.name, self.sinks, self.window)
-
-    def run(self, graph: Graph) -> PassResult:
-        nodes = [node for node in attentions(graph, parse_layers(self.layers))
-                 if not _bounded_by_cache(node, self.sinks + self.window)]
+    def split(self, seen: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+        if not self.sinks:
+            return seen, spec
         cache = self.sinks + self.window
-        for node in nodes:
-            seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
-            spec = _unrewritten_rotary(node, self.name)  # a rotary left in the graph would see wrong distances
-            if not self.sinks:
-                _set(node, mask=seen)
-                continue
-            near = seen & (SlidingWindow(self.window - 1, 0) | QueriesBefore(cache))
-            far = seen & Sinks(self.sinks) & QueriesFrom(cache)
-            _set(node, mask=near, positions=replace(spec, far=str(far), far_q=cache - 1, far_k=-1))
-        return PassResult(len(nodes), f"sinks {self.sinks}, window {self.window} on layers {_layers_text(nodes)}")
+        near = seen & (SlidingWindow(self.window - 1, 0) | QueriesBefore(cache))
+        far = seen & Sinks(self.sinks) & QueriesFrom(cache)
+        return near, replace(spec, far=str(far), far_q=cache - 1, far_k=-1)
 
 
 @dataclass(frozen=True)
-class LmInfinite(Pass):
+class LmInfinite(_SpanRewrite):
     """LM-Infinite: the Λ-shaped mask (first `sinks` tokens and the last `window`) and a limit
     on the distance RoPE sees: a pair further apart than `max_distance` (default: the window)
     is scored as if exactly `max_distance` apart (query rotated at max_distance, key at 0)."""
 
     name = "lm-infinite"
-    sinks: int = 4
-    window: int = 1024
     max_distance: int = 0
-    layers: object = ""
 
-    def __post_init__(self) -> None:
-        _check_span(self.name, self.sinks, self.window)
-
-    def run(self, graph: Graph) -> PassResult:
-        nodes = [node for node in attentions(graph, parse_layers(self.layers))
-                 if not _bounded_by_cache(node, self.sinks + self.window)]
+    def split(self, seen: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
         limit = self.max_distance or self.window
-        for node in nodes:
-            seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
-            spec = _unrewritten_rotary(node, self.name)
-            near, far = seen & SlidingWindow(limit, 0), seen & DistanceAtLeast(limit + 1)
-            _set(node, mask=near, positions=replace(spec, far=str(far), far_q=limit, far_k=0))
-        return PassResult(len(nodes), f"sinks {self.sinks}, window {self.window}, max distance {limit} "
-                                      f"on layers {_layers_text(nodes)}")
+        near, far = seen & SlidingWindow(limit, 0), seen & DistanceAtLeast(limit + 1)
+        return near, replace(spec, far=str(far), far_q=limit, far_k=0)
+
+    def describe(self) -> str:
+        return f"{super().describe()}, max distance {self.max_distance or self.window}"
 
 
 @dataclass(frozen=True)

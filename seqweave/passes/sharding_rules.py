@@ -13,6 +13,7 @@ from typing import Any
 from seqweave.ir.graph import Node, Value, map_values, values_in
 from seqweave.ir.mask import Sinks
 from seqweave.ir.mask_parser import parse_mask
+from seqweave.ir.positions import Rope, parse_positions
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout
 from seqweave.passes.contraction_rules import CONTRACTION_RULES
@@ -339,14 +340,17 @@ def _distributed_attrs(ctx: Context, kwargs: dict) -> dict:
     return {**attrs, "ulysses": ctx.ulysses} if ctx.attention == "hybrid" else attrs
 
 
-def _padded_operands(ctx: Context, operands: list) -> list:
+def _padded_operands(ctx: Context, operands: list, kwargs: dict) -> list:
     """Mask operands padded with zeros to the padded length along their sequence dims, so
-    positions >= N can be looked up: the last dim of [B, N] segment ids and key flags, both
-    sequence dims of a dense [B, H, N, N] mask (size-1 dims broadcast and stay). The
-    `sinks(N)` term masks padding keys whatever they hold; padding query rows are dropped."""
+    positions >= N can be looked up: the last dim of [B, N] segment ids, key flags and rotary
+    positions, both sequence dims of a dense [B, H, N, N] mask (size-1 dims broadcast and
+    stay). The `sinks(N)` term masks padding keys whatever they hold; padding query rows are
+    dropped. Rotary frequencies have no sequence dim, whatever their size."""
     if ctx.padded == ctx.length:
         return operands
-    return [_pad_sequence_dims(ctx, t) for t in operands]
+    spec = parse_positions(kwargs.get("positions", "none"))
+    frequencies = spec.freqs if isinstance(spec, Rope) else -1
+    return [t if index == frequencies else _pad_sequence_dims(ctx, t) for index, t in enumerate(operands)]
 
 
 def _pad_sequence_dims(ctx: Context, operand: Value) -> Value:
@@ -370,7 +374,7 @@ def attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
         raise Unshardable("double sparsity is a single-device decode approximation")
     qkv = _sharded_operands(ctx, [q, k, v], operands, "q, k, v")
     op = f"attn.{strategy(ctx, q, k, kwargs)}"
-    return op, (*qkv, _padded_operands(ctx, operands)), _distributed_attrs(ctx, kwargs), [Seq(2), Seq(2)]
+    return op, (*qkv, _padded_operands(ctx, operands, kwargs)), _distributed_attrs(ctx, kwargs), [Seq(2), Seq(2)]
 
 
 def _rows_aligned(ctx: Context, value: Value, seq: Seq, fill: int = 0) -> Value:
@@ -453,7 +457,7 @@ def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> E
     *tensors, operands = args
     op = f"attn.{strategy(ctx, tensors[1], tensors[2], kwargs)}_backward"
     tensors = _sharded_operands(ctx, tensors, operands, "attention backward operands")
-    return op, (*tensors, _padded_operands(ctx, operands)), _distributed_attrs(ctx, kwargs), [Seq(2)] * 3
+    return op, (*tensors, _padded_operands(ctx, operands, kwargs)), _distributed_attrs(ctx, kwargs), [Seq(2)] * 3
 
 
 RULES: dict[str, Rule] = {

@@ -89,12 +89,15 @@ class OddRotary(nn.Module):
         self.variant = variant
         self.proj = nn.Linear(16, 48)
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)))
+        self.scale = nn.Parameter(torch.ones(()))
 
     def tables(self, positions):
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         if self.variant == "squared-cos":
             return emb.cos().square().unsqueeze(1), emb.sin().unsqueeze(1)
+        if self.variant == "learned-scale":  # 1.0 at first, so the tables match HF's until it trains
+            return (emb.cos() * self.scale).unsqueeze(1), (emb.sin() * self.scale).unsqueeze(1)
         return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
 
     def forward(self, x):
@@ -112,6 +115,7 @@ class OddRotary(nn.Module):
 @pytest.mark.parametrize("variant, reason", [
     ("squared-cos", "the captured tables are not rope("),
     ("shifted-keys", "q and k are rotated by different tables"),
+    ("learned-scale", "the tables also read"),
 ])
 def test_a_rotary_the_lifter_cannot_reproduce_stays_with_its_reason(variant, reason):
     torch.manual_seed(0)

@@ -108,9 +108,15 @@ def _must_not_fire(graph, pipeline):
 @pytest.mark.parametrize("pipeline", ["streaming{sinks=4,window=8}", "rope-scale{base=500000}", "rope-fp32",
                                       "lm-infinite{sinks=2,window=8}"])
 def test_attention_without_lifted_positions_is_refused_by_name(pipeline):
-    graph = attention_graph(SHAPE, "causal")
+    graph = attention_graph(AttentionShape(1, 1, 2, 31, 31, 8), "causal")  # more keys than any span here
     with pytest.raises(PassError, match="carries no lifted rotary"):
         run_pipeline(graph, pipeline)
+
+
+def test_keys_a_rolling_cache_bounds_are_left_alone():
+    """A decode step over a StreamingCache: at most sinks + window keys, rotated by the cache."""
+    graph = attention_graph(AttentionShape(1, 1, 2, 1, 12, 8), "full")
+    _must_not_fire(graph, "streaming{sinks=4,window=8}")
 
 
 def test_a_second_streaming_rewrite_is_refused():

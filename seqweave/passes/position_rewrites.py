@@ -22,6 +22,7 @@ from seqweave.passes.base import Pass, PassResult
 
 ATTENTION_OPS = ("attn.sdpa", "attn.sdpa_backward")
 SCALE_RULES = ("default", "linear", "dynamic", "yarn", "llama3")
+RULE_ALIASES = {"ntk": "dynamic"}  # HF's "dynamic" is the dynamic NTK-aware rule
 
 
 def parse_layers(text: object, option: str = "layers") -> frozenset[int] | None:
@@ -91,7 +92,7 @@ class RopeScale(Pass):
     """Change the rotary frequencies, as HF's `rope_parameters` would for the same rule.
 
     `rule=default` with `base=B` is ABF (a new base theta); `linear` divides the frequencies by
-    `factor`; `dynamic` (NTK) grows the base once positions pass `original_max`; `yarn` blends
+    `factor`; `dynamic` (or `ntk`: HF's dynamic NTK) grows the base once positions pass `original_max`; `yarn` blends
     interpolation and extrapolation between the `beta_fast` / `beta_slow` corrections and sets
     the attention scaling to 0.1 ln(factor) + 1; `llama3` divides long wavelengths by `factor`,
     keeps short ones and interpolates between (`low_freq_factor`, `high_freq_factor`).
@@ -110,9 +111,10 @@ class RopeScale(Pass):
     layers: object = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rule", RULE_ALIASES.get(self.rule, self.rule))
         if self.rule not in SCALE_RULES:
             raise PassError(f"rule={self.rule!r} is not a rotary scaling rule", pass_name=self.name,
-                            hint=f"use one of {SCALE_RULES}")
+                            hint=f"use one of {SCALE_RULES} (ntk = dynamic)")
         if self.rule in ("dynamic", "yarn", "llama3") and self.original_max <= 0:
             raise PassError(f"rule={self.rule} needs original_max (the context length the model was trained at)",
                             pass_name=self.name, hint=f"e.g. rope-scale{{rule={self.rule},factor=8,original_max=8192}}")

@@ -121,7 +121,13 @@ class StreamingCache(Cache):
             raise OptionError(f"StreamingCache(max_distance={max_distance}) is shorter than the window ({window}): "
                               "window keys would need their distance clamped too",
                               hint="use max_distance >= window - 1 (LM-Infinite uses the pretraining length)")
-        layers = model.config.get_text_config().num_hidden_layers
+        config = model.config.get_text_config()
+        if getattr(config, "sliding_window", None):
+            raise OptionError(f"{type(model).__name__} has its own sliding window ({config.sliding_window}), whose mask "
+                              "HF builds from cache slot indices as if they were positions: wrong once the cache rolls",
+                              hint="set model.config.sliding_window = None (the streaming window replaces it; keep "
+                                   "window <= the model's) and pass the same window to the streaming pass")
+        layers = config.num_hidden_layers
         inv_freq = rotary_frequencies(model)
         super().__init__(layers=[StreamingLayer(sinks, window, inv_freq, max_distance) for _ in range(layers)])
         self.sinks, self.window = sinks, window

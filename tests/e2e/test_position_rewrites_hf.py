@@ -73,7 +73,7 @@ def test_mixed_spans_equal_hf_sliding_layer_types():
     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
      "rope-scale{rule=yarn,factor=4,original_max=16}"),
     ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},  # HF: the config's max positions (16)
-     "rope-scale{rule=dynamic,factor=2,original_max=16}"),
+     "rope-scale{rule=ntk,factor=2,original_max=16}"),
 ], ids=["abf-base", "linear", "llama3", "yarn", "dynamic"])
 def test_rope_scale_equals_hf_rope_parameters(rope_parameters, pipeline):
     from transformers import LlamaConfig, LlamaForCausalLM

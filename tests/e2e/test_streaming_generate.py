@@ -60,3 +60,23 @@ def test_cache_arguments_are_checked():
         seqweave.StreamingCache(model, sinks=0, window=4)
     with pytest.raises(seqweave.SeqweaveError, match="max_distance"):
         seqweave.StreamingCache(model, sinks=2, window=8, max_distance=3)
+    mistral, _ = build_sample(SampleSpec("mistral-tiny", seq_len=8, batch=1))
+    with pytest.raises(seqweave.SeqweaveError, match="sliding_window = None"):
+        seqweave.StreamingCache(mistral, sinks=2, window=8)
+
+
+def test_mistral_without_its_own_window_streams_like_the_whole_sequence_rewrite():
+    model, inputs = build_sample(SampleSpec("mistral-tiny", seq_len=PROMPT, batch=1))
+    model.eval()
+    model.config.sliding_window = None  # as the refusal above says: the streaming window replaces it
+    forward, pipeline = model.forward, f"canonicalize,streaming{{sinks={SINKS},window={WINDOW}}}"
+    model.forward = torch.compile(forward, backend=seqweave.backend(pipeline=pipeline), fullgraph=True, dynamic=False)
+    cache = seqweave.StreamingCache(model, sinks=SINKS, window=WINDOW)
+    out = model.generate(inputs["input_ids"], past_key_values=cache, max_new_tokens=3 * WINDOW, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    model.forward = forward
+    with torch.no_grad():
+        expected = torch.compile(model, backend=seqweave.backend(pipeline=pipeline), fullgraph=True, dynamic=False)(
+            out.sequences[:, :-1], use_cache=False).logits[:, PROMPT - 1:]
+    decoded = torch.stack(out.logits, dim=1)
+    assert float((decoded - expected).abs().max() / expected.abs().max()) <= TOLERANCE

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 from seqweave.ir.mask import MaskSpec

@@ -187,13 +187,13 @@ class _SpanRewrite(Pass):
         nodes = [node for node in attentions(graph, parse_layers(self.layers))
                  if not _bounded_by_cache(node, self.sinks + self.window)]
         for node in nodes:
-            seen = _causal(parse_mask(node.kwargs["mask"])) & _span(self.sinks, self.window)
             spec = _unrewritten_rotary(node, self.name)  # a rotary left in the graph would see wrong distances
-            mask, positions = self.split(seen, spec)
+            mask, positions = self.split(_causal(parse_mask(node.kwargs["mask"])), spec)
             _set(node, mask=mask, positions=positions)
         return PassResult(len(nodes), f"{self.describe()} on layers {_layers_text(nodes)}")
 
-    def split(self, seen: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+    def split(self, causal: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+        """(near mask, spec with the far pairs) from the attention's own mask made causal."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -211,7 +211,8 @@ class Streaming(_SpanRewrite):
 
     name = "streaming"
 
-    def split(self, seen: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+    def split(self, causal: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+        seen = causal & _span(self.sinks, self.window)
         if not self.sinks:
             return seen, spec
         cache = self.sinks + self.window
@@ -229,9 +230,12 @@ class LmInfinite(_SpanRewrite):
     name = "lm-infinite"
     max_distance: int = 0
 
-    def split(self, seen: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
+    def split(self, causal: MaskSpec, spec: Rope) -> tuple[MaskSpec, Rope]:
         limit = self.max_distance or self.window
-        near, far = seen & SlidingWindow(limit, 0), seen & DistanceAtLeast(limit + 1)
+        seen = causal & _span(self.sinks, self.window)
+        near = seen & SlidingWindow(limit, 0)
+        # Past the window only sinks are seen: saying so lets the ring skip every other key block.
+        far = (causal & Sinks(self.sinks) if limit >= self.window - 1 else seen) & DistanceAtLeast(limit + 1)
         return near, replace(spec, far=str(far), far_q=limit, far_k=0)
 
     def describe(self) -> str:

@@ -1,13 +1,17 @@
 """Rewritten positions and spans under sequence parallelism (4 gloo ranks, ring, contiguous
 layout): a training step with `streaming` / `lm-infinite` / `mixed-spans` equals the same
-rewrite on one process, and the rewritten masks keep the ring's tile skipping and halo: fewer
-bytes than the dense causal ring of the same model."""
+rewrite on one process, and the rewritten masks keep the ring's tile skipping and halo: the
+near pairs' ring is a one-hop halo, the far pairs' ring computes only where sinks are seen
+from far queries, and a plain window sends fewer bytes than the dense causal ring."""
 import copy
 
 import pytest
 import torch
 
 import seqweave
+from seqweave.ir.mask_parser import parse_mask
+from seqweave.ir.positions import parse_positions
+from seqweave.ir.sharding import Layout, plan_ring
 from seqweave.testing.compare import grad_errors
 from seqweave.testing.distributed import run_ranks
 from seqweave.testing.models import SampleSpec, build_sample
@@ -18,7 +22,7 @@ PIPELINES = ["streaming{sinks=4,window=8}", "lm-infinite{sinks=4,window=8,max_di
 
 
 def _bytes_sent(backend):
-    return sum(comm.bytes_sent() for comm in backend.communicators)
+    return sum(comm.bytes_sent for comm in backend.communicators)
 
 
 def sharded_steps(rank: int, world: int) -> list[tuple]:
@@ -37,10 +41,11 @@ def sharded_steps(rank: int, world: int) -> list[tuple]:
         expected.backward()
         worst, name = grad_errors(model, reference)
         rings = sum(c.graph.count("attn.ring") + c.graph.count("attn.ring_backward") for c in backend.graphs)
-        positions = all("rope(" in n.kwargs.get("positions", "") for c in backend.graphs for n in c.graph.nodes
-                        if n.op.startswith("attn."))
+        attention = [n for c in backend.graphs for n in c.graph.nodes if n.op.startswith("attn.")]
+        positions = all("rope(" in n.kwargs.get("positions", "") for n in attention)
+        spec = parse_positions(attention[0].kwargs["positions"])
         results.append((pipeline, float((loss - expected).detach().abs()), worst, name, rings, positions,
-                        _bytes_sent(backend)))
+                        _bytes_sent(backend), attention[0].kwargs["mask"], spec.far))
     return results
 
 
@@ -48,9 +53,18 @@ def sharded_steps(rank: int, world: int) -> list[tuple]:
 def test_rewrites_train_on_four_ranks_like_one_process_with_fewer_bytes():
     outcomes = run_ranks(WORLD, sharded_steps, timeout_s=600)
     for rank_results in outcomes:
-        dense_bytes = rank_results[0][-1]
-        for pipeline, loss_error, grad_error, name, rings, positions, sent in rank_results:
+        for pipeline, loss_error, grad_error, name, rings, positions, *_ in rank_results:
             assert loss_error <= 1e-5 and grad_error <= 1e-5, (pipeline, loss_error, grad_error, name)
             assert rings == 4 and positions, pipeline  # 2 layers x (forward, backward), rotary carried
-            if pipeline and not pipeline.startswith("mixed"):
-                assert sent < dense_bytes, (pipeline, sent, dense_bytes)
+    sent = [sum(rank_results[case][6] for rank_results in outcomes) for case in range(len(PIPELINES) + 1)]
+    assert sent[3] < sent[0], sent  # mixed-spans: one layer's ring became a halo
+    dense = plan_ring(parse_mask("causal"), Layout("none"), WORLD, SEQ_LEN)
+    for pipeline, *_, mask, far in outcomes[0][1:3]:
+        near = plan_ring(parse_mask(mask), Layout("none"), WORLD, SEQ_LEN)
+        assert near.sends_total() == WORLD - 1 < dense.sends_total(), pipeline  # one hop each: a halo
+        assert near.steps_with_compute() < dense.steps_with_compute()
+        far_plan = plan_ring(parse_mask(far), Layout("none"), WORLD, SEQ_LEN)
+        # every rank computes once, against rank 0's keys (the sinks), and nothing else
+        assert far_plan.steps_with_compute() == WORLD, pipeline
+        assert all(far_plan.classes[rank][source].value == "empty" for rank in range(WORLD)
+                   for source in range(1, WORLD)), pipeline

@@ -12,7 +12,10 @@ import torch
 
 import seqweave
 from seqweave.double_sparsity import calibrate, important_channels
+from seqweave.errors import SeqweaveError
 from seqweave.ir.ops.attn_sparsity import ChannelTable
+from seqweave.passes.manager import run_pipeline
+from seqweave.testing.strategies import AttentionShape, attention_graph
 from seqweave.testing.models import SampleSpec, build_sample
 
 PROMPT, NEW = 24, 12
@@ -98,8 +101,10 @@ def test_training_graphs_stay_exact_and_bad_tables_are_refused(tmp_path):
     out = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(prompt, labels=prompt, use_cache=False)
     out.loss.backward()
     assert [g.passes[-1].result.rewrites for g in backend.graphs] == [0, 0]
-    model.eval()
-    with pytest.raises(Exception, match="no channels for attention layer 1"):  # dynamo wraps it
-        _generate(model, prompt, f"canonicalize,double-sparsity{{table={tmp_path / 'one.json'}}}")
-    with pytest.raises(Exception, match="cannot read the double-sparsity table"):
-        _generate(model, prompt, f"canonicalize,double-sparsity{{table={tmp_path / 'missing.json'}}}")
+    decode = attention_graph(AttentionShape(1, 2, 2, 1, 9, 16), "full")
+    decode.name = "inference"
+    decode.nodes[0].kwargs["layer"] = 1
+    with pytest.raises(SeqweaveError, match="no channels for attention layer 1"):
+        run_pipeline(decode, f"double-sparsity{{table={tmp_path / 'one.json'}}}")
+    with pytest.raises(SeqweaveError, match="cannot read the double-sparsity table"):
+        run_pipeline(decode, f"double-sparsity{{table={tmp_path / 'missing.json'}}}")

@@ -14,8 +14,7 @@ CASES = [  # (sample, attn_implementation, padded, packed, balance)
     ("llama-tiny", "eager", True, False, "striped"),
     ("llama-tiny", "sdpa", False, True, "zigzag"),
     ("mistral-tiny", "sdpa", False, False, "none"),
-    ("gpt2-tiny", "sdpa", False, False, "zigzag"),
-]
+]  # GPT-2 (learned positions) runs in the zoo on 2, 3 and 4 ranks
 
 
 def sharded_logits(rank: int, world: int, cases: list) -> list[tuple[float, int, str]]:

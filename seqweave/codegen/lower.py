@@ -11,12 +11,12 @@ import functools
 
 from seqweave.codegen import attention_kernels
 from seqweave.codegen.attention_observer import observed
-from seqweave.ir.ops.attn import positions_of
-from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
-from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
+from seqweave.ir.ops.attn import positions_of
+from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
+from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS, bind
 from seqweave.runtime.program import Program, Slot, Step

@@ -13,8 +13,8 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -87,7 +87,6 @@ class ChannelTable:
     tokens: int
     recall: float = float("nan")
     head_dim: int = 0
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         """Write the table as JSON, atomically (no half-written file on failure)."""

@@ -2,10 +2,12 @@
 
 What we read is HF's `apply_rotary_pos_emb` as dynamo records it, full or partial:
 
-    x_rot = x * cos[:, None] + cat(-x[..., h:], x[..., :h]) * sin[:, None]
+    x_rot = x * cos + cat(-x[..., h:], x[..., :h]) * sin
     x_out = x_rot                        (or cat(x_rot(x[..., :R]), x[..., R:]) for partial rotary)
 
-with q and k rotated by the *same* tables. The tables are then explained as a function of
+with q and k [B, H, S, D] and the tables one for every head: [B, 1, S, D] (HF's `unsqueeze(1)`),
+`[None, None]` of an [S, D] table, or the [S, D] table itself,
+q and k rotated by the *same* tables. The tables are then explained as a function of
 two graph values, the token positions and the inverse frequencies: we evaluate the captured
 tables on the example inputs and accept the spec only if `ir.positions.tables` gives them bit
 for bit (the rule, the base, the attention scaling and the dtype all have to agree). The
@@ -94,11 +96,14 @@ def _mul_operands(node: Any) -> tuple[Any, Any] | None:
     return tuple(node.args[:2]) if is_call(node, MUL_TARGETS, "mul") and len(node.args) == 2 else None
 
 
-def _unsqueezed_table(node: Any) -> fx.Node | None:
-    """`table.unsqueeze(1)` -> table."""
-    if is_call(node, (torch.unsqueeze,), "unsqueeze") and arg(node, 1, "dim") == 1:
-        return node.args[0]
-    return None
+def _broadcast_table(node: Any, x: fx.Node) -> bool:
+    """Does `node` broadcast against x [B, H, S, D] as one table for every head: [B or 1, 1, S, D]
+    (HF's `cos.unsqueeze(1)`), [1, 1, S, D] (`cos[None, None]`) or [S, D]?"""
+    value, rows = example(node), example(x)
+    if value is None or value.dim() > 4:
+        return False
+    shape = (1,) * (4 - value.dim()) + tuple(value.shape)
+    return shape[1] == 1 and shape[0] in (1, rows.shape[0]) and shape[2:] == tuple(rows.shape[2:])
 
 
 def _application(node: fx.Node) -> Application:
@@ -112,10 +117,9 @@ def _application(node: fx.Node) -> Application:
         for x, cos in (plain, plain[::-1]):
             for half, sin in (rotated, rotated[::-1]):
                 if _rotate_half_source(half) is x and isinstance(x, fx.Node):
-                    cos_table, sin_table = _unsqueezed_table(cos), _unsqueezed_table(sin)
-                    if cos_table is None or sin_table is None:
-                        raise NotRotary("the cos / sin tables are not [B, S, D] tables unsqueezed at dim 1")
-                    return Application(x, cos_table, sin_table, example(x).shape[-1])
+                    if not (_broadcast_table(cos, x) and _broadcast_table(sin, x)):
+                        raise NotRotary("the cos / sin tables are not one [B, 1, S, D] table for every head")
+                    return Application(x, cos, sin, example(x).shape[-1])
     raise NotRotary("no `x * cos + rotate_half(x) * sin` here")
 
 
@@ -211,6 +215,11 @@ def _check_reads_only(table: fx.Node, positions: fx.Node, frequencies: fx.Node) 
         raise NotRotary(f"the tables also read {', '.join(sorted(n.name for n in extra))}")
 
 
+def _as_table(value: torch.Tensor) -> torch.Tensor:
+    """A captured [B|1, 1, S, D] (or [S, D]) table as [B|1, S, D], as `ir.positions.tables` makes it."""
+    return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape)).squeeze(1)
+
+
 def _scaling(table: fx.Node) -> float:
     """HF's `attention_scaling`: the number the cos table is multiplied by (1.0 when none)."""
     for node in reversed(_ancestors(table)):
@@ -258,6 +267,7 @@ def lift_rotary(q: fx.Node, k: fx.Node, placeholder_values: dict[fx.Node, torch.
     _check_reads_only(rq.sin, positions, frequencies)
     values = [evaluate(node, placeholder_values) for node in (rq.cos, rq.sin, positions, frequencies)]
     cos, sin, position_values, inv_freq = values
+    cos, sin = _as_table(cos), _as_table(sin)
     if cos.dtype != example(rq.x).dtype:
         raise NotRotary(f"the tables are {cos.dtype} but q is {example(rq.x).dtype}")
     spec = _spec(rq, position_values, inv_freq, _scaling(rq.cos), cos.dtype)

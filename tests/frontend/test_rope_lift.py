@@ -139,3 +139,41 @@ def test_keys_from_a_cache_keep_their_rotary_in_the_graph():
         expected = model(inputs["input_ids"], cache=DynamicCache(config=model.config)).logits
     assert _relative(got, expected) <= TOLERANCE
     assert all("k is not rotated right before the attention" in r.reason for r in backend.reports if r.found)
+
+
+class OuterProductRotary(nn.Module):
+    """Rotary as many people write it outside HF: `torch.outer` of token indices and
+    frequencies, an [S, D] table broadcast with `[None, None]`, no position ids at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 48)
+        self.register_buffer("inv_freq", 1.0 / (500000 ** (torch.arange(0, 8, 2).float() / 8)))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.proj(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        freqs = torch.outer(torch.arange(n, device=x.device).float(), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_outer_product_rotary_with_broadcast_tables_is_lifted():
+    torch.manual_seed(0)
+    model, x = OuterProductRotary(), torch.randn(2, 10, 16, requires_grad=True)
+    expected = model(x)
+    expected.backward(torch.ones_like(expected))
+    grads = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+    x.grad = None
+    model.zero_grad()
+    backend = seqweave.backend()
+    got = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
+    got.backward(torch.ones_like(got))
+    assert _relative(got, expected) <= TOLERANCE
+    for mine, theirs in zip([x.grad, *(p.grad for p in model.parameters())], grads):
+        assert _relative(mine, theirs) <= TOLERANCE
+    (report,) = backend.reports
+    assert "rotary lifted" in report.reason and "base=500000.0" in report.positions

@@ -242,7 +242,8 @@ def tables(spec: Rope, positions: Tensor, operands: Sequence[Tensor]) -> tuple[T
     return (cos.to(dtype), sin.to(dtype)) if dtype is not None else (cos, sin)
 
 
-def _rotate_half(x: Tensor, style: str) -> Tensor:
+def rotate_half(x: Tensor, style: str = "half") -> Tensor:
+    """HF's rotate_half (`cat(-x2, x1)`), or its interleaved-pairs form."""
     if style == "half":
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -272,8 +273,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, spec: Rope) -> Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     if spec.compute == "float32":
         wide = part.float()
-        return _join((wide * cos.float() + _rotate_half(wide, spec.style) * sin.float()).to(x.dtype), rest)
-    return _join(part * cos + _rotate_half(part, spec.style) * sin, rest)
+        return _join((wide * cos.float() + rotate_half(wide, spec.style) * sin.float()).to(x.dtype), rest)
+    return _join(part * cos + rotate_half(part, spec.style) * sin, rest)
 
 
 def rotate_back(grad: Tensor, cos: Tensor, sin: Tensor, spec: Rope, dtype: torch.dtype) -> Tensor:

@@ -24,11 +24,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, StaticLayer
 
 from seqweave.errors import OptionError
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from seqweave.ir.positions import rotate_half
 
 
 def rotary_frequencies(model: torch.nn.Module) -> Tensor:
@@ -90,7 +86,7 @@ class StreamingLayer(StaticLayer):
         keys = self.keys[:, :, :self.sinks]
         dims = cos.shape[-1]
         part = keys[..., :dims].float()
-        rotated = (part * cos + _rotate_half(part) * sin).to(keys.dtype)
+        rotated = (part * cos + rotate_half(part) * sin).to(keys.dtype)
         return torch.cat((rotated, keys[..., dims:]), dim=-1) if dims < keys.shape[-1] else rotated
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -177,3 +177,22 @@ def test_outer_product_rotary_with_broadcast_tables_is_lifted():
         assert _relative(mine, theirs) <= TOLERANCE
     (report,) = backend.reports
     assert "rotary lifted" in report.reason and "base=500000.0" in report.positions
+
+
+def test_rope_scale_on_a_user_rotary_equals_the_module_built_with_that_base():
+    """A rewrite on a model that is not HF's, gradients taken outside the graph with `out.backward(dout)`."""
+    torch.manual_seed(0)
+    model, x = OuterProductRotary(), torch.randn(2, 10, 16)
+    rebased = OuterProductRotary()
+    rebased.load_state_dict(model.state_dict() | {"inv_freq": 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))})
+    dout = torch.randn(2, 2, 10, 8)
+    expected = rebased(x)
+    expected.backward(dout)
+    backend = seqweave.backend(pipeline="canonicalize,rope-scale{base=10000}")
+    got = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
+    got.backward(dout)
+    assert _relative(got, expected) <= TOLERANCE
+    assert _relative(model.proj.weight.grad, rebased.proj.weight.grad) <= TOLERANCE
+    attention = [n for g in backend.graphs for n in g.graph.nodes if n.op.startswith("attn.")]
+    assert [n.op for n in attention] == ["attn.sdpa", "attn.sdpa_backward"]
+    assert all("base=10000.0" in n.kwargs["positions"] for n in attention)

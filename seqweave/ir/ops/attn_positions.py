@@ -19,7 +19,7 @@ from torch import Tensor
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.ops.attn_reference import merge_partials
-from seqweave.ir.positions import NoPositions, PositionSpec, Rope, rotate_back, rotate_operand
+from seqweave.ir.positions import NoPositions, PositionSpec, Rope, rotate, rotate_back, rotate_operand
 
 Attend = Callable[[Tensor, Tensor, Tensor, MaskSpec], tuple[Tensor, Tensor]]
 AttendBackward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, MaskSpec], tuple[Tensor, Tensor, Tensor]]
@@ -33,7 +33,11 @@ def _branches(spec: Rope, mask: MaskSpec) -> list[tuple[MaskSpec, int, int]]:
 
 def _rotated(q: Tensor, k: Tensor, spec: Rope, operands: Sequence[Tensor], q_rows: Tensor | None,
              kv_rows: Tensor | None, q_at: int, k_at: int):
+    """q and k rotated, with their tables; one set of tables when both sit at the same positions
+    (self-attention without a far rotation: the common case, once per layer and step)."""
     q_rot, q_tables = rotate_operand(q, spec, operands, q_rows, q_at)
+    if kv_rows is q_rows and k_at == q_at:
+        return q_rot, rotate(k, *q_tables, spec), q_tables, q_tables
     k_rot, k_tables = rotate_operand(k, spec, operands, kv_rows, k_at)
     return q_rot, k_rot, q_tables, k_tables
 

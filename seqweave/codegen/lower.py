@@ -1,7 +1,8 @@
 """Lower an IR graph to the runtime's step list.
 
 Ops run their plain-torch reference, except attention: `attn.sdpa` and its backward, and the
-local tiles of ring / Ulysses / hybrid attention, run `codegen.attention_kernels`, which picks
+local tiles of ring / Ulysses / hybrid attention, run `codegen.attention_kernels` (linear
+attention `codegen.linear_kernels`), which picks
 the generated Triton kernels on CUDA (or under SEQWEAVE_TRITON_INTERPRET=1) and the blockwise
 reference elsewhere. The choice is made per call, from the tensors' device and dtype.
 """
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import functools
 
-from seqweave.codegen import attention_kernels
+from seqweave.codegen import attention_kernels, linear_kernels
 from seqweave.codegen.attention_observer import observed
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.attn import positions_of
+from seqweave.ir.ops.attn_linear import scaled_backward, scaled_forward, zero_state
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.runtime.comm import Communicator
@@ -23,6 +25,7 @@ from seqweave.runtime.program import Program, Slot, Step
 
 
 LOCAL_ATTENTION_OPS = ("attn.sdpa", "attn.sdpa_backward")
+LINEAR_ATTENTION_OPS = ("attn.linear", "attn.linear_backward")
 
 
 def _last_readers(graph: Graph) -> dict[Value, int]:
@@ -63,11 +66,27 @@ def _local_attention(node: Node):
     return backward
 
 
+def _local_linear_attention(node: Node):
+    """`attn.linear` / `attn.linear_backward` through the linear-attention kernel dispatch."""
+    decay, scale = node.kwargs["decay"], node.kwargs["scale"]
+    if node.op == "attn.linear":
+        def forward(q, k, v, **kw):
+            state_in = zero_state(q, v)
+            return scaled_forward(linear_kernels.forward, q, k, v, decay, scale, state_in)[0], state_in
+        return forward
+
+    def backward(dout, q, k, v, state_in, **kw):
+        return scaled_backward(linear_kernels.backward, dout, q, k, v, decay, scale, state_in)[:3]
+    return backward
+
+
 def _implementation(node: Node, index: int, comm: Communicator | None):
     """The op's implementation: generated kernels for attention, the runtime's for ops that talk
     to other ranks (bound to `comm`), the plain-torch reference for the rest."""
     if node.op in LOCAL_ATTENTION_OPS:
         return _local_attention(node)
+    if node.op in LINEAR_ATTENTION_OPS:
+        return _local_linear_attention(node)
     if node.op not in DISTRIBUTED_OPS:
         return functools.partial(op_def(node.op).reference, node)
     if comm is None:
@@ -86,6 +105,7 @@ def lower(graph: Graph, comm: Communicator | None = None) -> Program:
                           map_values(node.args, to_slot), map_values(node.kwargs, to_slot),
                           tuple(slot_of[r] for r in node.results), _frees(graph, index, node, last, slot_of)))
     stats = {"steps": len(steps), "attention": graph.count("attn.sdpa"),
-             "attention_backward": graph.count("attn.sdpa_backward")}
+             "attention_backward": graph.count("attn.sdpa_backward"),
+             "linear_attention": graph.count("attn.linear") + graph.count("attn.lasp2")}
     return Program(graph.name, len(slot_of), tuple(slot_of[v] for v in graph.inputs), steps,
                    map_values(graph.outputs, to_slot), stats)

@@ -18,6 +18,7 @@ from torch import fx
 
 from seqweave.frontend.custom_ops import ATTENTION_OP
 from seqweave.frontend.fx_build import NodeBuilder
+from seqweave.frontend.linear_lift import LinearReport, replace_linear_attention
 from seqweave.frontend.mha import FORM as MHA_FORM
 from seqweave.frontend.mha import decompose_multi_head_attention
 from seqweave.frontend.orphans import remove_orphans
@@ -160,6 +161,12 @@ def _report(match: AttentionMatch, lifted: LiftedMask, layer: str, rotary: Lifte
                            str(rotary.spec) if rotary is not None else "")
 
 
+def _linear_report(report: LinearReport) -> AttentionReport:
+    batch, heads, length, head_dim = ((1,) * (4 - len(report.shape)) + report.shape) if report.shape else (0,) * 4
+    return AttentionReport(report.layer, report.found, report.reason, "linear", heads, heads, head_dim,
+                           "causal-linear" if report.found else "", batch, length)
+
+
 def _dense_bytes(match: AttentionMatch) -> int:
     """Bytes of the dense mask operand as the boolean tensor attention reads."""
     return math.prod(_hint(size) for size in example(match.mask).shape)
@@ -195,6 +202,9 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     kept_products = normalise_products(gm.graph)
     found, tried_softmaxes = _replace_matches(gm.graph, placeholder_values)
     reports += found
+    linear, orphans = replace_linear_attention(gm.graph, placeholder_values, sum(r.found for r in found))
+    remove_orphans(gm.graph, orphans)
+    reports += [_linear_report(report) for report in linear]
     reports += [AttentionReport(layer_name(node), False, f"attention-like softmax left alone: {why}", "softmax")
                 for node, why in unmatched_softmaxes(gm.graph, tried_softmaxes, kept_products)]
     gm.recompile()

@@ -1,7 +1,8 @@
 """Import an ATen-level FX graph (what aot_autograd hands a compiler) into the IR.
 
 ATen ops become `core.*` nodes 1:1; `seqweave::attention[_backward]` become
-`attn.sdpa[_backward]`; `operator.getitem` on a multi-result op selects a result.
+`attn.sdpa[_backward]`, `seqweave::linear_attention[_backward]` `attn.linear[_backward]`;
+`operator.getitem` on a multi-result op selects a result.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import fx
 
 from seqweave.errors import CaptureError
 from seqweave.frontend.custom_ops import ATTENTION_BACKWARD_OP, ATTENTION_OP
+from seqweave.frontend.linear_ops import LINEAR_ATTENTION_BACKWARD_OP, LINEAR_ATTENTION_OP
 from seqweave.frontend.patterns import layer_name
 from seqweave.ir.graph import Graph, Node, Value
 from seqweave.ir.ops.core import core_name
@@ -101,6 +103,12 @@ class _Importer:
         if node.target is ATTENTION_BACKWARD_OP:
             dout, q, k, v, out, lse, operands, *attributes = _with_defaults(args, kwargs, 7)
             return "attn.sdpa_backward", (dout, q, k, v, out, lse, list(operands)), _attn_kwargs(k, *attributes)
+        if node.target is LINEAR_ATTENTION_OP:
+            q, k, v, decay, scale, layer = _linear_arguments(args, kwargs, 3)
+            return "attn.linear", (q, k, v), _linear_kwargs(decay, scale, layer)
+        if node.target is LINEAR_ATTENTION_BACKWARD_OP:
+            dout, q, k, v, state_in, decay, scale, layer = _linear_arguments(args, kwargs, 5)
+            return "attn.linear_backward", (dout, q, k, v, state_in), _linear_kwargs(decay, scale, layer)
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             return core_name(node.target), args, kwargs
         if node.target is torch.ops.prims.convert_element_type.default:  # decompositions under dynamic shapes
@@ -127,6 +135,21 @@ def _attn_kwargs(k: Value, mask: str, score_mod: str, scale: float, positions: s
     attributes = {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": int(k.type.shape[1])}
     if positions != "none":
         attributes["positions"] = positions
+    if layer >= 0:
+        attributes["layer"] = int(layer)
+    return attributes
+
+
+def _linear_arguments(args: tuple, kwargs: dict, tensors: int) -> list:
+    """`seqweave::linear_attention[_backward]`'s arguments in schema order (layer defaults to -1)."""
+    given = list(args)
+    for name, default in (("decay", None), ("scale", None), ("layer", -1))[len(given) - tensors:]:
+        given.append(kwargs.get(name, default))
+    return given
+
+
+def _linear_kwargs(decay: list, scale: float, layer: int) -> dict:
+    attributes = {"decay": [float(s) for s in decay], "scale": float(scale)}
     if layer >= 0:
         attributes["layer"] = int(layer)
     return attributes

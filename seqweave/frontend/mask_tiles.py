@@ -87,12 +87,17 @@ _POINTWISE_FUNCTIONS = {operator.le, operator.lt, operator.ge, operator.gt, oper
                         torch.logical_and, torch.logical_or, torch.logical_xor, torch.logical_not,
                         torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor, torch.bitwise_not,
                         torch.where, torch.add, torch.sub, torch.mul, torch.remainder, torch.floor_divide,
-                        torch.abs, torch.maximum, torch.minimum, torch.masked_fill}
+                        torch.abs, torch.maximum, torch.minimum, torch.masked_fill,
+                        # decay masks of linear attention: lambda ** (i - j), exp(-s * (i - j)), ...
+                        operator.pow, operator.truediv, torch.pow, torch.exp, torch.exp2, torch.clamp,
+                        torch.div, torch.neg, torch.float_power}
 _POINTWISE_METHODS = {"le", "lt", "ge", "gt", "eq", "ne", "__and__", "__or__", "__xor__", "__invert__",
                       "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or",
                       "bitwise_not", "bitwise_xor", "to", "bool", "long", "int", "float", "double", "half",
                       "type", "type_as", "masked_fill", "where", "add", "sub", "mul", "abs", "clone",
-                      "contiguous", "remainder", "floor_divide"}
+                      "contiguous", "remainder", "floor_divide",
+                      # decay masks of linear attention: lambda ** (i - j), exp(-s * (i - j)), ...
+                      "pow", "exp", "exp2", "clamp", "clamp_min", "div", "neg", "sqrt", "log", "log2"}
 _FILL_FUNCTIONS = {torch.ones: 1, torch.zeros: 0, torch.full: None, torch.ones_like: 1, torch.zeros_like: 0,
                    torch.full_like: None}
 _FILL_METHODS = {"new_ones": 1, "new_zeros": 0, "new_full": None}
@@ -311,11 +316,13 @@ def _whole_args(args: Any, node: fx.Node) -> Any:
     return args
 
 
-def tiled_function(nodes: Sequence[fx.Node], leaves: Sequence[fx.Node], output: fx.Node
-                   ) -> Callable[[Sequence[Tensor]], Tiled]:
-    """A function of the leaves' values returning `output` as a Tiled value (nodes in graph order)."""
+def tiled_function(nodes: Sequence[fx.Node], leaves: Sequence[fx.Node], output: fx.Node,
+                   preset: dict[fx.Node, Tiled] | None = None) -> Callable[[Sequence[Tensor]], Tiled]:
+    """A function of the leaves' values returning `output` as a Tiled value (nodes in graph order).
+    `preset` gives nodes a fixed Tiled value (e.g. a lazy tensor of ones standing for scores)."""
     def run(leaf_values: Sequence[Tensor]) -> Tiled:
         env: dict[fx.Node, Any] = {leaf: Whole(tuple(v.shape), v) for leaf, v in zip(leaves, leaf_values)}
+        env.update(preset or {})
         for node in nodes:
             if node in env:
                 continue

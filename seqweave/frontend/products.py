@@ -30,13 +30,14 @@ def normalise_products(graph: fx.Graph) -> dict[fx.Node, str]:
             if product is None:
                 continue
             try:
-                _rewrite(product)
+                rewrite_product(product)
             except NotRewritten as why:
                 kept[softmax] = f"{product.name}: {why}"
     return kept
 
 
-def _rewrite(product: fx.Node) -> None:
+def rewrite_product(product: fx.Node) -> fx.Node:
+    """Replace an einsum / bmm / baddbmm product by its matmul form; returns what stands in its place."""
     if is_call(product, EINSUM_TARGETS):
         equation, operands = _einsum_operands(product)
         new = _einsum_as_matmul(NodeBuilder(product), equation, *operands)
@@ -45,9 +46,10 @@ def _rewrite(product: fx.Node) -> None:
     elif is_call(product, BADDBMM_TARGETS, "baddbmm"):
         new = _baddbmm_as_matmul(product)
     else:
-        return  # already a matmul
+        return product  # already a matmul
     product.replace_all_uses_with(new)
     product.graph.erase_node(product)
+    return new
 
 
 def _matmul(builder: NodeBuilder, lhs: fx.Node, rhs: fx.Node) -> fx.Node:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from seqweave.ir.ops.attn import Sdpa, SdpaBackward
+from seqweave.ir.ops.attn_linear import LinearAttention, LinearAttentionBackward
 from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAttentionBackward, RingAttention,
                                 RingAttentionBackward, ShardOp, UlyssesAttention, UlyssesAttentionBackward)
 from seqweave.ir.ops.base import OpDef, VerificationError
@@ -11,7 +12,8 @@ from seqweave.ir.ops.scalar import SCALAR_FUNCTIONS, SCALAR_PREFIX, scalar_op
 _DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward(), ShardOp(), GatherOp(),
                                                           AllReduceOp(), RingAttention(), RingAttentionBackward(),
                                                           UlyssesAttention(), UlyssesAttentionBackward(),
-                                                          HybridAttention(), HybridAttentionBackward())}
+                                                          HybridAttention(), HybridAttentionBackward(),
+                                                          LinearAttention(), LinearAttentionBackward())}
 
 
 def op_def(name: str) -> OpDef:

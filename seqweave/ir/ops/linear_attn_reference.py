@@ -150,3 +150,23 @@ def linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         state = state_decay * state + (kc * k_decay).transpose(-1, -2) @ vc
     o = torch.cat(outputs, dim=2) if outputs else v.new_zeros(v.shape, dtype=acc)
     return o.to(q.dtype), state
+
+
+def linear_attention_vjp(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         decay: torch.Tensor | None, initial_state: torch.Tensor | None,
+                         d_final_state: torch.Tensor | None = None,
+                         chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, d_initial_state) of the chunked form, by autograd through it (recomputes the
+    forward). d_initial_state is None without an initial state; `decay` gets no gradient."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        state = None if initial_state is None else initial_state.detach().requires_grad_()
+        o, final = linear_attention_chunked(*leaves, decay, state, chunk=chunk)
+        outputs, grads = [o], [do.to(o.dtype)]
+        if d_final_state is not None:
+            outputs.append(final)
+            grads.append(d_final_state.to(final.dtype))
+        wrt = leaves + ([state] if state is not None else [])
+        found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
+    found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, wrt)]
+    return (*found[:3], found[3] if state is not None else None)

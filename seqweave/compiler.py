@@ -34,6 +34,9 @@ from seqweave.runtime.comm import Communicator
 from seqweave.runtime.hybrid import HybridCommunicator
 from seqweave.runtime.sharded_outputs import ShardedOutputs
 
+#: ops whose q and k (after a backward's dout) carry the sequence in dim 2
+SEQUENCE_OPS = ("attn.sdpa", "attn.sdpa_backward", "attn.linear", "attn.linear_backward")
+
 
 @dataclass
 class CompiledGraph:
@@ -242,8 +245,8 @@ def sequence_length(graph: Graph, reports: Sequence[AttentionReport] = ()) -> in
     with the reason: no attention found (with what was left alone and why), cross-attention
     between two lengths, or attentions over different lengths."""
     seen = [(int(node.args[first].type.shape[2]), int(node.args[first + 1].type.shape[2]), node.loc)
-            for node in graph.nodes if node.op in ("attn.sdpa", "attn.sdpa_backward")
-            for first in [1 if node.op == "attn.sdpa_backward" else 0]]
+            for node in graph.nodes if node.op in SEQUENCE_OPS
+            for first in [1 if node.op.endswith("_backward") else 0]]
     if not seen:
         left = "; ".join(f"{r.layer}: {r.reason}" for r in reports if not r.found) or "no attention-like pattern"
         raise OptionError(f"sequence parallelism found no attention to split the sequence of in the {graph.name} "

@@ -10,6 +10,7 @@ from torch import Tensor
 from seqweave.codegen.triton import linear_attention as triton_linear
 from seqweave.codegen.triton.jit import use_triton
 from seqweave.ir.ops.linear_attn_reference import linear_attention_chunked, linear_attention_vjp
+from seqweave.runtime.lasp2 import LocalLinearAttention
 
 
 def _generated(*tensors: Tensor | None) -> bool:
@@ -37,3 +38,6 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, decay: Tensor | None, 
 def kernels_in_use(device: torch.device | str = "cpu") -> str:
     probe = torch.empty(0, device=device)
     return "generated Triton kernels" if use_triton(probe) else "chunked torch reference"
+
+
+GENERATED = LocalLinearAttention("generated kernels where they run, else the chunked reference", forward, backward)

@@ -16,7 +16,7 @@ from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.attn import positions_of
-from seqweave.ir.ops.attn_linear import scaled_backward, scaled_forward, zero_state
+from seqweave.ir.ops.attn_linear import scaled_backward, scaled_forward
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.runtime.comm import Communicator
@@ -71,12 +71,11 @@ def _local_linear_attention(node: Node):
     decay, scale = node.kwargs["decay"], node.kwargs["scale"]
     if node.op == "attn.linear":
         def forward(q, k, v, **kw):
-            state_in = zero_state(q, v)
-            return scaled_forward(linear_kernels.forward, q, k, v, decay, scale, state_in)[0], state_in
+            return scaled_forward(linear_kernels.forward, q, k, v, decay, scale)[0]
         return forward
 
-    def backward(dout, q, k, v, state_in, **kw):
-        return scaled_backward(linear_kernels.backward, dout, q, k, v, decay, scale, state_in)[:3]
+    def backward(dout, q, k, v, **kw):
+        return scaled_backward(linear_kernels.backward, dout, q, k, v, decay, scale)[:3]
     return backward
 
 
@@ -91,7 +90,7 @@ def _implementation(node: Node, index: int, comm: Communicator | None):
         return functools.partial(op_def(node.op).reference, node)
     if comm is None:
         raise ValueError(f"{node.op} needs a communicator: lower sharded graphs with lower(graph, comm)")
-    return bind(comm, index, node, attention_kernels.GENERATED)
+    return bind(comm, index, node, attention_kernels.GENERATED, linear_kernels.GENERATED)
 
 
 def lower(graph: Graph, comm: Communicator | None = None) -> Program:

@@ -107,8 +107,8 @@ class _Importer:
             q, k, v, decay, scale, layer = _linear_arguments(args, kwargs, 3)
             return "attn.linear", (q, k, v), _linear_kwargs(decay, scale, layer)
         if node.target is LINEAR_ATTENTION_BACKWARD_OP:
-            dout, q, k, v, state_in, decay, scale, layer = _linear_arguments(args, kwargs, 5)
-            return "attn.linear_backward", (dout, q, k, v, state_in), _linear_kwargs(decay, scale, layer)
+            dout, q, k, v, decay, scale, layer = _linear_arguments(args, kwargs, 4)
+            return "attn.linear_backward", (dout, q, k, v), _linear_kwargs(decay, scale, layer)
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             return core_name(node.target), args, kwargs
         if node.target is torch.ops.prims.convert_element_type.default:  # decompositions under dynamic shapes

@@ -308,8 +308,7 @@ def replace_linear(match: LinearMatch, lifted: LiftedDecay, layer: int) -> list[
     if match.normalisers:  # the row sums ride along as one more value column
         ones = builder.call(torch.ones_like, builder.call(operator.getitem, v, (Ellipsis, slice(0, 1))))
         v = builder.call(torch.cat, [v, ones], -1)
-    call = builder.call(LINEAR_ATTENTION_OP, q, k, v, lifted.decay, lifted.scale, layer)
-    out = builder.call(operator.getitem, call, 0)
+    out = builder.call(LINEAR_ATTENTION_OP, q, k, v, lifted.decay, lifted.scale, layer)
     leading = tuple(example(match.v).shape[:-1])
     values = builder.call(operator.getitem, out, (Ellipsis, slice(0, width))) if match.normalisers else out
     values = builder.method("reshape", values, *leading, width)

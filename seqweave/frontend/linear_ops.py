@@ -2,55 +2,51 @@
 replaced by, so that aot_autograd sees one opaque op (never the N x N score matrix) and the
 importer turns forward and backward into `attn.linear` / `attn.linear_backward`.
 
-The eager implementations are the IR's chunked reference (`ir.ops.attn_linear`). The second
-result is the state the first row starts from (zeros here); the backward receives it back.
+The eager implementations are the IR's chunked reference (`ir.ops.attn_linear`).
 """
 from __future__ import annotations
 
 import torch
 
-from seqweave.ir.ops.attn_linear import scaled_backward, scaled_forward, state_shape, zero_state
-from seqweave.ir.ops.linear_attn_reference import linear_attention_chunked, linear_attention_vjp, state_dtype
+from seqweave.ir.ops.attn_linear import scaled_backward, scaled_forward
+from seqweave.ir.ops.linear_attn_reference import linear_attention_chunked, linear_attention_vjp
 
 
 @torch.library.custom_op("seqweave::linear_attention", mutates_args=())
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: list[float], scale: float,
-                     layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k [B, H, N, D], v [B, H, N, Dv] -> (out [B, H, N, Dv], state_in [B, H, D, Dv] fp32)."""
-    state_in = zero_state(q, v)
-    out, _ = scaled_forward(linear_attention_chunked, q, k, v, list(decay), scale, state_in)
-    return out.contiguous(), state_in
+                     layer: int = -1) -> torch.Tensor:
+    """q, k [B, H, N, D], v [B, H, N, Dv] -> out [B, H, N, Dv]."""
+    return scaled_forward(linear_attention_chunked, q, k, v, list(decay), scale)[0].contiguous()
 
 
 @linear_attention.register_fake
 def _linear_attention_fake(q, k, v, decay, scale, layer=-1):
-    return q.new_empty(q.shape[:3] + v.shape[3:]), q.new_empty(state_shape(q, v), dtype=state_dtype(q.dtype))
+    return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
 @torch.library.custom_op("seqweave::linear_attention_backward", mutates_args=())
 def linear_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              state_in: torch.Tensor, decay: list[float], scale: float,
+                              decay: list[float], scale: float,
                               layer: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `seqweave::linear_attention` with respect to q, k and v."""
-    dq, dk, dv, _ = scaled_backward(linear_attention_vjp, dout, q, k, v, list(decay), scale, state_in)
+    dq, dk, dv, _ = scaled_backward(linear_attention_vjp, dout, q, k, v, list(decay), scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @linear_attention_backward.register_fake
-def _linear_attention_backward_fake(dout, q, k, v, state_in, decay, scale, layer=-1):
+def _linear_attention_backward_fake(dout, q, k, v, decay, scale, layer=-1):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, decay, scale, layer = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, output[1])
+    ctx.save_for_backward(q, k, v)
     ctx.attrs = (decay, scale, layer)
 
 
-def _backward(ctx, dout, dstate):
-    q, k, v, state_in = ctx.saved_tensors
-    dq, dk, dv = torch.ops.seqweave.linear_attention_backward(dout, q, k, v, state_in, *ctx.attrs)
+def _backward(ctx, dout):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = torch.ops.seqweave.linear_attention_backward(dout, q, k, v, *ctx.attrs)
     return (dq, dk, dv, None, None, None)[:len(ctx.needs_input_grad)]
 
 

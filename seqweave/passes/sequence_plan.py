@@ -24,6 +24,8 @@ BackRule = Callable[[Node, list["Seq | None"], int], Iterator[Claim]]
 
 #: attention ops and which of their operands carry the sequence in dim 2 (all but the mask operands)
 ATTENTION_OPS = frozenset({"attn.sdpa", "attn.sdpa_backward"})
+#: linear attention: every operand carries the sequence in dim 2
+LINEAR_ATTENTION_OPS = frozenset({"attn.linear", "attn.linear_backward"})
 
 
 def _shape(value: object) -> tuple[int, ...] | None:
@@ -232,8 +234,9 @@ def plan_sequence(graph: Graph, length: int) -> dict[Value, Seq]:
             plan[value] = seq
 
     for node in reversed(graph.nodes):
-        if node.op in ATTENTION_OPS:
-            for operand in node.args[:-1]:  # the last operand is the list of mask operands
+        if node.op in ATTENTION_OPS or node.op in LINEAR_ATTENTION_OPS:
+            # every operand but softmax attention's last (the list of mask operands)
+            for operand in node.args[:-1] if node.op in ATTENTION_OPS else node.args:
                 shape = _shape(operand)
                 if shape is not None and len(shape) > 2 and shape[2] == length:  # keys of another length: none
                     claim(operand, Seq(2))

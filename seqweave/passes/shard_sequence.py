@@ -5,7 +5,7 @@ is free. `sequence_plan.py` finds, backwards from the attentions, where each val
 one holds the sequence; the pass takes the rows of such values at their first use on that
 path and carries the shard forward with one rule per op (`sharding_rules.py` and the
 contraction and reduction rules beside it). Attention becomes `attn.ring`, `attn.ulysses` or
-`attn.hybrid`; outputs are gathered back into global order, or kept sharded (`outputs`). The result has LOCAL
+`attn.hybrid`, linear attention `attn.lasp2`; outputs are gathered back into global order, or kept sharded (`outputs`). The result has LOCAL
 shapes, every tensor typed `{sp: S(d)}` or `{sp: R}`, and one extra input: this rank's
 global positions (`sp_positions`, int64 [N/P]), which keeps the graph the same on every rank.
 
@@ -259,7 +259,7 @@ class ShardSequence(Pass):
                                 hint="run this model without sequence parallelism, or report the op") from None
         builder.out.outputs = self._outputs(builder, graph)
         graph.inputs, graph.nodes, graph.outputs = builder.out.inputs, builder.out.nodes, builder.out.outputs
-        ops = ("attn.ring", "attn.ulysses", "attn.hybrid")
+        ops = ("attn.ring", "attn.ulysses", "attn.hybrid", "attn.lasp2")
         strategies = ", ".join(f"{graph.count(op)} {op}" for op in ops if graph.count(op))
         whole = f"; {len(builder.kept_whole)} ops ran on gathered whole operands: " + \
             "; ".join(builder.kept_whole) if builder.kept_whole else ""

@@ -42,7 +42,9 @@ ELEMENTWISE = frozenset(f"core.{name}" for name in (
     "softplus", "softplus_backward", "elu", "elu_backward", "leaky_relu", "leaky_relu_backward", "hardtanh",
     "hardtanh_backward", "hardswish", "hardswish_backward", "hardsigmoid", "hardsigmoid_backward", "mish",
     "mish_backward", "relu6", "logit", "atan", "sinh", "cosh", "asin", "acos", "erfinv", "xlogy.Tensor",
-    "nan_to_num", "copysign.Tensor", "fmod.Scalar", "remainder.Scalar"))
+    "nan_to_num", "copysign.Tensor", "fmod.Scalar", "remainder.Scalar",
+    # shaped like their operand (a normaliser's column of ones beside v)
+    "ones_like", "zeros_like", "full_like", "empty_like"))
 
 
 def _tensor_args(args: tuple) -> list[Value]:
@@ -460,6 +462,22 @@ def attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> E
     return op, (*tensors, _padded_operands(ctx, operands, kwargs)), _distributed_attrs(ctx, kwargs), [Seq(2)] * 3
 
 
+def _lasp2_attrs(ctx: Context, kwargs: dict) -> dict:
+    return {**kwargs, "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
+
+
+def linear_attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """attn.linear on shards becomes attn.lasp2 (padding rows come after every real row, so
+    they reach no real output and need no mask)."""
+    qkv = _sharded_operands(ctx, list(args), [], "q, k, v")
+    return "attn.lasp2", tuple(qkv), _lasp2_attrs(ctx, kwargs), [Seq(2)]
+
+
+def linear_attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    tensors = _sharded_operands(ctx, list(args), [], "linear attention backward operands")
+    return "attn.lasp2_backward", tuple(tensors), _lasp2_attrs(ctx, kwargs), [Seq(2)] * 3
+
+
 RULES: dict[str, Rule] = {
     **{name: elementwise for name in ELEMENTWISE},
     **{f"core.{name}": view for name in ("view", "_unsafe_view", "reshape")},
@@ -476,7 +494,7 @@ RULES: dict[str, Rule] = {
     "core.embedding": embedding, "core.native_layer_norm": layer_norm,
     "core.split.Tensor": split, "core.split_with_sizes": split, "core.cat": cat, "core.stack": stack,
     "core.unbind.int": unbind, **CONTRACTION_RULES, **REDUCTION_RULES,
-    "attn.sdpa": attention,
+    "attn.sdpa": attention, "attn.linear": linear_attention, "attn.linear_backward": linear_attention_backward,
 }
 
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from seqweave.errors import SeqweaveError
 
 #: Collective kinds counted in `Communicator.stats`.
-KINDS = ("shift", "p2p", "all_to_all", "all_reduce", "gather")  # gather: outputs put back together
+#: gather: outputs put back together; states: LASP-2's all-gather of linear-attention states.
+KINDS = ("shift", "p2p", "all_to_all", "all_reduce", "gather", "states")
 #: Message tags are step * MAX_CHANNELS + channel, so messages of different steps or
 #: channels between the same two ranks can never be matched with each other.
 MAX_CHANNELS = 16

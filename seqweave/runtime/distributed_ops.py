@@ -1,5 +1,5 @@
 """Implementations of the ops that talk to other ranks (`sp.gather`, `sp.all_reduce`,
-`attn.ring`), bound to a Communicator when a sharded graph is lowered."""
+`attn.ring`, `attn.lasp2`, ...), bound to a Communicator when a sharded graph is lowered."""
 from __future__ import annotations
 
 import functools
@@ -20,6 +20,7 @@ from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import Layout, RingPlan, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.hybrid import HybridCommunicator, hybrid_attention_backward, hybrid_attention_forward
+from seqweave.runtime.lasp2 import LINEAR_REFERENCE, LocalLinearAttention, lasp2_backward, lasp2_forward, run_table
 from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
@@ -124,16 +125,31 @@ def all_reduce(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw:
     return comm.all_reduce(x.clone(), step, f"all_reduce of %{node.results[0].name}")
 
 
+def _lasp2(comm: Communicator, step: int, node: Node, linear: LocalLinearAttention) -> Callable[..., Any]:
+    """attn.lasp2 / its backward bound to `comm`, the run table planned once here."""
+    kw = node.kwargs
+    table = run_table(_positions_of(kw["layout"], kw["world"], kw["length"]), kw["world"])
+    if node.op == "attn.lasp2_backward":
+        return lambda dout, q, k, v, **_: lasp2_backward(comm, step, dout, q, k, v, kw["decay"], kw["scale"], table,
+                                                        linear)
+    return lambda q, k, v, **_: lasp2_forward(comm, step, q, k, v, kw["decay"], kw["scale"], table, linear)
+
+
 DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_backward": ring_backward,
                                                   "attn.ulysses": ulysses, "attn.ulysses_backward": ulysses_backward,
                                                   "attn.hybrid": hybrid, "attn.hybrid_backward": hybrid_backward,
-                                                  "sp.gather": gather, "sp.all_reduce": all_reduce}
+                                                  "sp.gather": gather, "sp.all_reduce": all_reduce,
+                                                  "attn.lasp2": _lasp2, "attn.lasp2_backward": _lasp2}
 
 
-def bind(comm: Communicator, step: int, node: Node, kernels: LocalAttention = REFERENCE) -> Callable[..., Any]:
+def bind(comm: Communicator, step: int, node: Node, kernels: LocalAttention = REFERENCE,
+         linear: LocalLinearAttention = LINEAR_REFERENCE) -> Callable[..., Any]:
     """The step function of a distributed node: its implementation bound to `comm`, with the
-    attention ops' mask, score mod and ring plan prepared once here, running `kernels` locally."""
+    attention ops' mask, score mod and ring plan prepared once here, running `kernels` (linear
+    attention: `linear`) locally."""
     implementation = DISTRIBUTED_OPS[node.op]
+    if node.op.startswith("attn.lasp2"):
+        return _lasp2(comm, step, node, linear)
     if not node.op.startswith("attn."):
         return functools.partial(implementation, comm, step, node)
     setup = _attention_setup(node.kwargs, kernels)

@@ -76,7 +76,8 @@ def _reference(op, *problem):
 def _kernel(op, q, k, v, gate, s0, do, dsn, **knobs):
     forward, backward = OPS[op][:2]
     o, final = forward(q, k, v, gate, s0, chunk=CHUNK, **knobs)
-    knobs.pop("block_dv", None) if op == "delta" else None  # the delta rule's backward has no Dv blocks
+    if op == "delta":  # the delta rule's backward is torch autograd: it has no Dv blocks
+        knobs.pop("block_dv", None)
     return (o, final) + backward(do.to(q.dtype), q, k, v, gate, s0, dsn, chunk=CHUNK, **knobs)
 
 

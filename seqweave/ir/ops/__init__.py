@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from seqweave.ir.ops.attn import Sdpa, SdpaBackward
 from seqweave.ir.ops.attn_linear import LinearAttention, LinearAttentionBackward
-from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAttentionBackward, RingAttention,
-                                RingAttentionBackward, ShardOp, UlyssesAttention, UlyssesAttentionBackward)
+from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAttentionBackward, Lasp2Attention,
+                                Lasp2AttentionBackward, RingAttention, RingAttentionBackward, ShardOp,
+                                UlyssesAttention, UlyssesAttentionBackward)
 from seqweave.ir.ops.base import OpDef, VerificationError
 from seqweave.ir.ops.core import CORE_PREFIX, core_op
 from seqweave.ir.ops.scalar import SCALAR_FUNCTIONS, SCALAR_PREFIX, scalar_op
@@ -13,7 +14,8 @@ _DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward(),
                                                           AllReduceOp(), RingAttention(), RingAttentionBackward(),
                                                           UlyssesAttention(), UlyssesAttentionBackward(),
                                                           HybridAttention(), HybridAttentionBackward(),
-                                                          LinearAttention(), LinearAttentionBackward())}
+                                                          LinearAttention(), LinearAttentionBackward(),
+                                                          Lasp2Attention(), Lasp2AttentionBackward())}
 
 
 def op_def(name: str) -> OpDef:

@@ -1,13 +1,11 @@
 """`attn.linear`: causal linear attention as one op, its structure lifted into attributes.
 
-    S_t = lambda_h S_{t-1} + k_t^T v_t        S_{-1} = state_in
+    S_t = lambda_h S_{t-1} + k_t^T v_t        S_{-1} = 0
     o_t = scale * q_t S_t
 
 `decay` lists the per-head log-decays s_h = -log(lambda_h) (empty: no decay, lambda = 1);
-`scale` multiplies the scores. The op's second result is `state_in`, the state its first
-row starts from: zeros on one device, the prefix of the earlier ranks' states under LASP-2
-(`attn.lasp2`). The backward takes it back, so neither recomputes the other's all-gather.
-A normaliser is not the op's business: the frontend runs the op on [v, 1] and the graph keeps
+`scale` multiplies the scores. Under LASP-2 (`attn.lasp2`) each rank starts its rows from
+the prefix of the earlier ranks' states instead of 0. A normaliser is not the op's business: the frontend runs the op on [v, 1] and the graph keeps
 dividing by the last column, exactly as the user wrote it.
 """
 from __future__ import annotations
@@ -36,16 +34,12 @@ def state_shape(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     return q.shape[0], q.shape[1], q.shape[3], v.shape[3]
 
 
-def zero_state(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return q.new_zeros(state_shape(q, v), dtype=state_dtype(q.dtype))
-
-
-def scaled_forward(forward: Forward, q, k, v, decay: list[float], scale: float, state_in) -> tuple:
+def scaled_forward(forward: Forward, q, k, v, decay: list[float], scale: float, state_in=None) -> tuple:
     """(o, final state) of `forward` with the scores scaled by `scale` (q scaled before)."""
     return forward(q * scale if scale != 1.0 else q, k, v, decay_tensor(decay, q), state_in)
 
 
-def scaled_backward(backward: Backward, do, q, k, v, decay: list[float], scale: float, state_in,
+def scaled_backward(backward: Backward, do, q, k, v, decay: list[float], scale: float, state_in=None,
                     d_final=None) -> tuple:
     """(dq, dk, dv, d_state_in) of `scaled_forward`."""
     dq, dk, dv, ds0 = backward(do, q * scale if scale != 1.0 else q, k, v, decay_tensor(decay, q), state_in,
@@ -77,7 +71,7 @@ def _check(node: Node, q: TensorType, k: TensorType, v: TensorType) -> None:
 
 
 class LinearAttention(OpDef):
-    """q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, Dv] -> out: [B, H, N, Dv], state_in: [B, H, D, Dv] fp32.
+    """q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, Dv] -> out: [B, H, N, Dv].
 
     `attn.linear(q, k, v, decay=[s_h...], scale=c)`: chunkwise, O(N d Dv) time, O(d Dv) state.
     """
@@ -86,23 +80,19 @@ class LinearAttention(OpDef):
 
     def infer(self, node: Node) -> list[ValueType]:
         q, _, v = (arg.type for arg in node.args[:3])
-        state = (q.shape[0], q.shape[1], q.shape[3], v.shape[3])
-        return [TensorType(q.shape[:3] + v.shape[3:], q.dtype, q.placements),
-                TensorType(state, state_dtype(q.dtype))]
+        return [TensorType(q.shape[:3] + v.shape[3:], q.dtype, q.placements)]
 
     def verify(self, node: Node) -> None:
         if len(node.args) != 3:
             raise fail(node, "expects (q, k, v)")
         _check(node, *(_tensor(node, arg, what) for arg, what in zip(node.args, "qkv")))
 
-    def reference(self, node: Node, q, k, v, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        state_in = zero_state(q, v)
-        out, _ = scaled_forward(linear_attention_chunked, q, k, v, kwargs["decay"], kwargs["scale"], state_in)
-        return out, state_in
+    def reference(self, node: Node, q, k, v, **kwargs: Any) -> torch.Tensor:
+        return scaled_forward(linear_attention_chunked, q, k, v, kwargs["decay"], kwargs["scale"])[0]
 
 
 class LinearAttentionBackward(OpDef):
-    """(dout, q, k, v, state_in) -> dq, dk, dv with the shapes of q, k, v."""
+    """(dout, q, k, v) -> dq, dk, dv with the shapes of q, k, v."""
 
     name = "attn.linear_backward"
 
@@ -110,15 +100,12 @@ class LinearAttentionBackward(OpDef):
         return [arg.type for arg in node.args[1:4]]
 
     def verify(self, node: Node) -> None:
-        if len(node.args) != 5:
-            raise fail(node, "expects (dout, q, k, v, state_in)")
-        dout, q, k, v, _ = (_tensor(node, arg, what) for arg, what in zip(node.args, ("dout", "q", "k", "v",
-                                                                                       "state_in")))
+        if len(node.args) != 4:
+            raise fail(node, "expects (dout, q, k, v)")
+        dout, q, k, v = (_tensor(node, arg, what) for arg, what in zip(node.args, ("dout", "q", "k", "v")))
         _check(node, q, k, v)
         if tuple(dout.shape) != tuple(q.shape[:3] + v.shape[3:]):
             raise fail(node, f"dout {dout.shape_text()} does not match out of q {q.shape_text()}, v {v.shape_text()}")
 
-    def reference(self, node: Node, dout, q, k, v, state_in, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        dq, dk, dv, _ = scaled_backward(linear_attention_vjp, dout, q, k, v, kwargs["decay"], kwargs["scale"],
-                                        state_in)
-        return dq, dk, dv
+    def reference(self, node: Node, dout, q, k, v, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return scaled_backward(linear_attention_vjp, dout, q, k, v, kwargs["decay"], kwargs["scale"])[:3]

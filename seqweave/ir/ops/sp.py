@@ -14,6 +14,7 @@ import torch
 
 from seqweave.ir.graph import Node
 from seqweave.ir.ops.attn import Sdpa, SdpaBackward
+from seqweave.ir.ops.attn_linear import LinearAttention, LinearAttentionBackward
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.types import Replicate, Shard, TensorType, ValueType
 
@@ -147,3 +148,19 @@ class HybridAttentionBackward(RingAttentionBackward):
     """`attn.sdpa_backward` on sequence shards, the hybrid way; same attributes as attn.hybrid."""
 
     name = "attn.hybrid_backward"
+
+
+class Lasp2Attention(_RunsInRuntime, LinearAttention):
+    """`attn.linear` on sequence shards (LASP-2): each rank's rows start from the decayed sum of
+    the earlier ranks' states, gathered once ([world, runs, B, H, D, Dv], independent of N).
+
+    Same operands and attributes as attn.linear plus `layout`, `world` and `length` (padded).
+    """
+
+    name = "attn.lasp2"
+
+
+class Lasp2AttentionBackward(_RunsInRuntime, LinearAttentionBackward):
+    """`attn.linear_backward` on sequence shards: one all-gather of states and state gradients."""
+
+    name = "attn.lasp2_backward"

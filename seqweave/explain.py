@@ -15,8 +15,9 @@ from seqweave.config import DEFAULT_PIPELINE, CompileOptions
 from seqweave.errors import SeqweaveError
 from seqweave.frontend.attention import AttentionReport
 from seqweave.ir.mask_parser import parse_mask
-from seqweave.ir.sharding import Layout
+from seqweave.ir.sharding import Layout, chunks_per_rank
 from seqweave.ir.types import TensorType
+from seqweave.passes.cost import lasp2_bytes
 from seqweave.passes.manager import parse_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.passes.strategy import LayerShape, choose_strategy
@@ -59,13 +60,25 @@ def _largest_tensor(backend: SeqweaveBackend) -> list[int]:
 
 def strategy_for(report: AttentionReport, world: int, balance: str = "zigzag") -> dict[str, Any]:
     """The pick `attention="auto"` makes for one attention on `world` sequence-parallel ranks
-    (the compiler calls the same chooser with the same inputs), with predicted bytes."""
+    (the compiler calls the same chooser with the same inputs), with predicted bytes; linear
+    attention always runs LASP-2."""
+    if report.form == "linear":
+        return _lasp2_for(report, world, balance)
     shape = LayerShape(report.batch, report.seq_len, report.q_heads, report.kv_heads, report.head_dim, world,
                        report.element_bytes)
     choice = choose_strategy(parse_mask(report.mask), shape, Layout(balance))
     predicted = choice.estimate.evaluate(**shape.values(choice.seq_len))
     return {"strategy": choice.estimate.strategy, "forward_bytes": predicted["forward_bytes"],
             "backward_bytes": predicted["backward_bytes"], "why": choice.reason}
+
+
+def _lasp2_for(report: AttentionReport, world: int, balance: str) -> dict[str, Any]:
+    shape = dict(batch=report.batch, heads=report.q_heads, head_dim=report.head_dim,
+                 value_dim=report.value_dim or report.head_dim, world=world,
+                 runs=chunks_per_rank(Layout(balance)), state_bytes=8 if report.element_bytes == 8 else 4)
+    return {"strategy": "lasp2", "forward_bytes": int(lasp2_bytes(**shape)),
+            "backward_bytes": int(lasp2_bytes(**shape, backward=True)),
+            "why": "linear attention: one all-gather of d x Dv states per pass, independent of N (LASP-2)"}
 
 
 def gathered_outputs(backend: SeqweaveBackend, seq_len: int, world: int) -> list[dict[str, Any]]:

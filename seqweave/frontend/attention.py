@@ -50,6 +50,8 @@ class AttentionReport:
     score_mod: str = "none"
     #: the rotary lifted into the attention (a PositionSpec's text), or "" when none was
     positions: str = ""
+    #: columns of v the op runs on (linear attention: + 1 for a row normaliser); 0: head_dim
+    value_dim: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -164,7 +166,8 @@ def _report(match: AttentionMatch, lifted: LiftedMask, layer: str, rotary: Lifte
 def _linear_report(report: LinearReport) -> AttentionReport:
     batch, heads, length, head_dim = ((1,) * (4 - len(report.shape)) + report.shape) if report.shape else (0,) * 4
     return AttentionReport(report.layer, report.found, report.reason, "linear", heads, heads, head_dim,
-                           "causal-linear" if report.found else "", batch, length)
+                           "causal-linear" if report.found else "", batch, length, report.element_bytes,
+                           value_dim=report.value_dim)
 
 
 def _dense_bytes(match: AttentionMatch) -> int:

@@ -35,7 +35,7 @@ from seqweave.frontend.mask_lift import BLOCK_ELEMENTS, checked_rows, passed_by_
 from seqweave.frontend.mask_tiles import Lazy, Untileable, tiled_function
 from seqweave.frontend.patterns import (MATMUL_TARGETS, example, is_call, is_product, layer_name,
                                         softmax_feeding)
-from seqweave.frontend.products import NotRewritten, rewrite_product
+from seqweave.frontend.products import NotRewritten, rewrite_product, split_einsum_factors
 
 #: |M - c lambda^(i-j)| allowed, relative to |c|: a few fp32 rounding steps of lambda ** (i - j).
 DECAY_TOLERANCE = 4e-6
@@ -77,7 +77,9 @@ class LinearReport:
     found: bool
     reason: str
     decay: list[float] = field(default_factory=list)
-    shape: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()  # q's
+    value_dim: int = 0           # columns the op runs on (v's, + 1 with a row normaliser)
+    element_bytes: int = 0
 
 
 def _is_method(node: object, names: tuple[str, ...]) -> bool:
@@ -330,6 +332,7 @@ def replace_linear_attention(graph: fx.Graph, placeholder_values: dict[fx.Node, 
     """Recognise and replace every parallel-form linear attention; returns reports and the nodes
     the replaced patterns read (for orphan removal)."""
     reports, orphans = [], []
+    split_einsum_factors(graph)
     for product in _candidates(graph):
         layer = layer_name(product)
         try:
@@ -342,6 +345,7 @@ def replace_linear_attention(graph: fx.Graph, placeholder_values: dict[fx.Node, 
         orphans += replace_linear(match, lifted, first_layer + len([r for r in reports if r.found]))
         decay = "" if not any(lifted.decay) else f", decay λ={[round(math.exp(-s), 6) for s in lifted.decay]}"
         normaliser = ", row normaliser" if match.normalisers else ""
+        value_dim = example(match.v).shape[-1] + bool(match.normalisers)
         reports.append(LinearReport(layer, True, f"replaced by linear attention ({lifted.note}{decay}{normaliser})",
-                                    lifted.decay, shape))
+                                    lifted.decay, shape, value_dim, example(match.q).element_size()))
     return reports, orphans

@@ -117,3 +117,34 @@ def _baddbmm_as_matmul(node: fx.Node) -> fx.Node:
         return product
     added = args["input"] if beta == 1 else builder.call(operator.mul, args["input"], beta)
     return builder.call(operator.add, product, added)
+
+
+def split_einsum_factors(graph: fx.Graph) -> None:
+    """`einsum("bhqd,bhkd,hqk->bhqk", q, k, m)` as `einsum("bhqd,bhkd->bhqk", q, k) * m`: an operand
+    whose every index is kept in the output only multiplies elementwise (RetNet's decay, as
+    published code writes it), which leaves one product of two matrices for the matchers."""
+    for node in list(graph.nodes):
+        if not is_call(node, EINSUM_TARGETS):
+            continue
+        equation, *operands = node.args
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = list(operands[0])
+        if not isinstance(equation, str) or len(operands) != 3 or "->" not in equation or "." in equation:
+            continue
+        inputs, out = equation.replace(" ", "").split("->")
+        subscripts = inputs.split(",")
+        factor = next((i for i, s in enumerate(subscripts) if set(s) <= set(out) and len(set(s)) == len(s)), None)
+        if factor is None:
+            continue
+        rest = [i for i in range(3) if i != factor]
+        builder = NodeBuilder(node)
+        product = builder.call(torch.einsum, f"{subscripts[rest[0]]},{subscripts[rest[1]]}->{out}",
+                               operands[rest[0]], operands[rest[1]])
+        kept = "".join(c for c in out if c in subscripts[factor])
+        aligned = builder.call(torch.einsum, f"{subscripts[factor]}->{kept}", operands[factor])
+        for position, index in enumerate(out):
+            if index not in kept:
+                aligned = builder.method("unsqueeze", aligned, position)
+        replacement = builder.call(operator.mul, product, aligned)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)

@@ -18,7 +18,9 @@ Strategies (PAPERS.md, "Sequence parallelism for softmax attention"):
   needs it (a causal sliding window narrower than a shard needs one hop, not P-1);
 * ulysses: all-to-all from sequence-sharded to head-sharded q, k, v, full attention on
   Hq/P heads, all-to-all of the output back;
-* hybrid (USP): ulysses inside groups of U ranks, ring across the R = P/U groups.
+* hybrid (USP): ulysses inside groups of U ranks, ring across the R = P/U groups;
+* lasp2 (linear attention): one all-gather of each run's d x Dv state in the forward, of
+  states and state gradients together in the backward; independent of N.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import sympy
+import torch
 
 from seqweave.ir.graph import Graph
 from seqweave.ir.mask import MaskSpec, Operands
@@ -278,6 +281,36 @@ def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, back
 
 
 # ------------------------------------------------------------ choosing a strategy
+
+
+# ------------------------------------------------------------------ linear attention (LASP-2)
+
+
+def lasp2_bytes(*, batch: int | sympy.Expr = BATCH, heads: int | sympy.Expr = Q_HEADS,
+                head_dim: int | sympy.Expr = HEAD_DIM, value_dim: int | sympy.Expr = HEAD_DIM,
+                world: int | sympy.Expr = WORLD, runs: int = 1, state_bytes: int | sympy.Expr = 4,
+                backward: bool = False) -> sympy.Expr:
+    """Bytes one rank sends for one LASP-2 pass: (P-1) copies of its `runs` states of
+    B·H·D·Dv elements (fp32, fp64 for fp64), twice in the backward (states and their gradients).
+    N does not appear: that is the point of LASP-2. `runs` is 1 for a contiguous layout and 2
+    for zigzag (`runtime.lasp2.RunTable.width`)."""
+    per_run = sympy.sympify(batch) * heads * head_dim * value_dim * state_bytes
+    return (world - 1) * runs * per_run * (2 if backward else 1)
+
+
+def graph_lasp2_bytes(graph: Graph, runs: int) -> int:
+    """Bytes one rank sends for every `attn.lasp2` and its backward in a sharded graph."""
+    total = 0
+    for node in graph.nodes:
+        if node.op in ("attn.lasp2", "attn.lasp2_backward"):
+            first = 1 if node.op.endswith("_backward") else 0
+            q, v = node.args[first].type, node.args[first + 2].type
+            batch, heads, _, head_dim = (int(d) for d in q.shape)
+            total += int(lasp2_bytes(batch=batch, heads=heads, head_dim=head_dim, value_dim=int(v.shape[3]),
+                                     world=node.kwargs["world"], runs=runs,
+                                     state_bytes=8 if q.dtype == torch.float64 else 4,
+                                     backward=first == 1))
+    return total
 
 
 # ------------------------------------------------------------------ gathers of whole values

@@ -469,6 +469,9 @@ def _lasp2_attrs(ctx: Context, kwargs: dict) -> dict:
 def linear_attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     """attn.linear on shards becomes attn.lasp2 (padding rows come after every real row, so
     they reach no real output and need no mask)."""
+    if ctx.layout == "striped":  # every row its own run: the states gathered would grow with N
+        raise Unshardable("linear attention (LASP-2) needs contiguous runs of rows; striped balance "
+                          "interleaves them: use balance='zigzag' or 'none'")
     qkv = _sharded_operands(ctx, list(args), [], "q, k, v")
     return "attn.lasp2", tuple(qkv), _lasp2_attrs(ctx, kwargs), [Seq(2)]
 

@@ -164,10 +164,3 @@ def lasp2_backward(comm: Communicator, step: int, dout: Tensor, q: Tensor, k: Te
     dq, dk, dv = (torch.cat(parts, 2) if len(parts) > 1 else parts[0] for parts in zip(*grads))
     return (dq * scale if scale != 1.0 else dq), dk, dv
 
-
-def lasp2_bytes(batch: int, heads: int, head_dim: int, value_dim: int, world: int, width: int, element_bytes: int,
-                backward: bool) -> int:
-    """Bytes one rank sends for one LASP-2 pass: its (world - 1) copies of the all-gathered
-    states (and state gradients in the backward), whatever N is."""
-    per_run = batch * heads * head_dim * value_dim * element_bytes
-    return (world - 1) * width * per_run * (2 if backward else 1)

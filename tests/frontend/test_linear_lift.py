@@ -1,0 +1,186 @@
+"""Linear attention written in plain torch is recognised, lifted into one `attn.linear` op and
+run chunkwise: compiled forward and gradients equal float64 eager, the IR holds no N x N value,
+and look-alikes that are not linear attention are left alone with the reason."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import seqweave
+from seqweave.ir.printer import format_node
+from seqweave.testing.linear_models import CausalLinearAttention, DecayAttention, TinyLM, retnet_gammas
+
+TOLERANCE = 1e-5
+N = 37  # divides no chunk size
+
+
+def _compile(model: nn.Module, *inputs: torch.Tensor):
+    backend = seqweave.backend()
+    return torch.compile(model, backend=backend, fullgraph=True, dynamic=False), backend
+
+
+def _ops(backend) -> dict[str, list[str]]:
+    return {c.kind: [n.op for n in c.graph.nodes if n.op.startswith("attn.")] for c in backend.graphs}
+
+
+def _square_values(backend, length: int) -> list[str]:
+    """Every IR value with two dims of the sequence length (an N x N score or mask)."""
+    return [f"{c.kind}:%{v.name} {v.type}" for c in backend.graphs for v in c.graph.values()
+            if hasattr(v.type, "shape") and sum(int(d) == length for d in v.type.shape) >= 2]
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1e-30))
+
+
+def _check_against_float64(model: nn.Module, x: torch.Tensor) -> object:
+    """Compiled fp32 forward and the gradient of every parameter and of x, against fp64 eager."""
+    reference = copy.deepcopy(model).double()
+    x64 = x.detach().double().requires_grad_()
+    want = reference(x64)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want.backward(dout)
+    x = x.detach().requires_grad_()
+    compiled, backend = _compile(model)
+    got = compiled(x)
+    got.backward(dout.float())  # out.backward(dout): the loss lives outside the graph
+    assert _relative(got, want) < TOLERANCE
+    assert _relative(x.grad, x64.grad) < TOLERANCE
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert q.grad is None or _relative(p.grad, q.grad) < TOLERANCE, name
+    return backend
+
+
+@pytest.mark.parametrize("mixer", [DecayAttention, CausalLinearAttention])
+def test_parallel_forms_run_as_one_linear_op_with_no_square_value(mixer):
+    torch.manual_seed(0)
+    backend = _check_against_float64(mixer(32, 2), torch.randn(2, N, 32))
+    assert _ops(backend) == {"forward": ["attn.linear"], "backward": ["attn.linear_backward"]}
+    assert _square_values(backend, N) == []
+    report = backend.reports[0]
+    assert report.found and report.form == "linear" and "row normaliser" in report.reason
+
+
+def test_golden_text_of_the_lifted_op():
+    torch.manual_seed(0)
+    model = DecayAttention(32, 2, normalise=False)
+    compiled, backend = _compile(model)
+    compiled(torch.randn(1, 9, 32))
+    (node,) = [n for n in backend.graphs[0].graph.nodes if n.op == "attn.linear"]
+    decays = ", ".join(repr(float(-torch.log(g.double()))) for g in retnet_gammas(2))
+    assert format_node(node) == (f"%linear_attention = attn.linear(%select, %select_1, %select_2, decay=[{decays}], "
+                                 f"scale=0.25, layer=0) : f32[1, 2, 9, 16]")
+
+
+def test_decay_is_lifted_per_head_and_reported():
+    torch.manual_seed(0)
+    compiled, backend = _compile(DecayAttention(32, 4))
+    compiled(torch.randn(1, 12, 32))
+    report = backend.reports[0]
+    for gamma in retnet_gammas(4).tolist():
+        assert f"{gamma:.6g}"[:6] in report.reason
+
+
+class _Variant(nn.Module):
+    """One attention written with a twist; `kind` says which."""
+
+    def __init__(self, kind: str, heads: int = 2, dim: int = 8) -> None:
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+        self.rate = nn.Parameter(torch.tensor(0.9))
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.proj(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        i = torch.arange(n)
+        distance = (i[:, None] - i[None, :]).float()
+        causal = distance >= 0
+        scores = q @ k.transpose(-1, -2)
+        if self.kind == "softmax-decay":
+            return torch.softmax(scores * 0.9 ** distance.clamp(min=0) * causal, -1) @ v
+        if self.kind == "band":  # keys at most 2 back: a mask, but no decay
+            return (scores * (causal & (distance <= 2))) @ v
+        if self.kind == "full":  # non-causal
+            return (scores * 0.5) @ v
+        if self.kind == "wrong-axis":
+            masked = scores * causal
+            return (masked @ v) / masked.sum(-2, keepdim=True).transpose(-1, -2).clamp(min=1)
+        if self.kind == "learned-decay":
+            return (scores * self.rate ** distance.clamp(min=0) * causal) @ v
+        if self.kind == "caller-mask":
+            return (scores * extra) @ v
+        if self.kind == "rising":  # lambda > 1
+            return (scores * 1.1 ** distance.clamp(min=0) * causal) @ v
+        if self.kind == "einsum":  # RetNet as fla writes it: one three-operand einsum
+            decay = 0.9 ** distance.clamp(min=0) * causal
+            s = torch.einsum("bhqd,bhkd,qk->bhqk", q, k, decay)
+            return torch.einsum("bhqk,bhkd->bhqd", s, v)
+        raise ValueError(self.kind)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("band", "not a causal decay"),
+    ("full", "above the diagonal (not causal)"),
+    ("wrong-axis", "not a row normaliser"),
+    ("learned-decay", "trained"),
+    ("caller-mask", "caller passes"),
+    ("rising", "not a decay"),
+])
+def test_look_alikes_are_left_alone_with_the_reason(kind, reason):
+    torch.manual_seed(0)
+    model = _Variant(kind)
+    x = torch.randn(1, 7, 8)
+    extra = torch.tril(torch.ones(7, 7))
+    compiled, backend = _compile(model)
+    got = compiled(x, extra) if kind == "caller-mask" else compiled(x)
+    want = model(x, extra) if kind == "caller-mask" else model(x)
+    torch.testing.assert_close(got, want)
+    assert "attn.linear" not in _ops(backend)["forward"]
+    left = [r for r in backend.reports if not r.found and r.form == "linear"]
+    assert left and reason in left[0].reason, [r.reason for r in backend.reports]
+
+
+def test_softmax_of_decayed_scores_is_not_linear():
+    model = _Variant("softmax-decay")
+    compiled, backend = _compile(model)
+    x = torch.randn(1, 7, 8)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert "attn.linear" not in _ops(backend)["forward"]
+
+
+def test_three_operand_einsum_retention_is_recognised():
+    torch.manual_seed(0)
+    backend = _check_against_float64(_Variant("einsum"), torch.randn(2, 11, 8))
+    assert _ops(backend)["forward"] == ["attn.linear"]
+
+
+@settings(max_examples=6)
+@given(heads=st.integers(1, 3), length=st.integers(1, 40), normalise=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_property_decay_attention_matches_float64(heads, length, normalise, seed):
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    backend = _check_against_float64(DecayAttention(8 * heads, heads, normalise), torch.randn(1, length, 8 * heads))
+    assert _ops(backend)["forward"] == ["attn.linear"]
+
+
+def test_language_model_with_loss_outside_trains_like_eager():
+    torch.manual_seed(0)
+    model = TinyLM("lc")
+    reference = copy.deepcopy(model).double()
+    ids, targets = torch.randint(0, 64, (2, N)), torch.randint(0, 64, (2, N))
+    compiled, backend = _compile(model)
+    F.cross_entropy(compiled(ids).flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(reference(ids).flatten(0, 1), targets.flatten()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert _relative(p.grad, q.grad) < TOLERANCE, name
+    assert _ops(backend)["forward"] == ["attn.linear", "attn.linear"]
+    assert _square_values(backend, N) == []

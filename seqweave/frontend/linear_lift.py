@@ -8,6 +8,8 @@ numbers come from the chunkwise recurrence in O(N d^2) time and O(d^2) state. We
     out    = masked @ v
     [norm  = masked.sum(-1)]               (a row normaliser, divided by as the user wrote it)
 
+(the cumulative-sum form, `cumsum(k ⊗ v)`, is matched in `linear_cumsum`)
+
 and lift M, the linear map from scores to masked scores, by evaluating that chain on a lazy
 tensor of ones, tile by tile (`mask_tiles`: never N x N at once). M is accepted only when it
 is c * lambda_h^(i - j) below the diagonal and 0 above, the same for every batch row and within
@@ -30,6 +32,7 @@ import torch
 from torch import fx
 
 from seqweave.frontend.fx_build import NodeBuilder
+from seqweave.frontend.linear_cumsum import NotCumsumForm, cumsums, match_cumsum, replace_cumsum
 from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
 from seqweave.frontend.mask_lift import BLOCK_ELEMENTS, checked_rows, passed_by_caller
 from seqweave.frontend.mask_tiles import Lazy, Untileable, tiled_function
@@ -348,4 +351,25 @@ def replace_linear_attention(graph: fx.Graph, placeholder_values: dict[fx.Node, 
         value_dim = example(match.v).shape[-1] + bool(match.normalisers)
         reports.append(LinearReport(layer, True, f"replaced by linear attention ({lifted.note}{decay}{normaliser})",
                                     lifted.decay, shape, value_dim, example(match.q).element_size()))
+    for cumsum in cumsums(graph):
+        reports += _replace_cumsum_form(cumsum, first_layer + len([r for r in reports if r.found]), orphans)
     return reports, orphans
+
+
+def _replace_cumsum_form(cumsum: fx.Node, layer: int, orphans: list[fx.Node]) -> list[LinearReport]:
+    """One report for a cumulative sum of linear attention's (replaced, or why not); none for
+    other cumulative sums (positions, normalisers that are not linear attention's)."""
+    try:
+        match = match_cumsum(cumsum)
+    except NotCumsumForm as why:
+        source = example(cumsum.args[0])
+        looks_like_state = source.dim() >= 4 and any(is_product(user) or is_call(user, (operator.mul,))
+                                                       for user in cumsum.users)
+        return [LinearReport(layer_name(cumsum), False, f"left alone: {why}")] if looks_like_state else []
+    replace_cumsum(match, layer)
+    orphans.append(cumsum)
+    shape = tuple(example(match.q).shape)
+    what = "cumulative-sum form" if match.v is not None else "cumulative-sum normaliser"
+    value_dim = example(match.v).shape[-1] if match.v is not None else 1
+    return [LinearReport(layer_name(cumsum), True, f"replaced by linear attention ({what})", [], shape, value_dim,
+                         example(match.q).element_size())]

@@ -6,6 +6,8 @@ matrix; seqweave is expected to recognise it and never build that matrix.
   optional RetNet normaliser `/ clamp(|row sum|, min=1)`.
 * `CausalLinearAttention`: Katharopoulos et al., phi = elu + 1, causal mask by `masked_fill`,
   normaliser `/ (row sum + eps)`.
+* `CumsumLinearAttention`: the same model as fast-transformers writes it without the N x N
+  matrix: `cumsum` of k ⊗ v, `einsum` with q, and the normaliser q . cumsum(k).
 * `SoftmaxAttention`: plain causal SDPA, for hybrid models.
 * `TinyLM`: embedding, pre-norm blocks of any of these (a pattern string such as "lsll"), and
   a vocabulary head; returns logits (the caller takes the loss).
@@ -75,13 +77,34 @@ class CausalLinearAttention(_Heads):
         return self.merge((scores @ v) / (scores.sum(-1, keepdim=True) + self.eps))
 
 
+class CumsumLinearAttention(_Heads):
+    """The cumulative-sum form of `CausalLinearAttention` (N d Dv memory instead of N^2)."""
+
+    def __init__(self, hidden: int, heads: int, eps: float = 1e-6, spelling: str = "einsum") -> None:
+        super().__init__(hidden, heads)
+        self.eps, self.spelling = eps, spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        if self.spelling == "einsum":
+            state = torch.einsum("bhnd,bhne->bhnde", k, v).cumsum(2)
+            numerator = torch.einsum("bhnd,bhnde->bhne", q, state)
+            denominator = torch.einsum("bhnd,bhnd->bhn", q, k.cumsum(2))
+        else:  # broadcasting, as people write it without einsum
+            state = torch.cumsum(k[..., :, None] * v[..., None, :], dim=-3)
+            numerator = (q[..., :, None] * state).sum(-2)
+            denominator = (q * k.cumsum(-2)).sum(-1)
+        return self.merge(numerator / (denominator[..., None] + self.eps))
+
+
 class SoftmaxAttention(_Heads):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split(x)
         return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-MIXERS = {"l": DecayAttention, "c": CausalLinearAttention, "s": SoftmaxAttention}
+MIXERS = {"l": DecayAttention, "c": CausalLinearAttention, "u": CumsumLinearAttention, "s": SoftmaxAttention}
 
 
 class Block(nn.Module):
@@ -97,7 +120,7 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Token ids [B, N] -> logits [B, N, vocab]; `pattern` names each layer's mixer (l, c or s)."""
+    """Token ids [B, N] -> logits [B, N, vocab]; `pattern` names each layer's mixer (l, c, u or s)."""
 
     def __init__(self, pattern: str = "ll", vocab: int = 64, hidden: int = 32, heads: int = 2) -> None:
         super().__init__()

@@ -14,7 +14,8 @@ from torch import nn
 
 import seqweave
 from seqweave.ir.printer import format_node
-from seqweave.testing.linear_models import CausalLinearAttention, DecayAttention, TinyLM, retnet_gammas
+from seqweave.testing.linear_models import (CausalLinearAttention, CumsumLinearAttention, DecayAttention, TinyLM,
+                                            retnet_gammas)
 
 TOLERANCE = 1e-5
 N = 37  # divides no chunk size
@@ -184,3 +185,26 @@ def test_language_model_with_loss_outside_trains_like_eager():
         assert _relative(p.grad, q.grad) < TOLERANCE, name
     assert _ops(backend)["forward"] == ["attn.linear", "attn.linear"]
     assert _square_values(backend, N) == []
+
+
+@pytest.mark.parametrize("spelling", ["einsum", "broadcast"])
+def test_cumulative_sum_form_runs_as_linear_ops_without_per_token_states(spelling):
+    torch.manual_seed(0)
+    backend = _check_against_float64(CumsumLinearAttention(32, 2, spelling=spelling), torch.randn(2, N, 32))
+    assert _ops(backend) == {"forward": ["attn.linear"] * 2, "backward": ["attn.linear_backward"] * 2}
+    per_token_states = [str(v.type) for c in backend.graphs for v in c.graph.values()
+                        if hasattr(v.type, "shape") and len(v.type.shape) == 5 and int(v.type.shape[2]) == N]
+    assert per_token_states == []  # no [B, H, N, D, Dv] cumulative state is built
+    assert [r.reason for r in backend.reports] == ["replaced by linear attention (cumulative-sum form)",
+                                                   "replaced by linear attention (cumulative-sum normaliser)"]
+
+
+def test_cumulative_sum_over_features_is_not_linear_attention():
+    class FeatureCumsum(nn.Module):
+        def forward(self, k, v):
+            return torch.einsum("bnd,bne->bnde", k, v).cumsum(-1).sum(-1)  # over Dv, not tokens
+
+    k, v = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    compiled, backend = _compile(FeatureCumsum())
+    torch.testing.assert_close(compiled(k, v), FeatureCumsum()(k, v))
+    assert all(op not in _ops(backend).get("inference", []) for op in ("attn.linear",))

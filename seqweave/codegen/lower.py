@@ -16,7 +16,7 @@ from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.attn import positions_of
-from seqweave.ir.ops.attn_linear import scaled_backward, scaled_forward
+from seqweave.ir.ops.attn_linear import recurrence_of, scaled_backward, scaled_forward
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.runtime.comm import Communicator
@@ -69,13 +69,15 @@ def _local_attention(node: Node):
 def _local_linear_attention(node: Node):
     """`attn.linear` / `attn.linear_backward` through the linear-attention kernel dispatch."""
     decay, scale = node.kwargs["decay"], node.kwargs["scale"]
+    recurrence = linear_kernels.GENERATED[recurrence_of(node.kwargs)]
     if node.op == "attn.linear":
-        def forward(q, k, v, **kw):
-            return scaled_forward(linear_kernels.forward, q, k, v, decay, scale)[0]
+        def forward(q, k, v, gate=None, **kw):
+            return scaled_forward(recurrence, q, k, v, gate, decay, scale)[0]
         return forward
 
-    def backward(dout, q, k, v, **kw):
-        return scaled_backward(linear_kernels.backward, dout, q, k, v, decay, scale)[:3]
+    def backward(dout, q, k, v, gate=None, **kw):
+        grads = scaled_backward(recurrence, dout, q, k, v, gate, decay, scale)
+        return grads[:4] if gate is not None else grads[:3]
     return backward
 
 

@@ -87,6 +87,8 @@ class _Importer:
         val = node.meta.get("val")
         multi = isinstance(val, (tuple, list))
         vals = list(val) if multi else [val]
+        if op == "attn.linear_backward" and len(args) == 4:
+            vals = vals[:3]  # no gate, no gate gradient (the custom op returns an empty placeholder)
         names = [_clean(node.name) + (f"_{i}" if multi else "") for i in range(len(vals))]
         results = [Value(n, _value_type(v)) for n, v in zip(names, vals)]
         ir_node = Node(op, args, kwargs, results, loc=_layer_of(node))
@@ -104,11 +106,13 @@ class _Importer:
             dout, q, k, v, out, lse, operands, *attributes = _with_defaults(args, kwargs, 7)
             return "attn.sdpa_backward", (dout, q, k, v, out, lse, list(operands)), _attn_kwargs(k, *attributes)
         if node.target is LINEAR_ATTENTION_OP:
-            q, k, v, decay, scale, layer = _linear_arguments(args, kwargs, 3)
-            return "attn.linear", (q, k, v), _linear_kwargs(decay, scale, layer)
+            q, k, v, decay, scale, layer, gate, recurrence = _linear_arguments(args, kwargs, 3)
+            tensors = (q, k, v) + ((gate,) if gate is not None else ())
+            return "attn.linear", tensors, _linear_kwargs(decay, scale, layer, recurrence)
         if node.target is LINEAR_ATTENTION_BACKWARD_OP:
-            dout, q, k, v, decay, scale, layer = _linear_arguments(args, kwargs, 4)
-            return "attn.linear_backward", (dout, q, k, v), _linear_kwargs(decay, scale, layer)
+            dout, q, k, v, decay, scale, layer, gate, recurrence = _linear_arguments(args, kwargs, 4)
+            tensors = (dout, q, k, v) + ((gate,) if gate is not None else ())
+            return "attn.linear_backward", tensors, _linear_kwargs(decay, scale, layer, recurrence)
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             return core_name(node.target), args, kwargs
         if node.target is torch.ops.prims.convert_element_type.default:  # decompositions under dynamic shapes
@@ -141,17 +145,20 @@ def _attn_kwargs(k: Value, mask: str, score_mod: str, scale: float, positions: s
 
 
 def _linear_arguments(args: tuple, kwargs: dict, tensors: int) -> list:
-    """`seqweave::linear_attention[_backward]`'s arguments in schema order (layer defaults to -1)."""
+    """`seqweave::linear_attention[_backward]`'s arguments in schema order, defaults filled in."""
     given = list(args)
-    for name, default in (("decay", None), ("scale", None), ("layer", -1))[len(given) - tensors:]:
+    defaults = (("decay", None), ("scale", None), ("layer", -1), ("gate", None), ("recurrence", "decay"))
+    for name, default in defaults[len(given) - tensors:]:
         given.append(kwargs.get(name, default))
     return given
 
 
-def _linear_kwargs(decay: list, scale: float, layer: int) -> dict:
+def _linear_kwargs(decay: list, scale: float, layer: int, recurrence: str) -> dict:
     attributes = {"decay": [float(s) for s in decay], "scale": float(scale)}
     if layer >= 0:
         attributes["layer"] = int(layer)
+    if recurrence != "decay":
+        attributes["recurrence"] = recurrence
     return attributes
 
 

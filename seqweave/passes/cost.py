@@ -289,13 +289,16 @@ def attention_flops(mask: MaskSpec, seq_len: int | sympy.Expr = SEQ_LEN, *, back
 def lasp2_bytes(*, batch: int | sympy.Expr = BATCH, heads: int | sympy.Expr = Q_HEADS,
                 head_dim: int | sympy.Expr = HEAD_DIM, value_dim: int | sympy.Expr = HEAD_DIM,
                 world: int | sympy.Expr = WORLD, runs: int = 1, state_bytes: int | sympy.Expr = 4,
-                backward: bool = False) -> sympy.Expr:
-    """Bytes one rank sends for one LASP-2 pass: (P-1) copies of its `runs` states of
-    B·H·D·Dv elements (fp32, fp64 for fp64), twice in the backward (states and their gradients).
+                backward: bool = False, recurrence: str = "decay") -> sympy.Expr:
+    """Bytes one rank sends for one LASP-2 pass: (P-1) copies of its `runs` end states of
+    B·H·D·Dv elements (fp32, fp64 for fp64), with their state gradients in the backward, and
+    each run's transition unless it is a constant decay (GLA: B·H·D, delta rule: B·H·D·D).
     N does not appear: that is the point of LASP-2. `runs` is 1 for a contiguous layout and 2
     for zigzag (`runtime.lasp2.RunTable.width`)."""
-    per_run = sympy.sympify(batch) * heads * head_dim * value_dim * state_bytes
-    return (world - 1) * runs * per_run * (2 if backward else 1)
+    state = sympy.sympify(batch) * heads * head_dim * value_dim
+    transition = {"decay": 0, "gla": sympy.sympify(batch) * heads * head_dim,
+                  "delta": sympy.sympify(batch) * heads * head_dim * head_dim}[recurrence]
+    return (world - 1) * runs * (state * (2 if backward else 1) + transition) * state_bytes
 
 
 def graph_lasp2_bytes(graph: Graph, runs: int) -> int:
@@ -309,7 +312,7 @@ def graph_lasp2_bytes(graph: Graph, runs: int) -> int:
             total += int(lasp2_bytes(batch=batch, heads=heads, head_dim=head_dim, value_dim=int(v.shape[3]),
                                      world=node.kwargs["world"], runs=runs,
                                      state_bytes=8 if q.dtype == torch.float64 else 4,
-                                     backward=first == 1))
+                                     backward=first == 1, recurrence=node.kwargs.get("recurrence", "decay")))
     return total
 
 

@@ -472,13 +472,13 @@ def linear_attention(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emi
     if ctx.layout == "striped":  # every row its own run: the states gathered would grow with N
         raise Unshardable("linear attention (LASP-2) needs contiguous runs of rows; striped balance "
                           "interleaves them: use balance='zigzag' or 'none'")
-    qkv = _sharded_operands(ctx, list(args), [], "q, k, v")
+    qkv = _sharded_operands(ctx, list(args), [], "q, k, v and gate")
     return "attn.lasp2", tuple(qkv), _lasp2_attrs(ctx, kwargs), [Seq(2)]
 
 
 def linear_attention_backward(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     tensors = _sharded_operands(ctx, list(args), [], "linear attention backward operands")
-    return "attn.lasp2_backward", tuple(tensors), _lasp2_attrs(ctx, kwargs), [Seq(2)] * 3
+    return "attn.lasp2_backward", tuple(tensors), _lasp2_attrs(ctx, kwargs), [Seq(2)] * len(node.results)
 
 
 RULES: dict[str, Rule] = {

@@ -20,7 +20,9 @@ from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.sharding import Layout, RingPlan, plan_ring, shard_positions
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.hybrid import HybridCommunicator, hybrid_attention_backward, hybrid_attention_forward
-from seqweave.runtime.lasp2 import LINEAR_REFERENCE, LocalLinearAttention, lasp2_backward, lasp2_forward, run_table
+from seqweave.ir.ops.linear_recurrences import REFERENCE as LINEAR_REFERENCE
+from seqweave.ir.ops.linear_recurrences import Recurrence
+from seqweave.runtime.lasp2 import lasp2_backward, lasp2_forward, run_table
 from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward,
                                                 ulysses_attention_backward, ulysses_attention_forward)
@@ -125,14 +127,17 @@ def all_reduce(comm: Communicator, step: int, node: Node, x: torch.Tensor, **kw:
     return comm.all_reduce(x.clone(), step, f"all_reduce of %{node.results[0].name}")
 
 
-def _lasp2(comm: Communicator, step: int, node: Node, linear: LocalLinearAttention) -> Callable[..., Any]:
+def _lasp2(comm: Communicator, step: int, node: Node, linear: dict[str, Recurrence]) -> Callable[..., Any]:
     """attn.lasp2 / its backward bound to `comm`, the run table planned once here."""
     kw = node.kwargs
     table = run_table(_positions_of(kw["layout"], kw["world"], kw["length"]), kw["world"])
+    name = kw.get("recurrence", "decay")
+    recurrence = linear[name]
     if node.op == "attn.lasp2_backward":
-        return lambda dout, q, k, v, **_: lasp2_backward(comm, step, dout, q, k, v, kw["decay"], kw["scale"], table,
-                                                        linear)
-    return lambda q, k, v, **_: lasp2_forward(comm, step, q, k, v, kw["decay"], kw["scale"], table, linear)
+        return lambda dout, q, k, v, gate=None, **_: lasp2_backward(comm, step, name, recurrence, dout, q, k, v, gate,
+                                                                   kw["decay"], kw["scale"], table)
+    return lambda q, k, v, gate=None, **_: lasp2_forward(comm, step, name, recurrence, q, k, v, gate, kw["decay"],
+                                                        kw["scale"], table)
 
 
 DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_backward": ring_backward,
@@ -143,7 +148,7 @@ DISTRIBUTED_OPS: dict[str, Callable[..., Any]] = {"attn.ring": ring, "attn.ring_
 
 
 def bind(comm: Communicator, step: int, node: Node, kernels: LocalAttention = REFERENCE,
-         linear: LocalLinearAttention = LINEAR_REFERENCE) -> Callable[..., Any]:
+         linear: dict[str, Recurrence] = LINEAR_REFERENCE) -> Callable[..., Any]:
     """The step function of a distributed node: its implementation bound to `comm`, with the
     attention ops' mask, score mod and ring plan prepared once here, running `kernels` (linear
     attention: `linear`) locally."""

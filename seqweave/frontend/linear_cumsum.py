@@ -51,7 +51,7 @@ def _einsum(node: fx.Node) -> tuple[list[str], str, list] | None:
     return inputs.split(","), out, operands
 
 
-def _unsqueezed(node: object, dim: int) -> fx.Node | None:
+def unsqueezed_source(node: object, dim: int) -> fx.Node | None:
     """x when `node` is x with a size-1 dim inserted at `dim` (negative, from the end)."""
     if not isinstance(node, fx.Node):
         return None
@@ -72,7 +72,7 @@ def _unsqueezed(node: object, dim: int) -> fx.Node | None:
     return None
 
 
-def _outer(node: fx.Node) -> tuple[fx.Node, fx.Node]:
+def outer_factors(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     """(k, v) when `node` is their outer product over the last dim: [..., N, D] x [..., N, Dv] -> [..., N, D, Dv]."""
     parsed = _einsum(node)
     if parsed is not None:
@@ -81,7 +81,7 @@ def _outer(node: fx.Node) -> tuple[fx.Node, fx.Node]:
             return operands[0], operands[1]
         raise NotCumsumForm(f"einsum '{node.args[0]}' is not an outer product k ⊗ v")
     if is_call(node, MUL_TARGETS, "mul") and len(node.args) == 2:
-        k, v = _unsqueezed(node.args[0], -1), _unsqueezed(node.args[1], -2)
+        k, v = unsqueezed_source(node.args[0], -1), unsqueezed_source(node.args[1], -2)
         if k is not None and v is not None:
             return k, v
     raise NotCumsumForm("the cumulative sum is not of an outer product k ⊗ v")
@@ -118,7 +118,7 @@ def _contraction(state: fx.Node, key_dims: int) -> tuple[fx.Node, fx.Node]:
         raise NotCumsumForm(f"einsum '{user.args[0]}' does not contract q with the state over D")
     if is_call(user, MUL_TARGETS, "mul") and len(user.args) == 2:
         other = user.args[0] if user.args[1] is state else user.args[1]
-        q = _unsqueezed(other, -1) if key_dims == 2 else other
+        q = unsqueezed_source(other, -1) if key_dims == 2 else other
         total = _single_user(user)
         if q is not None and _sum_over(total, -2 if key_dims == 2 else -1):
             return q, total
@@ -133,7 +133,7 @@ def match_cumsum(cumsum: fx.Node) -> CumsumMatch:
     if cumsum.kwargs.get("dtype") is not None:
         raise NotCumsumForm("cumsum with a dtype")
     if dim % ndim == ndim - 3 and ndim >= 4:
-        k, v = _outer(source)
+        k, v = outer_factors(source)
         q, contraction = _contraction(cumsum, 2)
     elif dim % ndim == ndim - 2 and ndim >= 2:
         k, v = source, None

@@ -8,7 +8,8 @@ numbers come from the chunkwise recurrence in O(N d^2) time and O(d^2) state. We
     out    = masked @ v
     [norm  = masked.sum(-1)]               (a row normaliser, divided by as the user wrote it)
 
-(the cumulative-sum form, `cumsum(k ⊗ v)`, is matched in `linear_cumsum`)
+(the cumulative-sum form, `cumsum(k ⊗ v)`, is matched in `linear_cumsum`; loops over time,
+with decays, GLA gates or the delta rule, in `linear_recurrent`)
 
 and lift M, the linear map from scores to masked scores, by evaluating that chain on a lazy
 tensor of ones, tile by tile (`mask_tiles`: never N x N at once). M is accepted only when it
@@ -34,6 +35,8 @@ from torch import fx
 from seqweave.frontend.fx_build import NodeBuilder
 from seqweave.frontend.linear_cumsum import NotCumsumForm, cumsums, match_cumsum, replace_cumsum
 from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
+from seqweave.frontend.linear_recurrent import (Assembly, NotRecurrent, assemblies, decays, match_recurrence,
+                                                reads_state, replace_recurrence)
 from seqweave.frontend.mask_lift import BLOCK_ELEMENTS, checked_rows, passed_by_caller
 from seqweave.frontend.mask_tiles import Lazy, Untileable, tiled_function
 from seqweave.frontend.patterns import (MATMUL_TARGETS, example, is_call, is_product, layer_name,
@@ -353,7 +356,28 @@ def replace_linear_attention(graph: fx.Graph, placeholder_values: dict[fx.Node, 
                                     lifted.decay, shape, value_dim, example(match.q).element_size()))
     for cumsum in cumsums(graph):
         reports += _replace_cumsum_form(cumsum, first_layer + len([r for r in reports if r.found]), orphans)
+    for assembly in assemblies(graph):
+        reports += _replace_loop(assembly, placeholder_values, first_layer + len([r for r in reports if r.found]),
+                                 orphans)
     return reports, orphans
+
+
+def _replace_loop(assembly: Assembly, placeholder_values: dict[fx.Node, torch.Tensor], layer: int,
+                  orphans: list[fx.Node]) -> list[LinearReport]:
+    """One report for an unrolled loop of linear attention's (replaced, or why not); none for
+    outputs assembled by other loops."""
+    where = layer_name(assembly.result)
+    try:
+        steps = match_recurrence(assembly)
+        decay = decays(steps, placeholder_values) if steps[0].kind == "decay" else []
+        orphans += replace_recurrence(assembly, steps, decay, layer)
+    except NotRecurrent as why:
+        looks_recurrent = any(reads_state(output) for output in assembly.outputs)
+        return [LinearReport(where, False, f"left alone: {why}")] if looks_recurrent else []
+    kind = {"decay": "decay" if decay else "no decay", "gla": "GLA gates", "delta": "delta rule"}[steps[0].kind]
+    shape = tuple(example(steps[0].q).shape[:-1]) + (len(steps), example(steps[0].q).shape[-1])
+    return [LinearReport(where, True, f"replaced by linear attention (recurrent loop of {len(steps)} steps, {kind})",
+                         decay, shape, example(steps[0].v).shape[-1], example(steps[0].q).element_size())]
 
 
 def _replace_cumsum_form(cumsum: fx.Node, layer: int, orphans: list[fx.Node]) -> list[LinearReport]:

@@ -39,6 +39,7 @@ SUB_TARGETS = (operator.sub, torch.sub)
 STATE_WRAPPERS = ("clone", "to", "float", "contiguous", "type")
 ZERO_MAKERS = (torch.zeros, torch.zeros_like)
 ZERO_METHODS = ("new_zeros", "zero_")
+LOG_GATE_FLOOR = -60.0
 
 
 class NotRecurrent(Exception):
@@ -294,7 +295,11 @@ def replace_recurrence(assembly: Assembly, steps: list[Step], decay: list[float]
     q, k, v = (_stacked(builder, [getattr(s, role) for s in steps], 1) for role in ("q", "k", "v"))
     gate = None
     if kind == "gla":
-        gate = builder.call(torch.log, _stacked(builder, [s.decay for s in steps], 1))
+        # The kernels take log gates and refuse -inf: a gate below e^-60 (1e-26) acts as e^-60,
+        # which fp32 arithmetic cannot tell from 0 beside any other term. Padding rows under
+        # sequence parallelism hold gate 0; they come after every real row.
+        gate = builder.call(torch.clamp, builder.call(torch.log, _stacked(builder, [s.decay for s in steps], 1)),
+                            min=LOG_GATE_FLOOR)
     elif kind == "delta":
         betas = [s.beta for s in steps]
         if example(betas[0]).dim() == example(steps[0].v).dim():  # [.., 1] beside v's [.., Dv]

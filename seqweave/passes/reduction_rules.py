@@ -98,7 +98,25 @@ def pointwise_loss_backward(ctx: Context, node: Node, args: tuple, kwargs: dict)
 
 
 LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
+def vector_norm(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """linalg_vector_norm(x, ord, dim, keepdim): over other dims the shard stays (F.normalize's
+    norm over features); over the sequence it is refused (a p-norm is not a sum of partials)."""
+    source = args[0]
+    seq = ctx.seq(source)
+    if seq is None:
+        return node.op, args, kwargs, [None]
+    rank = len(source.type.shape)
+    dims = args[2] if len(args) > 2 and args[2] is not None else kwargs.get("dim", list(range(rank)))
+    dims = sorted(d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+    if seq.dim in dims:
+        raise Unshardable(f"{node.op} over the sequence dim")
+    keep = bool(args[3]) if len(args) > 3 else bool(kwargs.get("keepdim", False))
+    out_dim = seq.dim if keep else seq.dim - sum(d < seq.dim for d in dims)
+    return node.op, args, kwargs, [Seq(out_dim, seq.inner)]
+
+
 REDUCTION_RULES = {
+    "core.linalg_vector_norm": vector_norm,
     **{f"core.{name}": reduce for name in ("sum", "sum.dim_IntList", "mean", "mean.dim")},
     **{f"core.{name}": pointwise_loss for name in LOSSES},
     **{f"core.{name}_backward": pointwise_loss_backward for name in LOSSES},

@@ -44,7 +44,15 @@ ELEMENTWISE = frozenset(f"core.{name}" for name in (
     "mish_backward", "relu6", "logit", "atan", "sinh", "cosh", "asin", "acos", "erfinv", "xlogy.Tensor",
     "nan_to_num", "copysign.Tensor", "fmod.Scalar", "remainder.Scalar",
     # shaped like their operand (a normaliser's column of ones beside v)
-    "ones_like", "zeros_like", "full_like", "empty_like"))
+    "ones_like", "zeros_like", "full_like", "empty_like", "log_sigmoid_backward"))
+
+
+def elementwise_pair(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
+    """A pointwise op with a second result (log_sigmoid_forward's buffer: the input's shape on
+    CPU, empty on CUDA): each result shaped like the first is sharded like it."""
+    op, args, kwargs, seqs = elementwise(ctx, node, args, kwargs)
+    first = tuple(node.results[0].type.shape)
+    return op, args, kwargs, [seqs[0] if tuple(r.type.shape) == first else None for r in node.results]
 
 
 def _tensor_args(args: tuple) -> list[Value]:
@@ -497,6 +505,7 @@ RULES: dict[str, Rule] = {
     "core.embedding": embedding, "core.native_layer_norm": layer_norm,
     "core.split.Tensor": split, "core.split_with_sizes": split, "core.cat": cat, "core.stack": stack,
     "core.unbind.int": unbind, **CONTRACTION_RULES, **REDUCTION_RULES,
+    "core.log_sigmoid_forward": elementwise_pair,
     "attn.sdpa": attention, "attn.linear": linear_attention, "attn.linear_backward": linear_attention_backward,
 }
 

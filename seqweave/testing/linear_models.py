@@ -8,6 +8,9 @@ matrix; seqweave is expected to recognise it and never build that matrix.
   normaliser `/ (row sum + eps)`.
 * `CumsumLinearAttention`: the same model as fast-transformers writes it without the N x N
   matrix: `cumsum` of k ⊗ v, `einsum` with q, and the normaliser q . cumsum(k).
+* `GatedAttention`: GLA, per-token per-channel forget gates from the input, written as the
+  reference loop over time (fla's `naive_recurrent_gla`).
+* `DeltaAttention`: DeltaNet, L2-normalised keys and a per-token beta, the reference loop.
 * `SoftmaxAttention`: plain causal SDPA, for hybrid models.
 * `TinyLM`: embedding, pre-norm blocks of any of these (a pattern string such as "lsll"), and
   a vocabulary head; returns logits (the caller takes the loss).
@@ -98,13 +101,58 @@ class CumsumLinearAttention(_Heads):
         return self.merge(numerator / (denominator[..., None] + self.eps))
 
 
+class GatedAttention(_Heads):
+    """S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, alpha_t = exp(logsigmoid(W_a x_t) / 16); o_t = q_t S_t."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__(hidden, heads)
+        self.gate = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        b, n, _ = x.shape
+        log_gate = (F.logsigmoid(self.gate(x)) / 16).view(b, n, self.heads, -1).transpose(1, 2)
+        scale = q.shape[-1] ** -0.5
+        o = torch.zeros_like(v)
+        state = q.new_zeros(b, self.heads, q.shape[-1], v.shape[-1])
+        for t in range(n):
+            kv = k[:, :, t][..., None] * v[:, :, t][..., None, :]
+            state = state * log_gate[:, :, t].exp()[..., None] + kv
+            o[:, :, t] = ((q[:, :, t] * scale)[..., None] * state).sum(-2)
+        return self.merge(o)
+
+
+class DeltaAttention(_Heads):
+    """S_t = S_{t-1} + k_t^T (beta_t (v_t - k_t S_{t-1})), k L2-normalised, beta = sigmoid(W_b x)."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__(hidden, heads)
+        self.beta = nn.Linear(hidden, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(x)
+        b, n, _ = x.shape
+        k = F.normalize(k, dim=-1)
+        beta = torch.sigmoid(self.beta(x)).transpose(1, 2)[..., None]  # [B, H, N, 1]
+        o = torch.zeros_like(v)
+        state = torch.zeros(b, self.heads, q.shape[-1], v.shape[-1]).to(v)
+        for t in range(n):
+            k_t = k[:, :, t]
+            v_t = v[:, :, t] - (state.clone() * k_t[..., None]).sum(-2)
+            v_t = v_t * beta[:, :, t]
+            state = state.clone() + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+            o[:, :, t] = torch.einsum("bhd,bhdm->bhm", q[:, :, t], state)
+        return self.merge(o)
+
+
 class SoftmaxAttention(_Heads):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split(x)
         return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-MIXERS = {"l": DecayAttention, "c": CausalLinearAttention, "u": CumsumLinearAttention, "s": SoftmaxAttention}
+MIXERS = {"l": DecayAttention, "c": CausalLinearAttention, "u": CumsumLinearAttention, "g": GatedAttention,
+          "d": DeltaAttention, "s": SoftmaxAttention}
 
 
 class Block(nn.Module):
@@ -120,7 +168,7 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Token ids [B, N] -> logits [B, N, vocab]; `pattern` names each layer's mixer (l, c, u or s)."""
+    """Token ids [B, N] -> logits [B, N, vocab]; `pattern` names each layer's mixer (MIXERS: l, c, u, g, d, s)."""
 
     def __init__(self, pattern: str = "ll", vocab: int = 64, hidden: int = 32, heads: int = 2) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
-"""Linear attention across gloo ranks (LASP-2): a recognised linear model, and a hybrid with a
-softmax layer, train on 2, 3 and 4 ranks exactly as one float64 process does, at lengths that
+"""Linear attention across gloo ranks (LASP-2): recognised linear models (decay, normalised,
+GLA and delta-rule loops), and a hybrid with a softmax layer, train on 2, 3 and 4 ranks exactly as one float64 process does, at lengths that
 divide neither the chunk nor the ranks; each linear layer runs `attn.lasp2`, the softmax layer
 ring / Ulysses; the bytes the runtime sends for states equal the cost model's and do not grow
 with N."""
@@ -18,9 +18,11 @@ from seqweave.testing.distributed import run_ranks
 from seqweave.testing.linear_models import TinyLM
 
 TOLERANCE = 1e-5
-CASES = [("lc", "none", 37), ("ls", "zigzag", 37), ("lc", "none", 53)]  # (pattern, balance, N)
-#: the same model at two lengths on 2 ranks (bytes independent of N); the hybrid on 3 and 4
-CASES_BY_WORLD = {2: [CASES[0], CASES[2]], 3: [CASES[1]], 4: [CASES[0], CASES[1]]}
+#: (pattern, balance, N): l decay, c causal + normaliser, g GLA loop, d delta-rule loop, s softmax
+CASES = [("lc", "none", 37), ("ls", "zigzag", 37), ("lc", "none", 53), ("gd", "zigzag", 19)]
+#: the same model at two lengths on 2 ranks (bytes independent of N); the hybrid on 3 and 4;
+#: the gated and delta loops (transitions gathered too) on 2 and 3
+CASES_BY_WORLD = {2: [CASES[0], CASES[2], CASES[3]], 3: [CASES[1], CASES[3]], 4: [CASES[0], CASES[1]]}
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:

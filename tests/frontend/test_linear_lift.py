@@ -14,8 +14,8 @@ from torch import nn
 
 import seqweave
 from seqweave.ir.printer import format_node
-from seqweave.testing.linear_models import (CausalLinearAttention, CumsumLinearAttention, DecayAttention, TinyLM,
-                                            retnet_gammas)
+from seqweave.testing.linear_models import (CausalLinearAttention, CumsumLinearAttention, DecayAttention, DeltaAttention,
+                                            GatedAttention, TinyLM, retnet_gammas)
 
 TOLERANCE = 1e-5
 N = 37  # divides no chunk size
@@ -208,3 +208,51 @@ def test_cumulative_sum_over_features_is_not_linear_attention():
     compiled, backend = _compile(FeatureCumsum())
     torch.testing.assert_close(compiled(k, v), FeatureCumsum()(k, v))
     assert all(op not in _ops(backend).get("inference", []) for op in ("attn.linear",))
+
+
+class _RetentionLoop(nn.Module):
+    """RetNet's recurrent form: a decay per head from a buffer, einsum spelling, outputs stacked."""
+
+    def __init__(self, heads: int = 2, dim: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+        self.register_buffer("gamma", retnet_gammas(heads).view(heads, 1, 1))
+
+    def forward(self, x: torch.Tensor, initial: torch.Tensor | None = None, final: bool = False):
+        b, n, _ = x.shape
+        q, k, v = self.proj(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        state = q.new_zeros(b, self.heads, q.shape[-1], v.shape[-1]) if initial is None else initial
+        outs = []
+        for t in range(n):
+            state = self.gamma * state + torch.einsum("bhd,bhe->bhde", k[:, :, t], v[:, :, t])
+            outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], state))
+        out = torch.stack(outs, dim=2)
+        return (out, state) if final else out
+
+
+@pytest.mark.parametrize("mixer, kind", [(GatedAttention, "GLA gates"), (DeltaAttention, "delta rule"),
+                                         (lambda hidden, heads: _RetentionLoop(heads, hidden), "decay")])
+def test_loops_over_time_become_one_linear_op(mixer, kind):
+    torch.manual_seed(0)
+    backend = _check_against_float64(mixer(8, 2), torch.randn(2, 9, 8))
+    assert _ops(backend) == {"forward": ["attn.linear"], "backward": ["attn.linear_backward"]}
+    (report,) = backend.reports
+    assert report.found and report.reason.endswith(f"recurrent loop of 9 steps, {kind})")
+    ops = [n for c in backend.graphs for n in c.graph.nodes if n.op == "attn.linear"]
+    expected = {"GLA gates": "gla", "delta rule": "delta", "decay": None}[kind]
+    assert ops[0].kwargs.get("recurrence") == expected
+
+
+@pytest.mark.parametrize("call, reason", [
+    (lambda m, x: m(x, initial=torch.ones(1, 2, 4, 4)), "does not start from zeros"),
+    (lambda m, x: m(x, final=True)[1], "final state is read after the loop"),
+])
+def test_loops_that_are_not_exactly_linear_attention_are_left_alone(call, reason):
+    torch.manual_seed(0)
+    model = _RetentionLoop(2, 8)
+    x = torch.randn(1, 5, 8)
+    compiled, backend = _compile(model)
+    torch.testing.assert_close(call(compiled, x), call(model, x))
+    assert "attn.linear" not in _ops(backend)["forward"]
+    assert any(reason in r.reason for r in backend.reports), [r.reason for r in backend.reports]

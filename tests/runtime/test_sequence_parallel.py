@@ -202,7 +202,8 @@ def test_ring_bytes_equal_plan(case: Case, rank_results):
     for rank, result in enumerate(rank_results(case.world)):
         sends = sum(plan.sends[step][rank] for step in range(case.world - 1))
         got = result[str(case)]
-        assert got["forward_bytes"] == {"shift": sends * kv_bytes, "p2p": 0, "all_to_all": 0, "all_reduce": 0, "gather": 0}
+        assert got["forward_bytes"] == {"shift": sends * kv_bytes, "p2p": 0, "all_to_all": 0, "all_reduce": 0,
+                                        "gather": 0, "states": 0}
         # backward: K/V on the forward's paths, dK/dV (fp64, same size) beside them, one return home per path
         assert got["backward_bytes"]["shift"] == 2 * sends * kv_bytes
         assert got["backward_bytes"]["p2p"] == home_returns(plan, rank) * kv_bytes

@@ -65,14 +65,15 @@ class SeqweaveBackend:
         self._length = 0  # the global sequence length of the graphs compiled last
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        run = lambda: capture(gm, example_inputs, self._compile_graph, self.reports,  # noqa: E731
+                              self.options.linear_attention)
         if self.options.mesh.sp == 1:
-            return capture(gm, example_inputs, self._compile_graph, self.reports)
+            return run()
         # Sequence-parallel ranks agree that each graph compiled before any of them communicates.
         if self.options.outputs != "sharded":
-            return agreed("compiling a graph", lambda: capture(gm, example_inputs, self._compile_graph, self.reports))
+            return agreed("compiling a graph", run)
         with _tangents_of_any_shape():
-            compiled = agreed("compiling a graph", lambda: capture(gm, example_inputs, self._compile_graph,
-                                                                   self.reports))
+            compiled = agreed("compiling a graph", run)
         return ShardedOutputs(_traced_output_shapes(gm), self._length, self.options.balance).wrap(compiled)
 
     def _compile_graph(self, graph: Graph, user_outputs: int | None = None) -> Callable[[list], Any]:

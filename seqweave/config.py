@@ -59,6 +59,9 @@ class CompileOptions:
     #: seconds a rank waits for a peer before failing with the rank, step and op named
     timeout: float = 300.0
     pipeline: str = DEFAULT_PIPELINE
+    #: recognise linear attention written in plain torch (parallel, cumulative-sum and loop
+    #: forms) and run it chunkwise as `attn.linear`; False keeps the model's own computation
+    linear_attention: bool = True
     verify: bool = True
     #: SEQWEAVE_DUMP=dir writes the IR before and after every pass there.
     dump_dir: str | None = field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)

@@ -44,6 +44,7 @@ def _totals(backend: SeqweaveBackend, model: torch.nn.Module) -> dict[str, Any]:
         "attention_found": sum(report.found for report in backend.reports),
         "attention_left_alone": sum(not report.found for report in backend.reports),
         "attn.sdpa": nodes["attn.sdpa"],
+        "attn.linear": nodes["attn.linear"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "top_ops": dict(nodes.most_common(8)),
         "largest_tensor": _largest_tensor(backend),

@@ -42,3 +42,16 @@ def test_explain_names_ops_that_would_run_on_gathered_operands():
 
     warnings = explain(RunningSum(), (torch.randn(1, 16, 8),), world=2).totals["sp_warnings"]
     assert any("core.cumsum" in w and "gathered" in w for w in warnings), warnings
+
+
+def test_a_hybrid_model_shows_softmax_and_linear_strategies_with_lasp2_bytes():
+    from seqweave.passes.cost import lasp2_bytes
+    from seqweave.testing.linear_models import TinyLM
+
+    layers = explain(TinyLM("sl").eval(), (torch.randint(0, 64, (2, 40)),), world=4, balance="none").layers
+    softmax, linear = [layer for layer in layers if layer["found"]]
+    assert softmax["form"] != "linear" and softmax["sp"]["strategy"] in ("ring", "ulysses", "halo")
+    assert linear["form"] == "linear" and linear["sp"]["strategy"] == "lasp2"
+    # B=2, H=2, d=16, Dv=16+1 (the row normaliser's column), fp32 states, one run per rank
+    assert linear["sp"]["forward_bytes"] == int(lasp2_bytes(batch=2, heads=2, head_dim=16, value_dim=17, world=4))
+    assert linear["sp"]["backward_bytes"] == 2 * linear["sp"]["forward_bytes"]

@@ -32,25 +32,26 @@ def _decay_backward(do, q, k, v, decay, s0, d_final):
     return REFERENCE["decay"].backward(do, q, k, v, decay, s0, d_final)
 
 
-def _gated(name: str, forward_kernel, backward_kernel) -> Recurrence:
+def _gated(name: str, kernel: str) -> Recurrence:
+    """`kernel`_forward / _backward of `triton.gated_linear_attention` (looked up per call)."""
     reference = REFERENCE[name]
 
     def forward(q, k, v, gate, s0):
         if _generated(q, k, v, gate, s0):
-            return forward_kernel(q, k, v, gate, s0)
+            return getattr(triton_gated, f"{kernel}_forward")(q, k, v, gate, s0)
         return reference.forward(q, k, v, gate, s0)
 
     def backward(do, q, k, v, gate, s0, d_final):
         if _generated(q, k, v, gate, s0):
-            return backward_kernel(do.contiguous(), q, k, v, gate, s0, d_final)
+            return getattr(triton_gated, f"{kernel}_backward")(do.contiguous(), q, k, v, gate, s0, d_final)
         return reference.backward(do, q, k, v, gate, s0, d_final)
     return Recurrence(name, forward, backward, True)
 
 
 GENERATED = {
     "decay": Recurrence("decay", _decay_forward, _decay_backward, False),
-    "gla": _gated("gla", triton_gated.gla_forward, triton_gated.gla_backward),
-    "delta": _gated("delta", triton_gated.delta_rule_forward, triton_gated.delta_rule_backward),
+    "gla": _gated("gla", "gla"),
+    "delta": _gated("delta", "delta_rule"),
 }
 
 

@@ -193,10 +193,12 @@ def _allowed_mask(match: AttentionMatch, negations: dict[fx.Node, fx.Node]) -> A
     return replace(match, mask=negations[match.mask], mask_hides=False)
 
 
-def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[AttentionReport]:
+def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                      linear_attention: bool = True) -> list[AttentionReport]:
     """Rewrite `gm` in place; returns one report per attention-like pattern: the multi-head
-    attention left whole, then the attentions in graph order, then softmaxes that look like
-    attention but were not replaced."""
+    attention left whole, then the attentions in graph order, then the linear attentions
+    (unless `linear_attention` is False), then softmaxes that look like attention but were
+    not replaced."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     placeholder_values = {node: value for node, value in zip(placeholders, example_inputs)
                           if isinstance(value, torch.Tensor)}
@@ -205,9 +207,10 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     kept_products = normalise_products(gm.graph)
     found, tried_softmaxes = _replace_matches(gm.graph, placeholder_values)
     reports += found
-    linear, orphans = replace_linear_attention(gm.graph, placeholder_values, sum(r.found for r in found))
-    remove_orphans(gm.graph, orphans)
-    reports += [_linear_report(report) for report in linear]
+    if linear_attention:
+        linear, orphans = replace_linear_attention(gm.graph, placeholder_values, sum(r.found for r in found))
+        remove_orphans(gm.graph, orphans)
+        reports += [_linear_report(report) for report in linear]
     reports += [AttentionReport(layer_name(node), False, f"attention-like softmax left alone: {why}", "softmax")
                 for node, why in unmatched_softmaxes(gm.graph, tried_softmaxes, kept_products)]
     gm.recompile()

@@ -25,9 +25,10 @@ GraphCompiler = Callable[[Graph, "int | None"], Callable[[list], Any]]
 
 
 def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: GraphCompiler,
-            reports: list[AttentionReport]) -> Callable:
-    """Replace attention in `gm`, run aot_autograd, and hand each ATen graph to `compile_graph` as IR."""
-    reports.extend(replace_attention(gm, example_inputs))
+            reports: list[AttentionReport], linear_attention: bool = True) -> Callable:
+    """Replace attention in `gm` (linear attention too, unless told not to), run aot_autograd,
+    and hand each ATen graph to `compile_graph` as IR."""
+    reports.extend(replace_attention(gm, example_inputs, linear_attention))
     user_outputs: dict[str, int] = {}
 
     def partition(joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):

@@ -256,3 +256,14 @@ def test_loops_that_are_not_exactly_linear_attention_are_left_alone(call, reason
     torch.testing.assert_close(call(compiled, x), call(model, x))
     assert "attn.linear" not in _ops(backend)["forward"]
     assert any(reason in r.reason for r in backend.reports), [r.reason for r in backend.reports]
+
+
+def test_linear_attention_option_off_keeps_the_model_computation():
+    torch.manual_seed(0)
+    model = DecayAttention(16, 2)
+    x = torch.randn(1, 6, 16)
+    backend = seqweave.backend(linear_attention=False)
+    got = torch.compile(model, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(got, model(x))
+    assert all("attn.linear" not in ops for ops in _ops(backend).values())
+    assert not any(r.form == "linear" for r in backend.reports)

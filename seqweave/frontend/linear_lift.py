@@ -168,7 +168,7 @@ def _as_matmul(product: fx.Node) -> fx.Node:
 
 
 def _transposed_keys(node: object) -> fx.Node:
-    if not (isinstance(node, fx.Node) and (is_call(node, (torch.transpose,), "transpose") or _is_method(node, ("mT",)))):
+    if not (isinstance(node, fx.Node) and is_call(node, (torch.transpose,), "transpose")):
         raise NotLinear("the keys of q @ k^T are not a transpose of the last two dims")
     ndim = example(node).dim()
     if sorted(d % ndim for d in node.args[1:3]) != [ndim - 2, ndim - 1]:
@@ -279,7 +279,8 @@ def _fit(first: torch.Tensor) -> tuple[float, torch.Tensor]:
         raise NotLinear("the mask holds inf or nan")
     c = float(corner[0, 0])
     if c == 0 or bool((corner != c).any()):
-        raise NotLinear(f"the mask's diagonal is not one scale shared by every head (got {corner.flatten()[:4].tolist()})")
+        raise NotLinear("the mask's diagonal is not one scale shared by every head "
+                        f"(got {corner.flatten()[:4].tolist()})")
     if first.shape[2] < 2:
         return c, torch.ones(first.shape[1], dtype=torch.float64)
     lam = first[0, :, 1, 0] / c
@@ -296,8 +297,8 @@ def _check_block(got: torch.Tensor, rows: torch.Tensor, scale: float, lam: torch
     if bool((error > DECAY_TOLERANCE * abs(scale)).any()):
         b, h, i, j = (int(x) for x in (error == error.max()).nonzero()[0])
         above = "above the diagonal (not causal)" if int(rows[i]) < j else "below the diagonal"
-        raise NotLinear(f"the mask is not a causal decay: M[{b}, {h}, {int(rows[i])}, {j}] = {float(got[b, h, i, j]):.6g} "
-                        f"{above}, a decay would give {float(want[b, h, i, j]):.6g}")
+        raise NotLinear(f"the mask is not a causal decay: M[{b}, {h}, {int(rows[i])}, {j}] = "
+                        f"{float(got[b, h, i, j]):.6g} {above}, a decay would give {float(want[b, h, i, j]):.6g}")
 
 
 def _four_d(builder: NodeBuilder, node: fx.Node) -> fx.Node:

@@ -32,7 +32,8 @@ def _linear_attention_fake(q, k, v, decay, scale, layer=-1, gate=None, recurrenc
 def linear_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               decay: list[float], scale: float, layer: int = -1,
                               gate: Optional[torch.Tensor] = None,
-                              recurrence: str = "decay") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              recurrence: str = "decay"
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `seqweave::linear_attention` for q, k, v and the gate (empty without one)."""
     dq, dk, dv, dgate, _ = scaled_backward(REFERENCE[recurrence], dout, q, k, v, gate, list(decay), scale)
     dgate = q.new_empty(0) if dgate is None else dgate.contiguous()

@@ -5,9 +5,10 @@ is free. `sequence_plan.py` finds, backwards from the attentions, where each val
 one holds the sequence; the pass takes the rows of such values at their first use on that
 path and carries the shard forward with one rule per op (`sharding_rules.py` and the
 contraction and reduction rules beside it). Attention becomes `attn.ring`, `attn.ulysses` or
-`attn.hybrid`, linear attention `attn.lasp2`; outputs are gathered back into global order, or kept sharded (`outputs`). The result has LOCAL
-shapes, every tensor typed `{sp: S(d)}` or `{sp: R}`, and one extra input: this rank's
-global positions (`sp_positions`, int64 [N/P]), which keeps the graph the same on every rank.
+`attn.hybrid`, linear attention `attn.lasp2`; outputs are gathered back into global order, or
+kept sharded (`outputs`). The result has LOCAL shapes, every tensor typed `{sp: S(d)}` or
+`{sp: R}`, and one extra input: this rank's global positions (`sp_positions`, int64 [N/P]),
+which keeps the graph the same on every rank.
 
 Invariants: positions (RoPE, masks) stay global; a value is sharded at most one way; an op
 with no rule (or whose rule cannot run it on shards) only ever sees whole values: its sharded

@@ -1,8 +1,8 @@
 """Linear attention across gloo ranks (LASP-2): recognised linear models (decay, normalised,
-GLA and delta-rule loops), and a hybrid with a softmax layer, train on 2, 3 and 4 ranks exactly as one float64 process does, at lengths that
-divide neither the chunk nor the ranks; each linear layer runs `attn.lasp2`, the softmax layer
-ring / Ulysses; the bytes the runtime sends for states equal the cost model's and do not grow
-with N."""
+GLA and delta-rule loops), and a hybrid with a softmax layer, train on 2, 3 and 4 ranks
+exactly as one float64 process does, at lengths that divide neither the chunk nor the ranks;
+each linear layer runs `attn.lasp2`, the softmax layer ring / Ulysses; the bytes the runtime
+sends for states equal the cost model's and do not grow with N."""
 from __future__ import annotations
 
 import copy

@@ -14,8 +14,8 @@ from torch import nn
 
 import seqweave
 from seqweave.ir.printer import format_node
-from seqweave.testing.linear_models import (CausalLinearAttention, CumsumLinearAttention, DecayAttention, DeltaAttention,
-                                            GatedAttention, TinyLM, retnet_gammas)
+from seqweave.testing.linear_models import (CausalLinearAttention, CumsumLinearAttention, DecayAttention,
+                                            DeltaAttention, GatedAttention, TinyLM, retnet_gammas)
 
 TOLERANCE = 1e-5
 N = 37  # divides no chunk size

@@ -57,7 +57,7 @@ class Step:
     k: fx.Node
     v: fx.Node
     kind: str                       # "decay", "gla" or "delta"
-    decay: Any = None               # decay: a number or a node (constant per head); gla: alpha_t
+    factor: Any = None              # what multiplies S: decay: a number or a constant node; gla: alpha_t
     beta: fx.Node | None = None     # delta
 
 
@@ -235,7 +235,7 @@ def _is_zeros(node: Any) -> bool:
 
 def decays(steps: list[Step], placeholder_values: dict[fx.Node, torch.Tensor]) -> list[float]:
     """Per-head log-decays of a constant decay (one number, or a buffer broadcast against S)."""
-    factors = {id(step.decay): step.decay for step in steps}
+    factors = {id(step.factor): step.factor for step in steps}
     values = [_constant(f, placeholder_values) for f in factors.values()]
     if any(not torch.equal(values[0], v) for v in values[1:]):
         raise NotRecurrent("the decay changes from step to step (a gate, not a constant decay)")
@@ -298,7 +298,7 @@ def replace_recurrence(assembly: Assembly, steps: list[Step], decay: list[float]
         # The kernels take log gates and refuse -inf: a gate below e^-60 (1e-26) acts as e^-60,
         # which fp32 arithmetic cannot tell from 0 beside any other term. Padding rows under
         # sequence parallelism hold gate 0; they come after every real row.
-        gate = builder.call(torch.clamp, builder.call(torch.log, _stacked(builder, [s.decay for s in steps], 1)),
+        gate = builder.call(torch.clamp, builder.call(torch.log, _stacked(builder, [s.factor for s in steps], 1)),
                             min=LOG_GATE_FLOOR)
     elif kind == "delta":
         betas = [s.beta for s in steps]
@@ -335,8 +335,7 @@ def _check_reads(assembly: Assembly) -> None:
         return
     order = {node: index for index, node in enumerate(assembly.result.graph.nodes)}
     first, last = order[assembly.writes[0]], order[assembly.writes[-1]]
-    early = [u for u in assembly.result.users if u not in assembly.writes and order[u] < last]
-    if any(order[u] > first for u in early) or any(u.op == "output" for u in early):
+    if any(first < order[u] < last for u in assembly.result.users if u not in assembly.writes):
         raise NotRecurrent("the output buffer is read while the loop writes it")
 
 

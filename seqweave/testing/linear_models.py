@@ -182,3 +182,10 @@ class TinyLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+def hybrid_example(seq_len: int = 128) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A 1-in-4 softmax hybrid and a batch of ids, for `seqweave explain
+    seqweave.testing.linear_models:hybrid_example --sp 4` (one softmax, three decay layers)."""
+    torch.manual_seed(0)
+    return TinyLM("slll").eval(), (torch.randint(0, 64, (2, seq_len)),)

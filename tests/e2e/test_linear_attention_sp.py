@@ -45,6 +45,8 @@ def _case(world: int, pattern: str, balance: str, length: int) -> dict:
     return {"logits": _relative(logits, want), "grads": grads,
             "ops": sorted({n.op for c in backend.graphs for n in c.graph.nodes if n.op.startswith("attn.")}),
             "state_bytes": backend.comm_stats()["states"]["bytes_sent"],
+            "gathered_whole": [w for c in backend.graphs for run in c.passes for w in run.result.warnings
+                               if "gathered whole" in w and "output" not in w],
             "predicted": sum(graph_lasp2_bytes(c.graph, runs) for c in backend.graphs)}
 
 
@@ -64,6 +66,7 @@ def test_linear_and_hybrid_models_train_on_ranks_like_one_process(world):
             if "s" in pattern:  # the softmax layer keeps a softmax strategy in the same plan
                 assert any(op in got["ops"] for op in ("attn.ring", "attn.ulysses", "attn.hybrid")), got["ops"]
             assert got["state_bytes"] == got["predicted"] > 0, where
+            assert got["gathered_whole"] == [], where  # loops' per-step slices are taken from shards too
     if world == 2:  # the same model at two lengths sends the same state bytes: independent of N
         assert results[0][0]["state_bytes"] == results[0][1]["state_bytes"]
 

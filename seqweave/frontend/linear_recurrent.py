@@ -12,8 +12,9 @@ of the pieces that published reference code uses is read: `k[..., None] * v[...,
 `einsum("bhd,bhdm->bhm", q, S)`; `.clone()` and casts of the state. Every step must have the
 same form and the chain must start from zeros.
 
-The per-step q_t, k_t, v_t (and alpha_t / beta_t) are stacked back into [B, H, N, .] tensors
-and the whole loop becomes one `seqweave::linear_attention` with that recurrence: O(N d Dv)
+The per-step q_t, k_t, v_t (and alpha_t / beta_t) are put back together into [B, H, N, .]
+tensors (`rerolled`: the tensor they were sliced from when they are its steps) and the whole
+loop becomes one `seqweave::linear_attention` with that recurrence: O(N d Dv)
 chunkwise, O(d Dv) state, LASP-2 across ranks.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
 from seqweave.frontend.mask_lift import passed_by_caller
 from seqweave.frontend.mask_tiles import materialise, tiled_function
 from seqweave.frontend.patterns import EINSUM_TARGETS, example, is_call
+from seqweave.frontend.rerolled import per_token
 
 ADD_TARGETS = (operator.add, torch.add)
 MUL_TARGETS = (operator.mul, torch.mul)
@@ -40,10 +42,6 @@ STATE_WRAPPERS = ("clone", "to", "float", "contiguous", "type")
 ZERO_MAKERS = (torch.zeros, torch.zeros_like)
 ZERO_METHODS = ("new_zeros", "zero_")
 LOG_GATE_FLOOR = -60.0
-#: per-step transforms of a slice that may be applied to the whole tensor instead (elementwise,
-#: scalar arguments only)
-HOISTABLE_METHODS = ("exp", "clone", "to", "float", "double", "neg", "sigmoid", "contiguous", "mul", "div")
-HOISTABLE_FUNCTIONS = (operator.mul, operator.truediv, operator.neg, torch.exp, torch.sigmoid, torch.mul)
 
 
 class NotRecurrent(Exception):
@@ -279,67 +277,6 @@ def _constant(factor: Any, placeholder_values: dict[fx.Node, torch.Tensor]) -> t
     return materialise(tiled_function(nodes, leaves, factor)(values), "the decay").double()
 
 
-def _stacked(builder: NodeBuilder, nodes: list[fx.Node], extra_dims: int) -> fx.Node:
-    """The per-step values on a token dim before their last `extra_dims` dims, as 4-D ([.., N, D])
-    or 3-D ([.., N], betas): the whole tensor they were sliced from when they are its steps
-    (so sequence parallelism shards it like any other), else stacked."""
-    ndim = example(nodes[0]).dim()
-    node = _unsliced(builder, nodes, ndim - extra_dims)
-    if node is None:
-        node = builder.call(torch.stack, list(nodes), ndim - extra_dims)
-    for _ in range(2 + extra_dims - ndim):
-        node = builder.method("unsqueeze", node, 0)
-    return node
-
-
-def _slice_of(node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """(x, dim, index) when `node` is `x[:, ..., :, index]` (one int after full slices) or `x.select(dim, index)`."""
-    if is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple):
-        key = node.args[1]
-        ints = [i for i, k in enumerate(key) if isinstance(k, int)]
-        if len(ints) == 1 and all(k == slice(None) for k in key[:ints[0]]) and \
-                all(k == slice(None) or k is Ellipsis for k in key[ints[0] + 1:]):
-            return node.args[0], ints[0], key[ints[0]]
-    if is_call(node, (torch.select,), "select") and len(node.args) == 3:
-        return node.args[0], node.args[1] % example(node.args[0]).dim(), node.args[2]
-    return None
-
-
-def _chain(node: fx.Node) -> tuple[list[tuple[Any, tuple, dict, str]], tuple[fx.Node, int, int]] | None:
-    """The unary pointwise steps (target, args after the tensor, kwargs, op) from a slice to `node`, and the slice."""
-    steps = []
-    for _ in range(6):
-        sliced = _slice_of(node)
-        if sliced is not None:
-            return steps[::-1], sliced
-        scalar_args = all(not isinstance(a, fx.Node) for a in node.args[1:]) and \
-            all(not isinstance(a, fx.Node) for a in node.kwargs.values())
-        pointwise = (node.op == "call_method" and node.target in HOISTABLE_METHODS) or \
-            (node.op == "call_function" and node.target in HOISTABLE_FUNCTIONS)
-        if not (scalar_args and pointwise and node.args and isinstance(node.args[0], fx.Node)):
-            return None
-        steps.append((node.target, tuple(node.args[1:]), dict(node.kwargs), node.op))
-        node = node.args[0]
-    return None
-
-
-def _unsliced(builder: NodeBuilder, nodes: list[fx.Node], dim: int) -> fx.Node | None:
-    """`f(x)` when every step t is `f(x[..., t, ...])` at index t of `dim`, for one pointwise f."""
-    chains = [_chain(node) for node in nodes]
-    if any(chain is None for chain in chains):
-        return None
-    steps, (source, at, _) = chains[0]
-    consistent = all(c[0] == steps and c[1][0] is source and c[1][1] == at and c[1][2] == t
-                     for t, c in enumerate(chains))
-    if not consistent or at != dim or example(source).shape[dim] != len(nodes):
-        return None
-    node = source
-    for target, args, kwargs, op in steps:
-        node = builder.method(target, node, *args, **kwargs) if op == "call_method" else \
-            builder.call(target, node, *args, **kwargs)
-    return node
-
-
 def replace_recurrence(assembly: Assembly, steps: list[Step], decay: list[float], layer: int) -> list[fx.Node]:
     """Put one `seqweave::linear_attention` where the loop's outputs were assembled."""
     kind = steps[0].kind
@@ -348,20 +285,20 @@ def replace_recurrence(assembly: Assembly, steps: list[Step], decay: list[float]
     if anchor is None:
         raise NotRecurrent("the assembled output is never read")
     builder = NodeBuilder(anchor)
-    q, k, v = (_stacked(builder, [getattr(s, role) for s in steps], 1) for role in ("q", "k", "v"))
+    q, k, v = (per_token(builder, [getattr(s, role) for s in steps], 1) for role in ("q", "k", "v"))
     gate = None
     if kind == "gla":
         # The kernels take log gates and refuse -inf: a gate below e^-60 (1e-26) acts as e^-60,
         # which fp32 arithmetic cannot tell from 0 beside any other term. Padding rows under
         # sequence parallelism hold gate 0; they come after every real row.
-        gate = builder.call(torch.clamp, builder.call(torch.log, _stacked(builder, [s.factor for s in steps], 1)),
+        gate = builder.call(torch.clamp, builder.call(torch.log, per_token(builder, [s.factor for s in steps], 1)),
                             min=LOG_GATE_FLOOR)
     elif kind == "delta":
         betas = [s.beta for s in steps]
         if example(betas[0]).dim() == example(steps[0].v).dim():  # [.., 1] beside v's [.., Dv]
-            gate = builder.method("squeeze", _stacked(builder, betas, 1), -1)
+            gate = builder.method("squeeze", per_token(builder, betas, 1), -1)
         else:
-            gate = _stacked(builder, betas, 0)
+            gate = per_token(builder, betas, 0)
     recurrence = "decay" if kind == "decay" else kind
     out = builder.call(LINEAR_ATTENTION_OP, q, k, v, decay, 1.0, layer, gate=gate, recurrence=recurrence)
     target = example(assembly.result)

@@ -13,7 +13,6 @@ from torch import fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import default_partition
 
-from seqweave.errors import CaptureError
 from seqweave.frontend.attention import AttentionReport, replace_attention
 from seqweave.frontend.fx import import_fx
 from seqweave.ir.graph import Graph

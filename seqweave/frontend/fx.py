@@ -120,7 +120,8 @@ class _Importer:
         if (scalar := scalar_op_name(node.target)) and not kwargs:  # size arithmetic under dynamic shapes
             return scalar, args, kwargs
         raise CaptureError(f"unsupported FX node {node.format_node()}",
-                           hint="seqweave imports ATen ops only; dynamic shapes are not supported yet (use dynamic=False)")
+                           hint="seqweave imports ATen ops only; dynamic shapes are not supported yet "
+                                "(use dynamic=False)")
 
 
 #: the attention ops' trailing attributes and their defaults (see `frontend.custom_ops`)

@@ -38,7 +38,8 @@ class CumsumMatch:
     v: fx.Node | None     # None: the normaliser (v is a column of ones)
 
 
-def _einsum(node: fx.Node) -> tuple[list[str], str, list] | None:
+def einsum_parts(node: fx.Node) -> tuple[list[str], str, list] | None:
+    """(input subscripts, output subscripts, operands) of an explicit einsum without '...', else None."""
     if not is_call(node, EINSUM_TARGETS) or not isinstance(node.args[0], str):
         return None
     operands = list(node.args[1:])
@@ -74,7 +75,7 @@ def unsqueezed_source(node: object, dim: int) -> fx.Node | None:
 
 def outer_factors(node: fx.Node) -> tuple[fx.Node, fx.Node]:
     """(k, v) when `node` is their outer product over the last dim: [..., N, D] x [..., N, Dv] -> [..., N, D, Dv]."""
-    parsed = _einsum(node)
+    parsed = einsum_parts(node)
     if parsed is not None:
         (a, b), out, operands = parsed
         if len(operands) == 2 and a[:-1] == b[:-1] and out == a + b[-1] and a[-1] != b[-1]:
@@ -105,7 +106,7 @@ def _sum_over(node: fx.Node, dim: int) -> bool:
 def _contraction(state: fx.Node, key_dims: int) -> tuple[fx.Node, fx.Node]:
     """(q, the node giving the result) for `q` contracted with `state` over D."""
     user = _single_user(state)
-    parsed = _einsum(user)
+    parsed = einsum_parts(user)
     if parsed is not None:
         subscripts, out, operands = parsed
         if len(operands) == 2 and state in operands:

@@ -37,8 +37,9 @@ from seqweave.frontend.linear_cumsum import NotCumsumForm, cumsums, match_cumsum
 from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
 from seqweave.frontend.linear_recurrent import (Assembly, NotRecurrent, assemblies, decays, match_recurrence,
                                                 reads_state, replace_recurrence)
-from seqweave.frontend.mask_lift import BLOCK_ELEMENTS, checked_rows, passed_by_caller
+from seqweave.frontend.mask_lift import BLOCK_ELEMENTS, checked_rows
 from seqweave.frontend.mask_tiles import Lazy, Untileable, tiled_function
+from seqweave.frontend.model_constants import NotConstant, ancestors_in_order, constant_value, leaves_of
 from seqweave.frontend.patterns import (MATMUL_TARGETS, example, is_call, is_product, layer_name,
                                         softmax_feeding)
 from seqweave.frontend.products import NotRewritten, rewrite_product, split_einsum_factors
@@ -220,37 +221,14 @@ def match_linear(product: fx.Node) -> LinearMatch:
     return LinearMatch(product, masked, scores, q, k, v, _normalisers(masked, product))
 
 
-def _mask_subgraph(match: LinearMatch) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The nodes computing the masked scores from the scores, and the leaves they read."""
-    nodes, stack, seen = [], [match.masked], {match.scores}
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(node.all_input_nodes)
-    order = {node: index for index, node in enumerate(match.masked.graph.nodes)}
-    nodes.sort(key=order.__getitem__)
-    return nodes, [node for node in nodes if node.op in ("placeholder", "get_attr")]
-
-
-def _leaf_value(node: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
-    if node.op == "get_attr":
-        return fx.graph_module._get_attr(node.graph.owning_module, node.target)
-    if node not in placeholder_values or passed_by_caller(node):
-        raise NotLinear(f"the mask reads {node.name}, a tensor the caller passes: its values may change")
-    value = placeholder_values[node]
-    if value.requires_grad:
-        raise NotLinear(f"the mask reads {node.name}, a parameter that is trained (a learned decay is not a "
-                        "constant)")
-    return value
-
-
 def lift_decay(match: LinearMatch, placeholder_values: dict[fx.Node, torch.Tensor]) -> LiftedDecay:
     """Evaluate M on a lazy tensor of ones standing for the scores and fit c * lambda_h^(i-j)."""
-    nodes, leaves = _mask_subgraph(match)
-    values = [_leaf_value(leaf, placeholder_values) for leaf in leaves]
+    nodes = ancestors_in_order(match.masked, stop=[match.scores])  # the masking, the scores as a leaf
+    leaves = leaves_of(nodes)
+    try:
+        values = [constant_value(leaf, placeholder_values, "the mask") for leaf in leaves]
+    except NotConstant as why:
+        raise NotLinear(str(why)) from why
     shape = tuple(int(s) for s in example(match.masked).shape)
     ones = Lazy(shape, lambda index: torch.ones([1] * len(index)))
     try:

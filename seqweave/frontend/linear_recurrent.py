@@ -28,11 +28,11 @@ import torch
 from torch import fx
 
 from seqweave.frontend.fx_build import NodeBuilder
-from seqweave.frontend.linear_cumsum import NotCumsumForm, outer_factors, unsqueezed_source
+from seqweave.frontend.linear_cumsum import NotCumsumForm, einsum_parts, outer_factors, unsqueezed_source
 from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
-from seqweave.frontend.mask_lift import passed_by_caller
 from seqweave.frontend.mask_tiles import materialise, tiled_function
-from seqweave.frontend.patterns import EINSUM_TARGETS, example, is_call
+from seqweave.frontend.model_constants import NotConstant, ancestors_in_order, constant_value, leaves_of
+from seqweave.frontend.patterns import example, is_call
 from seqweave.frontend.rerolled import per_token
 
 ADD_TARGETS = (operator.add, torch.add)
@@ -79,25 +79,14 @@ def _strip(node: Any) -> Any:
     return node
 
 
-def _einsum_parts(node: fx.Node) -> tuple[list[str], str, list] | None:
-    if not is_call(node, EINSUM_TARGETS) or not isinstance(node.args[0], str):
-        return None
-    operands = list(node.args[1:])
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
-    equation = node.args[0].replace(" ", "")
-    if "->" not in equation or "." in equation or len(operands) != 2:
-        return None
-    inputs, out = equation.split("->")
-    return inputs.split(","), out, operands
-
-
 def _contract(node: Any) -> tuple[fx.Node, fx.Node] | None:
     """(x, S) when `node` is x_t S: [..., D] with [..., D, Dv] over D."""
     if not isinstance(node, fx.Node):
         return None
-    parts = _einsum_parts(node)
+    parts = einsum_parts(node)
     if parts is not None:
+        if len(parts[2]) != 2:
+            return None
         (a, b), out, (x, s) = parts
         if len(b) == len(a) + 1 and b[:-1] == a and out == a[:-1] + b[-1]:
             return x, s
@@ -255,25 +244,12 @@ def decays(steps: list[Step], placeholder_values: dict[fx.Node, torch.Tensor]) -
 def _constant(factor: Any, placeholder_values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
     if isinstance(factor, (int, float)):
         return torch.tensor(float(factor), dtype=torch.float64)
-    nodes, stack, seen = [], [factor], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(node.all_input_nodes)
-    order = {node: index for index, node in enumerate(factor.graph.nodes)}
-    nodes.sort(key=order.__getitem__)
-    leaves = [n for n in nodes if n.op in ("placeholder", "get_attr")]
-    values = []
-    for leaf in leaves:
-        if leaf.op == "get_attr":
-            values.append(fx.graph_module._get_attr(leaf.graph.owning_module, leaf.target))
-            continue
-        if leaf not in placeholder_values or passed_by_caller(leaf) or placeholder_values[leaf].requires_grad:
-            raise NotRecurrent(f"the decay reads {leaf.name}, which is not a constant of the model")
-        values.append(placeholder_values[leaf])
+    nodes = ancestors_in_order(factor)
+    leaves = leaves_of(nodes)
+    try:
+        values = [constant_value(leaf, placeholder_values, "the decay") for leaf in leaves]
+    except NotConstant as why:
+        raise NotRecurrent(str(why)) from why
     return materialise(tiled_function(nodes, leaves, factor)(values), "the decay").double()
 
 

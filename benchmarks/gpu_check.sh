@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU check for one CUDA machine with no network and seqweave not installed: print the GPU, run the
-# GPU-marked tests, then the attention benchmark, in under 8 minutes on one H100. Both parts always
-# run; the script exits non-zero when either failed (124: killed by its timeout).
+# GPU-marked tests, then the attention benchmark and the linear-attention kernels, in under 9 minutes
+# on one H100. Every part always runs; the script exits non-zero when any failed (124: killed by its
+# timeout).
 #
 #   bash benchmarks/gpu_check.sh                 # results in benchmarks/results/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh   # gpu_tests.txt, attention_gpu.json, attention_gpu.txt there
 #
 # Limits (seconds, override by environment): TEST_TIMEOUT_S=210 for pytest, BENCH_TIMEOUT_S=240 for the
 # benchmark, which starts no new config after BENCH_BUDGET_S=150 and rewrites its JSON after every
-# config, so a run cut short keeps what it measured.
+# config, so a run cut short keeps what it measured; LINEAR_TIMEOUT_S=90 for the linear-attention kernels.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +20,7 @@ TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-210}"
 BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-240}"
 BENCH_BUDGET_S="${BENCH_BUDGET_S:-150}"
 BENCH_LENGTHS="${BENCH_LENGTHS:-1024 4096 16384 32768}"
+LINEAR_TIMEOUT_S="${LINEAR_TIMEOUT_S:-90}"
 mkdir -p "$OUT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET SEQWEAVE_TRITON_INTERPRET  # kernels must compile for the GPU
@@ -39,5 +41,11 @@ timeout -k 10 "$BENCH_TIMEOUT_S" "$PYTHON" benchmarks/attention_gpu.py --out "$O
   --lengths $BENCH_LENGTHS --budget-s "$BENCH_BUDGET_S" 2>&1 | tee "$OUT/attention_gpu.txt"
 bench_status=${PIPESTATUS[0]}
 
-echo "== gpu_check: tests exit ${tests_status}, benchmark exit ${bench_status} (124 = timed out)"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "== linear attention kernels (${LINEAR_TIMEOUT_S} s limit)"
+timeout -k 10 "$LINEAR_TIMEOUT_S" "$PYTHON" benchmarks/linear_attention_gpu.py \
+  --out "$OUT/linear_attention_gpu.json" 2>&1 | tee "$OUT/linear_attention_gpu.txt"
+linear_status=${PIPESTATUS[0]}
+
+echo "== gpu_check: tests exit ${tests_status}, benchmark exit ${bench_status}, linear exit ${linear_status}" \
+  "(124 = timed out)"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$linear_status" -eq 0 ]

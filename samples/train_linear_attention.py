@@ -40,7 +40,7 @@ def train(name: str, pattern: str, seq_len: int, steps: int, world: int, rank: i
         optimizer.step()
         optimizer.zero_grad()
         if rank == 0:
-            print(f"[rank 0] step {step}: loss {loss.item():.4f} ({name}, {world} rank(s), {seq_len} tokens)")
+            print(f"step {step}: loss {loss.item():.4f} ({name}, {world} rank(s), {seq_len} tokens)")
     if rank == 0:
         ops = sorted({n.op for c in backend.graphs for n in c.graph.nodes if n.op.startswith("attn.")})
         found = sum(r.found for r in backend.reports)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import seqweave
 from seqweave.testing.linear_models import TinyLM
 
-MODELS = {"decay": "llll", "gated": "gggg", "hybrid": "slll"}  # l: decay, g: GLA loop, s: softmax
+MODELS = {"decay": "ll", "gated": "gg", "hybrid": "slll"}  # l: decay, g: GLA loop, s: softmax (1 in 4)
 #: the gated model is a loop over time that dynamo unrolls: kept short
 LENGTHS = {"decay": 1.0, "gated": 0.25, "hybrid": 1.0}
 

@@ -44,7 +44,8 @@ from seqweave.frontend.patterns import (MATMUL_TARGETS, example, is_call, is_pro
                                         softmax_feeding)
 from seqweave.frontend.products import NotRewritten, rewrite_product, split_einsum_factors
 
-#: |M - c lambda^(i-j)| allowed, relative to |c|: a few fp32 rounding steps of lambda ** (i - j).
+#: |M - c lambda^(i-j)| allowed, relative to |c|: a few fp32 rounding steps of lambda ** (i - j);
+#: a mask computed in fp16 / bf16 is allowed 4 of its own rounding steps instead.
 DECAY_TOLERANCE = 4e-6
 MUL_TARGETS = (operator.mul, torch.mul)
 DIV_TARGETS = (operator.truediv, torch.div)
@@ -239,40 +240,47 @@ def lift_decay(match: LinearMatch, placeholder_values: dict[fx.Node, torch.Tenso
     index = lambda rows: [torch.arange(s) for s in shape[:-2]] + [rows, torch.arange(shape[-1])]  # noqa: E731
     read = lambda rows: tiled.tile(index(rows)).expand(*shape[:-2], len(rows), shape[-1]) \
         .reshape(four_d[:2] + (len(rows), shape[-1])).double()  # noqa: E731
-    first = read(torch.arange(min(2, shape[-2])))
-    scale, decay = _fit(first)
+    column = tiled.tile([torch.arange(s) for s in shape[:-1]] + [torch.zeros(1, dtype=torch.long)])
+    scale, decay = _fit(column.expand(*shape[:-1], 1).reshape(four_d[:3]).double())
+    tolerance = max(DECAY_TOLERANCE, 4 * torch.finfo(example(match.masked).dtype).eps) * abs(scale)
     rows = checked_rows(four_d)
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(four_d[:2]) * shape[-1]))
     for start in range(0, len(rows), step):
         block = rows[start:start + step]
-        _check_block(read(block), block, scale, decay)
+        _check_block(read(block), block, scale, decay, tolerance)
     note = "lifted" if len(rows) == shape[-2] else f"lifted (checked on {len(rows)} of {shape[-2]} rows)"
     return LiftedDecay([float(-math.log(lam)) if lam < 1 else 0.0 for lam in decay.tolist()], scale, note)
 
 
-def _fit(first: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """c and lambda_h from the first two rows ([B, H, rows, N], fp64)."""
-    corner = first[:, :, 0, 0]
-    if not bool(torch.isfinite(first).all()):
+def _fit(column: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """c and lambda_h from the mask's first column ([B, H, N], fp64): M[i, 0] = c lambda^i. lambda
+    is read where c lambda^i is still well above rounding (the farthest i with lambda^i >= 0.01),
+    so its error shrinks as 1/i and lambda^(i-j) stays exact to the mask's own precision."""
+    corner = column[:, :, 0]
+    if not bool(torch.isfinite(column).all()):
         raise NotLinear("the mask holds inf or nan")
     c = float(corner[0, 0])
     if c == 0 or bool((corner != c).any()):
         raise NotLinear("the mask's diagonal is not one scale shared by every head "
                         f"(got {corner.flatten()[:4].tolist()})")
-    if first.shape[2] < 2:
-        return c, torch.ones(first.shape[1], dtype=torch.float64)
-    lam = first[0, :, 1, 0] / c
-    if bool((lam <= 0).any()) or bool((lam > 1).any()):
-        raise NotLinear(f"the mask is not a decay lambda^(i-j) with 0 < lambda <= 1 (lambda = {lam.tolist()[:4]})")
+    if column.shape[2] < 2:
+        return c, torch.ones(column.shape[1], dtype=torch.float64)
+    ratios = column[0] / c  # [H, N]: lambda_h ** i, if a decay
+    if bool((ratios[:, 1] <= 0).any()) or bool((ratios[:, 1] > 1).any()):
+        raise NotLinear(f"the mask is not a decay lambda^(i-j) with 0 < lambda <= 1 "
+                        f"(lambda = {ratios[:, 1].tolist()[:4]})")
+    positions = torch.arange(column.shape[2], dtype=torch.float64)
+    far = torch.where(ratios >= 0.01, positions, 0.0).amax(dim=1).clamp(min=1)
+    lam = ratios.gather(1, far.long()[:, None]).squeeze(1).clamp(min=1e-300) ** (1 / far)
     return c, lam
 
 
-def _check_block(got: torch.Tensor, rows: torch.Tensor, scale: float, lam: torch.Tensor) -> None:
+def _check_block(got: torch.Tensor, rows: torch.Tensor, scale: float, lam: torch.Tensor, tolerance: float) -> None:
     """Every checked entry equals scale * lambda_h^(i - j) on and below the diagonal, 0 above."""
     distance = rows[:, None].double() - torch.arange(got.shape[-1], dtype=torch.float64)[None, :]
     want = scale * torch.where(distance >= 0, lam.view(1, -1, 1, 1) ** distance.clamp(min=0), 0.0)
     error = (got - want).abs()
-    if bool((error > DECAY_TOLERANCE * abs(scale)).any()):
+    if bool((error > tolerance).any()):
         b, h, i, j = (int(x) for x in (error == error.max()).nonzero()[0])
         above = "above the diagonal (not causal)" if int(rows[i]) < j else "below the diagonal"
         raise NotLinear(f"the mask is not a causal decay: M[{b}, {h}, {int(rows[i])}, {j}] = "

@@ -75,7 +75,9 @@ def test_golden_text_of_the_lifted_op():
     compiled, backend = _compile(model)
     compiled(torch.randn(1, 9, 32))
     (node,) = [n for n in backend.graphs[0].graph.nodes if n.op == "attn.linear"]
-    decays = ", ".join(repr(float(-torch.log(g.double()))) for g in retnet_gammas(2))
+    want = [float(-torch.log(g.double())) for g in retnet_gammas(2)]  # lambda_h = 1 - 2^(-5-h)
+    assert node.kwargs["decay"] == pytest.approx(want, rel=1e-6)
+    decays = ", ".join(repr(s) for s in node.kwargs["decay"])
     assert format_node(node) == (f"%linear_attention = attn.linear(%select, %select_1, %select_2, decay=[{decays}], "
                                  f"scale=0.25, layer=0) : f32[1, 2, 9, 16]")
 
@@ -267,3 +269,13 @@ def test_linear_attention_option_off_keeps_the_model_computation():
     torch.testing.assert_close(got, model(x))
     assert all("attn.linear" not in ops for ops in _ops(backend).values())
     assert not any(r.form == "linear" for r in backend.reports)
+
+
+def test_slow_decays_that_are_not_binary_fractions_are_lifted_at_length():
+    """lambda = exp(-0.001) is not exact in fp32: it is read far down the mask's first column,
+    so lambda^(i-j) matches the mask over hundreds of tokens."""
+    torch.manual_seed(0)
+    model = DecayAttention(16, 2)
+    model.gamma = torch.tensor([0.999000499833375, 0.98639392])  # exp(-0.001), exp(-0.0137)
+    backend = _check_against_float64(model, torch.randn(1, 300, 16))
+    assert _ops(backend)["forward"] == ["attn.linear"]

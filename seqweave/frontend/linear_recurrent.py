@@ -5,8 +5,8 @@
         S = A_t(S) + k_t ⊗ w_t                 (the update)
         o[:, :, t] = q_t S                     (the readout; or outputs.append(...) then stack)
 
-with A_t(S) = S, lambda * S (a constant decay), or alpha_t[..., None] * S (GLA's per-channel
-gate), and, for the delta rule, w_t = beta_t (v_t - k_t S) on top of A_t(S) = S. Each spelling
+with A_t(S) = S, lambda * S (a constant decay), alpha_t[..., None] * S (GLA's per-channel
+gate) or g_t[..., None, None] * S (one gate per head and token: GLA with every channel alike), and, for the delta rule, w_t = beta_t (v_t - k_t S) on top of A_t(S) = S. Each spelling
 of the pieces that published reference code uses is read: `k[..., None] * v[..., None, :]`,
 `k.unsqueeze(-1) * v.unsqueeze(-2)` or an outer-product einsum; `(q[..., None] * S).sum(-2)` or
 `einsum("bhd,bhdm->bhm", q, S)`; `.clone()` and casts of the state. Every step must have the
@@ -33,7 +33,7 @@ from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
 from seqweave.frontend.mask_tiles import materialise, tiled_function
 from seqweave.frontend.model_constants import NotConstant, ancestors_in_order, constant_value, leaves_of
 from seqweave.frontend.patterns import example, is_call
-from seqweave.frontend.rerolled import per_token
+from seqweave.frontend.rerolled import per_token, split_index_and_unsqueeze
 
 ADD_TARGETS = (operator.add, torch.add)
 MUL_TARGETS = (operator.mul, torch.mul)
@@ -129,7 +129,19 @@ def _transition(carried: Any, k: fx.Node) -> tuple[fx.Node, str, Any]:
         if gate is not None and isinstance(gate, fx.Node) and example(gate).shape == example(k).shape:
             return _strip(state), "gla", gate
     state, factor = (left, right) if _is_state_like(left, carried) else (right, left)
+    per_step_scalar = tuple(example(k).shape[:-1]) + (1, 1)
+    if isinstance(factor, fx.Node) and tuple(example(factor).shape) == per_step_scalar and _reads_a_step(factor):
+        return _strip(state), "gla", factor  # one gate per head and token (simple GLA): every channel alike
     return _strip(state), "decay", factor  # `_decays` proves the factor a constant per head
+
+
+def _reads_a_step(node: fx.Node) -> bool:
+    """Does `node` read a slice of the sequence (a per-step value), rather than a constant?"""
+    for ancestor in ancestors_in_order(node):
+        if ancestor.op == "call_function" and ancestor.target is operator.getitem and \
+                isinstance(ancestor.args[1], tuple) and any(isinstance(i, int) for i in ancestor.args[1]):
+            return True
+    return False
 
 
 def _is_state_like(node: Any, carried: fx.Node) -> bool:
@@ -150,6 +162,9 @@ def _delta_write(w: fx.Node, k: fx.Node, previous: fx.Node) -> tuple[fx.Node, st
 
 
 def assemblies(graph: fx.Graph) -> list[Assembly]:
+    """Outputs written step by step into a buffer, or stacked (after splitting `x[:, t, None]`
+    into its slice and its new dim)."""
+    split_index_and_unsqueeze(graph)
     found = []
     for node in graph.nodes:
         if is_call(node, (torch.stack,)) and isinstance(node.args[0], (list, tuple)) and len(node.args[0]) > 1:
@@ -253,6 +268,14 @@ def _constant(factor: Any, placeholder_values: dict[fx.Node, torch.Tensor]) -> t
     return materialise(tiled_function(nodes, leaves, factor)(values), "the decay").double()
 
 
+def _channel_gates(builder: NodeBuilder, steps: list[Step]) -> list[fx.Node]:
+    """alpha_t per channel: as written, or a per-head gate ([.., 1, 1]) expanded over k's channels."""
+    shape = tuple(example(steps[0].k).shape)
+    if tuple(example(steps[0].factor).shape) == shape:
+        return [s.factor for s in steps]
+    return [builder.method("expand", builder.method("reshape", s.factor, *shape[:-1], 1), *shape) for s in steps]
+
+
 def replace_recurrence(assembly: Assembly, steps: list[Step], decay: list[float], layer: int) -> list[fx.Node]:
     """Put one `seqweave::linear_attention` where the loop's outputs were assembled."""
     kind = steps[0].kind
@@ -267,7 +290,7 @@ def replace_recurrence(assembly: Assembly, steps: list[Step], decay: list[float]
         # The kernels take log gates and refuse -inf: a gate below e^-60 (1e-26) acts as e^-60,
         # which fp32 arithmetic cannot tell from 0 beside any other term. Padding rows under
         # sequence parallelism hold gate 0; they come after every real row.
-        gate = builder.call(torch.clamp, builder.call(torch.log, per_token(builder, [s.factor for s in steps], 1)),
+        gate = builder.call(torch.clamp, builder.call(torch.log, per_token(builder, _channel_gates(builder, steps), 1)),
                             min=LOG_GATE_FLOOR)
     elif kind == "delta":
         betas = [s.beta for s in steps]

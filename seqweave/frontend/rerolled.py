@@ -82,3 +82,31 @@ def _unsliced(builder: NodeBuilder, nodes: list[fx.Node], dim: int) -> fx.Node |
         node = builder.method(target, node, *args, **kwargs) if op == "call_method" else \
             builder.call(target, node, *args, **kwargs)
     return node
+
+
+def split_index_and_unsqueeze(graph: fx.Graph) -> None:
+    """`x[:, :, t, :, None]` as `x[:, :, t, :][:, :, :, None]`: a step's slice and a new dim in two
+    nodes, so the slice is a value of its own (as `x[:, :, t][..., None]` writes it)."""
+    for node in list(graph.nodes):
+        if not (is_call(node, (operator.getitem,)) and isinstance(node.args[1], tuple)):
+            continue
+        key = node.args[1]
+        if Ellipsis in key or None not in key or not any(isinstance(k, int) for k in key):
+            continue
+        if not all(k is None or isinstance(k, int) or k == slice(None) for k in key):
+            continue
+        index, unsqueeze, out_dim = [], [], 0
+        for k in key:
+            if k is None:
+                unsqueeze.append(None)
+                out_dim += 1
+                continue
+            index.append(k)
+            if not isinstance(k, int):
+                unsqueeze.append(slice(None))
+                out_dim += 1
+        builder = NodeBuilder(node)
+        sliced = builder.call(operator.getitem, node.args[0], tuple(index))
+        replacement = builder.call(operator.getitem, sliced, tuple(unsqueeze))
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)

@@ -279,3 +279,32 @@ def test_slow_decays_that_are_not_binary_fractions_are_lifted_at_length():
     model.gamma = torch.tensor([0.999000499833375, 0.98639392])  # exp(-0.001), exp(-0.0137)
     backend = _check_against_float64(model, torch.randn(1, 300, 16))
     assert _ops(backend)["forward"] == ["attn.linear"]
+
+
+def _simple_gla_loop(q, k, v, g):
+    """fla's naive recurrent simple GLA: one gate per head and token, slices indexed with None."""
+    o = torch.zeros_like(v)
+    h = q.new_zeros(q.shape[0], q.shape[1], q.shape[3], v.shape[3])
+    for i in range(q.shape[2]):
+        kv = k[:, :, i, :, None] * v[:, :, i, None, :]
+        h = h * g[:, :, i].exp()[..., None, None] + kv
+        o[:, :, i] = (q[:, :, i, :, None] * h).sum(-2)
+    return o
+
+
+def test_a_per_head_gate_in_a_loop_is_gla_with_every_channel_alike():
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(2, 2, 9, 4, generator=gen) for _ in range(3)] + [-torch.rand(2, 2, 9, generator=gen)]
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    doubles = [x.double().requires_grad_() for x in inputs]
+    backend = seqweave.backend()
+    got = torch.compile(_simple_gla_loop, backend=backend, fullgraph=True)(*leaves)
+    want = _simple_gla_loop(*doubles)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    got.backward(dout.float())
+    want.backward(dout)
+    assert _relative(got, want) < TOLERANCE
+    for leaf, double in zip(leaves, doubles):  # q, k, v and the gates
+        assert _relative(leaf.grad, double.grad) < TOLERANCE
+    ops = [n for c in backend.graphs for n in c.graph.nodes if n.op == "attn.linear"]
+    assert len(ops) == 1 and ops[0].kwargs["recurrence"] == "gla"

@@ -6,7 +6,8 @@
         o[:, :, t] = q_t S                     (the readout; or outputs.append(...) then stack)
 
 with A_t(S) = S, lambda * S (a constant decay), alpha_t[..., None] * S (GLA's per-channel
-gate) or g_t[..., None, None] * S (one gate per head and token: GLA with every channel alike), and, for the delta rule, w_t = beta_t (v_t - k_t S) on top of A_t(S) = S. Each spelling
+gate) or g_t[..., None, None] * S (one gate per head and token: GLA with every channel
+alike), and, for the delta rule, w_t = beta_t (v_t - k_t S) on top of A_t(S) = S. Each spelling
 of the pieces that published reference code uses is read: `k[..., None] * v[..., None, :]`,
 `k.unsqueeze(-1) * v.unsqueeze(-2)` or an outer-product einsum; `(q[..., None] * S).sum(-2)` or
 `einsum("bhd,bhdm->bhm", q, S)`; `.clone()` and casts of the state. Every step must have the

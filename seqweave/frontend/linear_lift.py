@@ -38,8 +38,8 @@ from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
 from seqweave.frontend.linear_recurrent import (Assembly, NotRecurrent, assemblies, decays, match_recurrence,
                                                 reads_state, replace_recurrence)
 from seqweave.frontend.mask_lift import BLOCK_ELEMENTS, checked_rows
-from seqweave.frontend.mask_tiles import Lazy, Untileable, tiled_function
-from seqweave.frontend.model_constants import NotConstant, ancestors_in_order, constant_value, leaves_of
+from seqweave.frontend.mask_tiles import Lazy, Untileable, ancestors_in_order, leaves_of, tiled_function
+from seqweave.frontend.model_constants import NotConstant, constant_value
 from seqweave.frontend.patterns import (MATMUL_TARGETS, example, is_call, is_product, layer_name,
                                         softmax_feeding)
 from seqweave.frontend.products import NotRewritten, rewrite_product, split_einsum_factors

@@ -31,8 +31,8 @@ from torch import fx
 from seqweave.frontend.fx_build import NodeBuilder
 from seqweave.frontend.linear_cumsum import NotCumsumForm, einsum_parts, outer_factors, unsqueezed_source
 from seqweave.frontend.linear_ops import LINEAR_ATTENTION_OP
-from seqweave.frontend.mask_tiles import materialise, tiled_function
-from seqweave.frontend.model_constants import NotConstant, ancestors_in_order, constant_value, leaves_of
+from seqweave.frontend.mask_tiles import ancestors_in_order, leaves_of, materialise, tiled_function
+from seqweave.frontend.model_constants import NotConstant, constant_value
 from seqweave.frontend.patterns import example, is_call
 from seqweave.frontend.rerolled import per_token, split_index_and_unsqueeze
 

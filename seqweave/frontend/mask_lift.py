@@ -19,7 +19,8 @@ import torch
 from torch import fx
 from torch._dynamo.source import AttrSource, LocalSource
 
-from seqweave.frontend.mask_tiles import MAX_WHOLE_ELEMENTS, Tiled, project, tiled_function
+from seqweave.frontend.mask_tiles import (MAX_WHOLE_ELEMENTS, Tiled, ancestors_in_order, leaves_of, project,
+                                          tiled_function)
 from seqweave.ir.mask import Causal, Chunked, Dense, Document, Full, MaskSpec, Padding, Sinks, SlidingWindow
 
 PROBES_PER_ROLE = 4
@@ -95,18 +96,8 @@ def _leaf_value(node: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor]) 
 def extract_mask_function(mask: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor],
                           additive: bool) -> MaskFunction:
     """The ancestors of `mask` as a tiled function of its leaves (placeholders and constants)."""
-    ancestors: list[fx.Node] = []
-    stack, seen = [mask], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        ancestors.append(node)
-        stack.extend(node.all_input_nodes)
-    order = {node: index for index, node in enumerate(mask.graph.nodes)}
-    ancestors.sort(key=order.__getitem__)
-    leaves = [node for node in ancestors if node.op in ("placeholder", "get_attr")]
+    ancestors = ancestors_in_order(mask)
+    leaves = leaves_of(ancestors)
     values = [_leaf_value(leaf, placeholder_values) for leaf in leaves]
     floating = [leaf.name for leaf, v in zip(leaves, values) if v.dtype.is_floating_point and v.dim() > 0]
     if floating:

@@ -316,6 +316,26 @@ def _whole_args(args: Any, node: fx.Node) -> Any:
     return args
 
 
+def ancestors_in_order(output: fx.Node, stop: Sequence[fx.Node] = ()) -> list[fx.Node]:
+    """`output` and every node it reads, transitively, in graph order: the subgraph to evaluate.
+    Nodes in `stop` (and what only they read) are left out; they become leaves given a value."""
+    nodes, stack, seen = [], [output], set(stop)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack.extend(node.all_input_nodes)
+    order = {node: index for index, node in enumerate(output.graph.nodes)}
+    return sorted(nodes, key=order.__getitem__)
+
+
+def leaves_of(nodes: Sequence[fx.Node]) -> list[fx.Node]:
+    """The placeholders and graph attributes among `nodes` (what a cut-out subgraph reads)."""
+    return [node for node in nodes if node.op in ("placeholder", "get_attr")]
+
+
 def tiled_function(nodes: Sequence[fx.Node], leaves: Sequence[fx.Node], output: fx.Node,
                    preset: dict[fx.Node, Tiled] | None = None) -> Callable[[Sequence[Tensor]], Tiled]:
     """A function of the leaves' values returning `output` as a Tiled value (nodes in graph order).

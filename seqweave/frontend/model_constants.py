@@ -4,8 +4,6 @@ not a tensor the caller passes (dynamo guards no tensor values, so the next call
 others) and not a parameter that is trained (its value changes every step)."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import fx
 
@@ -14,25 +12,6 @@ from seqweave.frontend.mask_lift import passed_by_caller
 
 class NotConstant(ValueError):
     """The value reads something that may change between calls; the message names it."""
-
-
-def ancestors_in_order(output: fx.Node, stop: Sequence[fx.Node] = ()) -> list[fx.Node]:
-    """`output` and every node it reads, transitively, in graph order; nodes in `stop` (and what
-    only they read) are left out."""
-    nodes, stack, seen = [], [output], set(stop)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(node.all_input_nodes)
-    order = {node: index for index, node in enumerate(output.graph.nodes)}
-    return sorted(nodes, key=order.__getitem__)
-
-
-def leaves_of(nodes: Sequence[fx.Node]) -> list[fx.Node]:
-    return [node for node in nodes if node.op in ("placeholder", "get_attr")]
 
 
 def constant_value(leaf: fx.Node, placeholder_values: dict[fx.Node, torch.Tensor], what: str) -> torch.Tensor:

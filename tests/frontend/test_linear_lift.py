@@ -308,3 +308,15 @@ def test_a_per_head_gate_in_a_loop_is_gla_with_every_channel_alike():
         assert _relative(leaf.grad, double.grad) < TOLERANCE
     ops = [n for c in backend.graphs for n in c.graph.nodes if n.op == "attn.linear"]
     assert len(ops) == 1 and ops[0].kwargs["recurrence"] == "gla"
+
+
+def test_eval_without_grad_runs_the_inference_graph_with_the_linear_op():
+    torch.manual_seed(0)
+    model = TinyLM("lg").eval()
+    ids = torch.randint(0, 64, (2, 13))
+    compiled, backend = _compile(model)
+    with torch.no_grad():
+        got = compiled(ids)
+        want = model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert _ops(backend) == {"inference": ["attn.linear", "attn.linear"]}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from seqweave.ir.ops.linear_attn_reference import check_linear_attention_inputs, state_dtype
+from seqweave.ir.ops.linear_attn_reference import check_linear_attention_inputs, start_state, state_dtype
 
 DEFAULT_CHUNK = 64
 SUB_CHUNK = 16  # GLA's diagonal tiles are SUB_CHUNK^2 x D; columns before them factor through one gate
@@ -72,14 +72,6 @@ def _check_chunk(prefix: str, chunk: int) -> None:
         raise _fail(prefix, f"chunk must be a positive number of tokens; got {chunk}", f"use e.g. {DEFAULT_CHUNK}")
 
 
-def _start_state(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None,
-                 dtype: torch.dtype) -> torch.Tensor:
-    if initial_state is not None:
-        return initial_state.to(dtype)
-    b, h, _, d = q.shape
-    return q.new_zeros((b, h, d, v.shape[3]), dtype=dtype)
-
-
 def _stack_outputs(outputs: list[torch.Tensor], v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(outputs, dim=2) if outputs else v.new_zeros(v.shape, dtype=dtype)
 
@@ -90,7 +82,7 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: t
     at the same precision" for kernel tolerances)."""
     check_gla_inputs(q, k, v, log_gate, initial_state)
     alpha = torch.exp(log_gate.to(q.dtype))
-    state = _start_state(q, v, initial_state, q.dtype)
+    state = start_state(q, v, initial_state, q.dtype)
     outputs = []
     for t in range(q.shape[2]):
         state = alpha[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -106,7 +98,7 @@ def delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta
     """
     check_delta_rule_inputs(q, k, v, beta, initial_state)
     beta = beta.to(q.dtype)
-    state = _start_state(q, v, initial_state, q.dtype)
+    state = start_state(q, v, initial_state, q.dtype)
     outputs = []
     for t in range(q.shape[2]):
         k_t = k[:, :, t, None, :]
@@ -161,7 +153,7 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gate: tor
     check_gla_inputs(q, k, v, log_gate, initial_state)
     _check_chunk(GLA_PREFIX, chunk)
     acc = state_dtype(q.dtype)
-    state = _start_state(q, v, initial_state, acc)
+    state = start_state(q, v, initial_state, acc)
     outputs = []
     for start in range(0, q.shape[2], chunk):
         qc, kc, vc, gc = (x[:, :, start:start + chunk].to(acc) for x in (q, k, v, log_gate))
@@ -195,7 +187,7 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     check_delta_rule_inputs(q, k, v, beta, initial_state)
     _check_chunk(DELTA_PREFIX, chunk)
     acc = state_dtype(q.dtype)
-    state = _start_state(q, v, initial_state, acc)
+    state = start_state(q, v, initial_state, acc)
     outputs = []
     for start in range(0, q.shape[2], chunk):
         qc, kc, vc = (x[:, :, start:start + chunk].to(acc) for x in (q, k, v))

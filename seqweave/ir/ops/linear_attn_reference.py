@@ -79,7 +79,7 @@ def check_linear_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         _check_state(initial_state, q, v)
 
 
-def _start_state(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None,
+def start_state(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None,
                  dtype: torch.dtype) -> torch.Tensor:
     if initial_state is not None:
         return initial_state.to(dtype)
@@ -105,7 +105,7 @@ def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     check_linear_attention_inputs(q, k, v, decay, initial_state)
     lam = torch.exp(-_log_decay(decay, q.shape[1], q, q.dtype))
-    state = _start_state(q, v, initial_state, q.dtype)
+    state = start_state(q, v, initial_state, q.dtype)
     outputs = []
     for t in range(q.shape[2]):
         update = k[:, :, t, :, None] * v[:, :, t, None, :]
@@ -140,7 +140,7 @@ def linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise _fail(f"chunk must be a positive number of tokens; got {chunk}", f"use e.g. {DEFAULT_CHUNK}")
     acc = state_dtype(q.dtype)
     log_decay = _log_decay(decay, q.shape[1], q, acc)
-    state = _start_state(q, v, initial_state, acc)
+    state = start_state(q, v, initial_state, acc)
     outputs = []
     for start in range(0, q.shape[2], chunk):
         qc, kc, vc = (x[:, :, start:start + chunk].to(acc) for x in (q, k, v))
@@ -151,22 +151,3 @@ def linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o = torch.cat(outputs, dim=2) if outputs else v.new_zeros(v.shape, dtype=acc)
     return o.to(q.dtype), state
 
-
-def linear_attention_vjp(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         decay: torch.Tensor | None, initial_state: torch.Tensor | None,
-                         d_final_state: torch.Tensor | None = None,
-                         chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, d_initial_state) of the chunked form, by autograd through it (recomputes the
-    forward). d_initial_state is None without an initial state; `decay` gets no gradient."""
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        state = None if initial_state is None else initial_state.detach().requires_grad_()
-        o, final = linear_attention_chunked(*leaves, decay, state, chunk=chunk)
-        outputs, grads = [o], [do.to(o.dtype)]
-        if d_final_state is not None:
-            outputs.append(final)
-            grads.append(d_final_state.to(final.dtype))
-        wrt = leaves + ([state] if state is not None else [])
-        found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
-    found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, wrt)]
-    return (*found[:3], found[3] if state is not None else None)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from seqweave.ir.ops.gated_linear_reference import delta_rule_chunked, gla_chunked
-from seqweave.ir.ops.linear_attn_reference import linear_attention_chunked, linear_attention_vjp
+from seqweave.ir.ops.linear_attn_reference import linear_attention_chunked
 
 RECURRENCES = ("decay", "gla", "delta")
 
@@ -31,13 +31,16 @@ class Recurrence:
     gate_is_operand: bool
 
 
-def autograd_backward(forward: Callable) -> Callable:
-    """The backward of a differentiable `forward`, by autograd through it (recomputes the forward)."""
+def autograd_backward(forward: Callable, gate_gets_grad: bool = True) -> Callable:
+    """The backward of a differentiable `forward`, by autograd through it (recomputes the forward).
+    Without `gate_gets_grad` the gate is a constant (a decay) and its gradient is None."""
     def backward(do, q, k, v, gate, s0, d_final):
         with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v, gate)]
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            if gate_gets_grad:
+                leaves.append(gate.detach().requires_grad_())
             state = None if s0 is None else s0.detach().requires_grad_()
-            o, final = forward(*leaves, state)
+            o, final = forward(*leaves[:3], leaves[3] if gate_gets_grad else gate, state)
             outputs, grads = [o], [do.to(o.dtype)]
             if d_final is not None:
                 outputs.append(final)
@@ -45,17 +48,14 @@ def autograd_backward(forward: Callable) -> Callable:
             wrt = leaves + ([state] if state is not None else [])
             found = torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
         found = [torch.zeros_like(x) if g is None else g for g, x in zip(found, wrt)]
-        return (*found[:4], found[4] if state is not None else None)
+        dgate = found[3] if gate_gets_grad else None
+        return (*found[:3], dgate, found[len(leaves)] if state is not None else None)
     return backward
 
 
-def _decay_backward(do, q, k, v, decay, s0, d_final):
-    dq, dk, dv, ds0 = linear_attention_vjp(do, q, k, v, decay, s0, d_final)
-    return dq, dk, dv, None, ds0
-
-
 REFERENCE = {
-    "decay": Recurrence("decay", linear_attention_chunked, _decay_backward, False),
+    "decay": Recurrence("decay", linear_attention_chunked, autograd_backward(linear_attention_chunked, False),
+                        False),
     "gla": Recurrence("gla", gla_chunked, autograd_backward(gla_chunked), True),
     "delta": Recurrence("delta", delta_rule_chunked, autograd_backward(delta_rule_chunked), True),
 }

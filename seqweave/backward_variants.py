@@ -35,7 +35,8 @@ def with_zeros(graph: Graph, indices: list[int], args: list) -> list:
     if not indices:
         return args
     device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
-    args = list(args)
+    args, boxed = list(args), args
+    boxed.clear()  # the caller's list would hold every saved activation until the backward returns
     for index in indices:
         kind = graph.inputs[index].type
         args[index] = torch.zeros(kind.concrete_shape(), dtype=kind.dtype, device=device)

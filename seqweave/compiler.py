@@ -28,10 +28,12 @@ from seqweave.ir.verifier import verify
 from seqweave.passes.absent_tangents import AbsentTangents
 from seqweave.passes.base import Pass
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
+from seqweave.passes.saved_views import SavedViews
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.agreement import agreed
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.hybrid import HybridCommunicator
+from seqweave.runtime.program import steal
 from seqweave.runtime.sharded_outputs import ShardedOutputs
 
 #: ops whose q and k (after a backward's dout) carry the sequence in dim 2
@@ -113,6 +115,8 @@ class SeqweaveBackend:
                          first: Sequence[Pass] = ()) -> Callable[[list], Any]:
         world = self.options.mesh.sp
         passes = [*first, *parse_pipeline(self.options.pipeline)]
+        if graph.name == "forward" and user_outputs is not None:
+            passes.append(SavedViews(saved_from=user_outputs))
         shard = self._shard_pass(graph, world, user_outputs, saved) if world > 1 else None
         outputs = graph.outputs if isinstance(graph.outputs, (tuple, list)) else [graph.outputs]
         global_types = [getattr(value, "type", None) for value in outputs]  # before the pass makes them local
@@ -162,7 +166,11 @@ class SeqweaveBackend:
         program = lower(graph, comm)
         length = int(graph.inputs[-1].type.shape[0]) * world
         positions = shard_positions(Layout(self.options.balance), comm.rank, world, length)
-        return lambda args: program([*args, positions.to(_device_of(args, positions.device))])
+
+        def run(args: list) -> Any:
+            here = positions.to(_device_of(args, positions.device))
+            return program([*steal(args), here])
+        return run
 
     def comm_stats(self) -> dict[str, dict[str, int]]:
         """Calls and bytes this rank sent, per collective kind, over every graph run so far."""

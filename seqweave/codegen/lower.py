@@ -20,6 +20,7 @@ from seqweave.ir.ops.attn_linear import recurrence_of, scaled_backward, scaled_f
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
 from seqweave.runtime.comm import Communicator
+from seqweave.runtime import memory_ops
 from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS, bind
 from seqweave.runtime.program import Program, Slot, Step
 
@@ -83,11 +84,14 @@ def _local_linear_attention(node: Node):
 
 def _implementation(node: Node, index: int, comm: Communicator | None):
     """The op's implementation: generated kernels for attention, the runtime's for ops that talk
-    to other ranks (bound to `comm`), the plain-torch reference for the rest."""
+    to other ranks (bound to `comm`) and for `mem.*` (pooled, stream-ordered copies), the
+    plain-torch reference for the rest."""
     if node.op in LOCAL_ATTENTION_OPS:
         return _local_attention(node)
     if node.op in LINEAR_ATTENTION_OPS:
         return _local_linear_attention(node)
+    if node.op.startswith("mem."):
+        return memory_ops.bind(node)
     if node.op not in DISTRIBUTED_OPS:
         return functools.partial(op_def(node.op).reference, node)
     if comm is None:

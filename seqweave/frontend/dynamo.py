@@ -39,7 +39,8 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: Gr
             imported = import_fx(aten_gm, kind)
             run = compile_graph(imported.graph, user_outputs.get(kind))
             constants = imported.constants
-            boxed = (lambda args: run([*args, *constants])) if constants else run
+            # the argument list is handed on emptied (see runtime.program.steal)
+            boxed = (lambda args: run(_steal(args) + list(constants))) if constants else run
             boxed._boxed_call = True  # aot_autograd passes the argument list itself
             return boxed
         return compile_aten
@@ -50,6 +51,12 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: Gr
     if _symbolic(gm):
         return compiled  # a None tangent could not be replaced by zeros of a symbolic shape
     return _absent_gradients_stay_absent(compiled)
+
+
+def _steal(args: list) -> list:
+    taken = list(args)
+    args.clear()
+    return taken
 
 
 def _symbolic(gm: fx.GraphModule) -> bool:

@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 
+def steal(args: list) -> list:
+    """The items of a boxed argument list, the list itself emptied: aot_autograd hands a graph
+    its arguments in a list it lets the callee clear, so that a backward can free each saved
+    activation after its last use instead of holding every one until it returns."""
+    taken = list(args)
+    if isinstance(args, list):
+        args.clear()
+    return taken
+
+
 @dataclass(frozen=True)
 class Slot:
     """A reference to a value slot inside an argument template."""
@@ -53,7 +63,7 @@ class Program:
         if len(args) != len(self.inputs):
             raise TypeError(f"program {self.name} takes {len(self.inputs)} inputs, got {len(args)}")
         slots: list[Any] = [None] * self.num_slots
-        for index, value in zip(self.inputs, args):
+        for index, value in zip(self.inputs, steal(args)):
             slots[index] = value
         for step in self.steps:
             self._run(step, slots)

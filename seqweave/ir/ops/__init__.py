@@ -7,6 +7,7 @@ from seqweave.ir.ops.sp import (AllReduceOp, GatherOp, HybridAttention, HybridAt
                                 Lasp2AttentionBackward, RingAttention, RingAttentionBackward, ShardOp,
                                 UlyssesAttention, UlyssesAttentionBackward)
 from seqweave.ir.ops.base import OpDef, VerificationError
+from seqweave.ir.ops.mem import MEMORY_OPS
 from seqweave.ir.ops.core import CORE_PREFIX, core_op
 from seqweave.ir.ops.scalar import SCALAR_FUNCTIONS, SCALAR_PREFIX, scalar_op
 
@@ -15,7 +16,8 @@ _DIALECT_OPS: dict[str, OpDef] = {op.name: op for op in (Sdpa(), SdpaBackward(),
                                                           UlyssesAttention(), UlyssesAttentionBackward(),
                                                           HybridAttention(), HybridAttentionBackward(),
                                                           LinearAttention(), LinearAttentionBackward(),
-                                                          Lasp2Attention(), Lasp2AttentionBackward())}
+                                                          Lasp2Attention(), Lasp2AttentionBackward(),
+                                                          *MEMORY_OPS)}
 
 
 def op_def(name: str) -> OpDef:

@@ -26,8 +26,8 @@ def _stop(_args: list) -> None:
 class CaptureOnlyBackend(SeqweaveBackend):
     """A SeqweaveBackend whose graphs are compiled but never run."""
 
-    def _compile_graph(self, graph, user_outputs=None) -> Callable[[list], Any]:
-        super()._compile_graph(graph, user_outputs)
+    def _compile_graph(self, graph, user_outputs=None, backward=None) -> Callable[[list], Any]:
+        super()._compile_graph(graph, user_outputs, backward)
         return _stop
 
     def _sharded_program(self, graph, world) -> Callable[[list], Any]:

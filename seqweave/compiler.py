@@ -26,6 +26,7 @@ from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, padded_length, shard_positions
 from seqweave.ir.verifier import verify
 from seqweave.passes.absent_tangents import AbsentTangents
+from seqweave.passes.activation_memory import ActivationMemory, ApplyPlan, StepPlan
 from seqweave.passes.base import Pass
 from seqweave.passes.manager import PassRun, parse_pipeline, run_pipeline
 from seqweave.passes.saved_views import SavedViews
@@ -65,6 +66,9 @@ class SeqweaveBackend:
         #: (type, sharding) in order (the backward's tangents arrive sharded as those are)
         self._saved_seqs: list[tuple[list, list]] = []
         self._length = 0  # the global sequence length of the graphs compiled last
+        #: per compiled training forward with a memory plan: the plan its backward writes in
+        self._memory_plans: list[StepPlan | None] = []
+        self.memory_plans: list[StepPlan] = []  # every plan made, for explain and tests
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         run = lambda: capture(gm, example_inputs, self._compile_graph, self.reports,  # noqa: E731
@@ -78,12 +82,14 @@ class SeqweaveBackend:
             compiled = agreed("compiling a graph", run)
         return ShardedOutputs(_traced_output_shapes(gm), self._length, self.options.balance).wrap(compiled)
 
-    def _compile_graph(self, graph: Graph, user_outputs: int | None = None) -> Callable[[list], Any]:
+    def _compile_graph(self, graph: Graph, user_outputs: int | None = None,
+                       backward: Callable[[], Graph] | None = None) -> Callable[[list], Any]:
         # aot_autograd calls compilers under fake tensors; passes and lowering compute on real ones.
         with unset_fake_temporarily():
-            return self._compile_real(graph, user_outputs)
+            return self._compile_real(graph, user_outputs, backward)
 
-    def _compile_real(self, graph: Graph, user_outputs: int | None) -> Callable[[list], Any]:
+    def _compile_real(self, graph: Graph, user_outputs: int | None,
+                      backward: Callable[[], Graph] | None = None) -> Callable[[list], Any]:
         if self.options.verify:
             verify(graph)
         world = self.options.mesh.sp
@@ -93,28 +99,32 @@ class SeqweaveBackend:
                                    "cache_implementation='static')")
         saved = self._saved_seqs.pop() if graph.name == "backward" and world > 1 else None
         if graph.name != "backward":
-            return self._compile_variant(graph, user_outputs, saved)
+            return self._compile_variant(graph, user_outputs, saved, backward=backward)
+        memory = self._memory_plans.pop() if self._memory_plans else None
         # A tangent arrives as None when the caller did not differentiate that output
         # (frontend.dynamo asks autograd not to materialise zeros): each set of absent tangents
         # gets its own variant, compiled when first met (the set is the same every step).
         pristine = copy.deepcopy(graph)
         if world == 1:
-            return AbsentTangentDispatch(lambda absent: self._backward_variant(pristine, absent, saved))
+            return AbsentTangentDispatch(lambda absent: self._backward_variant(pristine, absent, saved, memory))
         return AbsentTangentDispatch(lambda absent: agreed(
-            "compiling the backward", lambda: self._backward_variant(pristine, absent, saved)))
+            "compiling the backward", lambda: self._backward_variant(pristine, absent, saved, memory)))
 
-    def _backward_variant(self, pristine: Graph, absent: tuple[int, ...], saved: list | None) -> Callable[[list], Any]:
+    def _backward_variant(self, pristine: Graph, absent: tuple[int, ...], saved: list | None,
+                          memory: StepPlan | None) -> Callable[[list], Any]:
         graph = copy.deepcopy(pristine)
         absent = tuple(index for index in absent if isinstance(graph.inputs[index].type, TensorType))
         removable = AbsentTangents(absent).eliminable(graph)
-        program = self._compile_variant(graph, None, saved, first=[AbsentTangents(removable)] if absent else [])
+        program = self._compile_variant(graph, None, saved, first=[AbsentTangents(removable)] if absent else [],
+                                        memory=memory)
         fed = [index for index in absent if index not in removable]
         return lambda args: program(with_zeros(graph, fed, args))
 
     def _compile_variant(self, graph: Graph, user_outputs: int | None, saved: list | None,
-                         first: Sequence[Pass] = ()) -> Callable[[list], Any]:
+                         first: Sequence[Pass] = (), backward: Callable[[], Graph] | None = None,
+                         memory: StepPlan | None = None) -> Callable[[list], Any]:
         world = self.options.mesh.sp
-        passes = [*first, *parse_pipeline(self.options.pipeline)]
+        passes = [*first, *self._pipeline()]
         if graph.name == "forward" and user_outputs is not None:
             passes.append(SavedViews(saved_from=user_outputs))
         shard = self._shard_pass(graph, world, user_outputs, saved) if world > 1 else None
@@ -123,16 +133,48 @@ class SeqweaveBackend:
         # every rank compiles the same graph: its warnings are said once, by rank 0
         runs = run_pipeline(graph, passes + ([shard] if shard else []), check=self.options.verify,
                             dump_dir=self.options.dump_dir, log_warnings=world == 1 or _rank() == 0)
+        if graph.name == "forward" and user_outputs is not None and world > 1:
+            seqs = shard.report["output_seqs"]
+            placed = list(zip(global_types[:user_outputs], seqs[:user_outputs]))
+            self._saved_seqs.append((seqs[user_outputs:], placed))
+        if graph.name == "forward" and user_outputs is not None:
+            memory = self._plan_memory(graph, user_outputs, backward)
+            self._memory_plans.append(memory)
+        if memory is not None:
+            runs += run_pipeline(graph, [ApplyPlan(memory, graph.name)], check=self.options.verify,
+                                 dump_dir=self.options.dump_dir, log_warnings=False)
         self.graphs.append(CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
                                          caller_output_bytes(graph, user_outputs)))
         if shard is None:
             program = lower(graph)
             return lambda args: program(args)
-        if graph.name == "forward":  # the backward's first inputs are these saved activations
-            seqs = shard.report["output_seqs"]
-            placed = list(zip(global_types[:user_outputs], seqs[:user_outputs]))
-            self._saved_seqs.append((seqs[user_outputs:], placed))
         return self._sharded_program(graph, world)
+
+    def _pipeline(self) -> list[Pass]:
+        """The user's passes; activation-memory is taken out (it runs on the forward/backward pair)."""
+        return [p for p in parse_pipeline(self.options.pipeline) if not isinstance(p, ActivationMemory)]
+
+    def _memory_pass(self) -> ActivationMemory | None:
+        named = [p for p in parse_pipeline(self.options.pipeline) if isinstance(p, ActivationMemory)]
+        if named:
+            return named[-1]
+        if self.options.memory_budget is None:
+            return None
+        return ActivationMemory(budget=self.options.memory_budget, quantize=self.options.memory_quantize)
+
+    def _plan_memory(self, forward: Graph, user_outputs: int, backward: Callable[[], Graph] | None) -> StepPlan | None:
+        """Plan this training step's saved activations (the forward is final here; its backward
+        is prepared as it will be compiled, to read where each activation is used)."""
+        memory = self._memory_pass()
+        if memory is None or backward is None:
+            return None
+        local_backward = backward()
+        world = self.options.mesh.sp
+        shard = self._shard_pass(local_backward, world, None, self._saved_seqs[-1]) if world > 1 else None
+        run_pipeline(local_backward, self._pipeline() + ([shard] if shard else []), check=False, log_warnings=False)
+        plan = memory.plan_step(forward, local_backward, user_outputs)
+        self.memory_plans.append(plan)
+        return plan
 
     def _shard_pass(self, graph: Graph, world: int, user_outputs: int | None, saved: tuple | None) -> ShardSequence:
         """shard-sequence for this graph: a training forward keeps its saved activations sharded,

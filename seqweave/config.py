@@ -62,6 +62,11 @@ class CompileOptions:
     #: recognise linear attention written in plain torch (parallel, cumulative-sum and loop
     #: forms) and run it chunkwise as `attn.linear`; False keeps the model's own computation
     linear_attention: bool = True
+    #: device-memory budget for the activations a training step saves: bytes ("12GB", an int) or a
+    #: fraction of the step's plan-free peak (0.25); None plans nothing (passes.activation_memory)
+    memory_budget: str | float | int | None = None
+    #: let the memory plan store activations in 8 bits (an approximation within a stated bound)
+    memory_quantize: bool = False
     verify: bool = True
     #: SEQWEAVE_DUMP=dir writes the IR before and after every pass there.
     dump_dir: str | None = field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)

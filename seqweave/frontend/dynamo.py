@@ -20,7 +20,8 @@ from seqweave.ir.graph import Graph
 #: Turns one imported IR graph (`forward`, `backward` or `inference`) into a boxed callable. The
 #: second argument is, for a training forward, how many leading outputs the caller sees (the
 #: rest are activations saved for the backward, whose first inputs they become); else None.
-GraphCompiler = Callable[[Graph, "int | None"], Callable[[list], Any]]
+#: The third, for a training forward, imports its backward (not compiled yet) on demand.
+GraphCompiler = Callable[[Graph, "int | None", "Callable[[], Graph] | None"], Callable[[list], Any]]
 
 
 def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: GraphCompiler,
@@ -29,15 +30,20 @@ def capture(gm: fx.GraphModule, example_inputs: Sequence[Any], compile_graph: Gr
     and hand each ATen graph to `compile_graph` as IR."""
     reports.extend(replace_attention(gm, example_inputs, linear_attention))
     user_outputs: dict[str, int] = {}
+    partitioned: dict[str, fx.GraphModule] = {}
 
     def partition(joint: fx.GraphModule, joint_inputs: Any, *, num_fwd_outputs: int, **kwargs: Any):
         user_outputs["forward"] = num_fwd_outputs  # recorded here: the forward compiler is not told
-        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        forward, backward = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        partitioned["backward"] = backward  # a memory plan for the forward reads where the backward uses what it saves
+        return forward, backward
 
     def aten_compiler(kind: str) -> Callable:
         def compile_aten(aten_gm: fx.GraphModule, _inputs: Sequence[Any]) -> Callable:
             imported = import_fx(aten_gm, kind)
-            run = compile_graph(imported.graph, user_outputs.get(kind))
+            backward = (lambda: import_fx(partitioned["backward"], "backward").graph) \
+                if kind == "forward" and "backward" in partitioned else None
+            run = compile_graph(imported.graph, user_outputs.get(kind), backward)
             constants = imported.constants
             # the argument list is handed on emptied (see runtime.program.steal)
             boxed = (lambda args: run(_steal(args) + list(constants))) if constants else run

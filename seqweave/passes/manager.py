@@ -18,6 +18,7 @@ from seqweave.ir.graph import Graph
 from seqweave.ir.ops import VerificationError
 from seqweave.ir.printer import print_graph
 from seqweave.ir.verifier import verify
+from seqweave.passes.activation_memory import ActivationMemory
 from seqweave.passes.base import Pass, PassResult
 from seqweave.passes.canonicalize import Canonicalize
 from seqweave.passes.double_sparsity import DoubleSparsityPass
@@ -27,7 +28,8 @@ from seqweave.passes.shard_sequence import ShardSequence
 LOG = logging.getLogger("seqweave")
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize, ShardSequence, RopeScale, RopeFp32, Streaming,
-                                                           LmInfinite, MixedSpans, DoubleSparsityPass)}
+                                                           LmInfinite, MixedSpans, DoubleSparsityPass,
+                                                           ActivationMemory)}
 _STEP = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{(.*)\})?\s*$")
 
 

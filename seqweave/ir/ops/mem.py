@@ -122,7 +122,8 @@ class Quantize(OpDef):
     def infer(self, node: Node) -> list[ValueType]:
         x = node.args[0].type
         shape = tuple(x.concrete_shape())
-        return [TensorType.of([packed_nbytes(shape, node.kwargs.get("group", DEFAULT_GROUP))], torch.uint8)]
+        packed = packed_nbytes(shape, node.kwargs.get("group", DEFAULT_GROUP))
+        return [TensorType.of([packed], torch.uint8, x.placements)]  # this rank's share, packed
 
     def verify(self, node: Node) -> None:
         if not _tensor(node, 0).dtype.is_floating_point:
@@ -138,7 +139,8 @@ class Dequantize(OpDef):
     name = "mem.dequantize"
 
     def infer(self, node: Node) -> list[ValueType]:
-        return [TensorType.of(list(node.kwargs["shape"]), DTYPES_BY_NAME[node.kwargs["dtype"]])]
+        packed = node.args[0].type
+        return [TensorType.of(list(node.kwargs["shape"]), DTYPES_BY_NAME[node.kwargs["dtype"]], packed.placements)]
 
     def verify(self, node: Node) -> None:
         packed = _tensor(node, 0)
@@ -161,7 +163,7 @@ class Drop(OpDef):
     name = "mem.drop"
 
     def infer(self, node: Node) -> list[ValueType]:
-        return [TensorType.of([0], node.args[0].type.dtype)]
+        return [TensorType.of([0], node.args[0].type.dtype, node.args[0].type.placements)]
 
     def verify(self, node: Node) -> None:
         _tensor(node, 0)

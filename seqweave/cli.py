@@ -122,6 +122,10 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
                                          "attention's mask and positions after it"),
             memory: bool = typer.Option(False, "--memory", help="predict each rank's training-step memory as an "
                                         "expression of N (built-in samples: captures at N/4, N/2 and N)"),
+            budget: str = typer.Option("", "--budget", help="plan a training step's activations under this "
+                                       "device budget per rank (bytes like 12GB, or a fraction of the plan-free "
+                                       "peak like 0.25) and show per layer what is kept, offloaded, recomputed"),
+            quantize: bool = typer.Option(False, "--quantize", help="with --budget: allow 8-bit storage"),
             as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
     """Capture TARGET and show, per layer, the attention found and its lifted MaskSpec."""
     from seqweave.explain import explain as run_explain
@@ -137,6 +141,9 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
             explanation = run_explain(model, inputs, world=sp, balance=balance, pipeline=pipeline)
         if memory:
             explanation.totals["memory"] = _memory_prediction(target, spec, sp)
+        if budget:
+            with err.status(f"planning activation memory under {budget}…"):
+                explanation.totals["memory_plan"] = _memory_plan(model, inputs, budget, sp, quantize)
     except SeqweaveError as error:
         _fail(error)
     if as_json:
@@ -156,11 +163,38 @@ def explain(target: str = typer.Argument(..., help="built-in sample (llama-tiny,
         if output["largest_per_rank"]:
             out.print(f"output {output['output']} {output['shape']} is gathered whole on every rank "
                       f"({output['bytes']:,} bytes, the largest tensor per rank): outputs='sharded' keeps it sharded")
+    if "memory_plan" in totals:
+        out.print(_memory_plan_table(totals["memory_plan"]))
     if "memory" in totals:
         predicted = totals["memory"]
         out.print(f"per-rank memory of a training step on {predicted['world']} rank(s), bytes: saved activations "
                   f"{predicted['saved_bytes']} + outputs {predicted['output_bytes']} = {predicted['total_bytes']} "
                   f"= {predicted[f'bytes_at_{seq_len}'] / 2**20:,.1f} MiB at N={seq_len}")
+
+
+def _memory_plan(model, inputs, budget: str, world: int, quantize: bool) -> dict:
+    from seqweave.memory_report import explain_memory
+
+    number = budget.strip()
+    parsed = float(number) if number.replace(".", "", 1).isdigit() else number
+    return explain_memory(model, inputs, int(parsed) if isinstance(parsed, float) and parsed > 1 else parsed,
+                          world, quantize)
+
+
+def _memory_plan_table(plan: dict) -> Table:
+    totals = plan["totals"]
+    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+    table = Table(title=f"activation memory per rank ({plan['world']} rank(s)): budget {mib(totals['budget_bytes'])} "
+                        f"MiB, plan-free peak {mib(totals['plan_free_peak_bytes'])} MiB -> planned "
+                        f"{mib(totals['planned_peak_bytes'])} MiB; {mib(totals['bytes_moved'])} MiB moved, "
+                        f"{totals['recompute_flops']:.3g} FLOPs recomputed, "
+                        f"+{totals['predicted_extra_seconds'] * 1e3:.2f} ms predicted")
+    for column in ("layer", "kept MiB", "offloaded MiB", "recomputed MiB", "8-bit MiB", "recompute FLOPs"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in plan["layers"]:
+        table.add_row(str(row["layer"]), mib(row["keep"]), mib(row["offload"]), mib(row["recompute"]),
+                      mib(row["quantize"]), f"{row['recompute_flops']:.3g}")
+    return table
 
 
 def _memory_prediction(target: str, spec: SampleSpec, world: int) -> dict:

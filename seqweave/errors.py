@@ -34,3 +34,18 @@ class TargetError(SeqweaveError):
 
 class PeerFailedError(SeqweaveError):
     """Another rank failed compiling or preparing a step; this rank stops too, with its message."""
+
+
+def find_seqweave_error(error: BaseException) -> SeqweaveError | None:
+    """The SeqweaveError that `error` is or wraps (dynamo wraps backend errors), if any."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, SeqweaveError):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+    return None

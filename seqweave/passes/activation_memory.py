@@ -46,6 +46,7 @@ from seqweave.passes.node_flops import is_attention, node_flops
 MIN_BYTES = 64 * 1024
 #: ops a backward may recompute: pure and deterministic (no random numbers, no collectives)
 NOT_RECOMPUTABLE = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|empty")
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -79,6 +80,8 @@ class StepPlan:
     candidates: list[memory_plan.Candidate]
     #: saved index -> what the backward does with that input
     choices: dict[int, Choice] = field(default_factory=dict)
+    #: Candidate.layer -> the model block it names
+    layer_names: list[str] = field(default_factory=list)
 
     def apply_forward(self, forward: Graph) -> PassResult:
         moved = rewrite_forward(forward, self.saved_from, self.choices)
@@ -123,6 +126,7 @@ class ActivationMemory(Pass):
         plan = memory_plan.solve(timeline.candidates, timeline.base, budget, timeline.windows, self.machine())
         step = StepPlan(saved_from, budget, plan_free, plan, timeline.candidates)
         step.choices = timeline.choices(plan)
+        step.layer_names = timeline.layer_names
         return step
 
 
@@ -139,6 +143,8 @@ class _Timeline:
         self.forward_readers = readers_by_storage(forward)
         self.backward_readers = readers_by_storage(backward)
         self.forward_layer = _layers(forward)
+        #: names of the model's numbered blocks ("model.layers.3"), in the order met; Candidate.layer indexes it
+        self.layer_names: list[str] = []
         self.by_name: dict[str, int] = {}
         self.candidates = self._candidates(set(forward.output_values()[:saved_from]))
         self.base = self._base(saved_from)
@@ -172,11 +178,19 @@ class _Timeline:
             if self.quantize and value.type.dtype.is_floating_point and value.type.dtype.itemsize >= 2 else None
         last_forward = max(forward_uses[-1] if forward_uses else produced, produced)
         return memory_plan.Candidate(
-            name=value.name, nbytes=tensor_bytes(value), layer=self.forward_layer[produced], produced=produced,
+            name=value.name, nbytes=tensor_bytes(value), layer=self._module_layer(root.producer), produced=produced,
             last_forward_use=last_forward, first_backward_use=self.offset + first,
             last_backward_use=self.offset + last, prefetch_at=self.offset + anchor,
             quantized_nbytes=quantized, offload_window=self.forward_layer[last_forward],
             prefetch_window=-1 - anchor)
+
+    def _module_layer(self, node: Node) -> int:
+        """The numbered block of the model (`model.layers.3`, `h.0`) a node comes from, by its location."""
+        found = _BLOCK.match(node.loc or "")
+        name = found.group(1) if found else "(outside numbered blocks)"
+        if name not in self.layer_names:
+            self.layer_names.append(name)
+        return self.layer_names.index(name)
 
     def _with_recompute(self, candidate: memory_plan.Candidate) -> memory_plan.Candidate:
         """The candidate with its recomputation, if its producer is one pure op over saved values

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from seqweave.errors import SeqweaveError
+from seqweave.errors import SeqweaveError, find_seqweave_error
 from seqweave.testing.zoo import Program, build
 
 ATOL = 1e-5
@@ -282,21 +282,6 @@ def _arbitrate(item: ItemDiff, got: Any, want: Any, truth: Any) -> ItemDiff:
 
 
 # --- the check -------------------------------------------------------------------------------
-
-
-def find_seqweave_error(error: BaseException) -> SeqweaveError | None:
-    """The SeqweaveError that `error` is or wraps (dynamo wraps backend errors), if any."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, SeqweaveError):
-            return current
-        pending += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
-    return None
 
 
 def _describe(error: BaseException) -> str:

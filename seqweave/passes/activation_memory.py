@@ -35,15 +35,14 @@ from seqweave.ir.aliasing import storage_root
 from seqweave.ir.graph import Graph, Node, Value
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.quantize8 import DEFAULT_GROUP, packed_nbytes
-from seqweave.ir.types import TensorType
 from seqweave.passes import memory_plan
 from seqweave.passes.base import Pass, PassResult
 from seqweave.passes.liveness import profile, readers_by_storage, storage_lifetimes
-from seqweave.passes.memory_rewrite import BackwardRewrite, Choice, prefetch_anchor, rewrite_forward
+from seqweave.passes.memory_rewrite import BackwardRewrite, Choice, prefetch_anchor, rewrite_forward, view_chain
 from seqweave.passes.node_flops import is_attention, node_flops
 
 #: activations smaller than this are kept: moving them costs more than it frees
-MIN_BYTES = 64 * 1024
+MIN_BYTES = 16 * 1024
 #: ops a backward may recompute: pure and deterministic (no random numbers, no collectives)
 NOT_RECOMPUTABLE = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|empty")
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
@@ -78,8 +77,8 @@ class StepPlan:
     plan_free_peak: int
     plan: memory_plan.Plan
     candidates: list[memory_plan.Candidate]
-    #: saved index -> what the backward does with that input
-    choices: dict[int, Choice] = field(default_factory=dict)
+    #: what moves, one storage each (with the saved values that view it)
+    choices: list[Choice] = field(default_factory=list)
     #: Candidate.layer -> the model block it names
     layer_names: list[str] = field(default_factory=list)
 
@@ -145,40 +144,40 @@ class _Timeline:
         self.forward_layer = _layers(forward)
         #: names of the model's numbered blocks ("model.layers.3"), in the order met; Candidate.layer indexes it
         self.layer_names: list[str] = []
-        self.by_name: dict[str, int] = {}
+        #: candidate name -> (its storage root, the saved values viewing it: (index, view chain))
+        self.groups: dict[str, tuple[Value, tuple]] = {}
         self.candidates = self._candidates(set(forward.output_values()[:saved_from]))
         self.base = self._base(saved_from)
         self.windows = self._windows()
 
-    # -- candidates
+    # -- candidates: storages the forward makes and saves, each with every saved view of it
     def _candidates(self, user: set[Value]) -> list[memory_plan.Candidate]:
         user_roots = {storage_root(value) for value in user}
-        roots = [storage_root(value) for value in self.saved]
-        sharing = {root: roots.count(root) for root in roots}
+        members: dict[Value, list[int]] = {}
+        for index, value in enumerate(self.saved):
+            members.setdefault(storage_root(value), []).append(index)
         found = []
-        for index, (value, root) in enumerate(zip(self.saved, roots)):
-            if root.producer is None or root in user_roots or sharing[root] > 1 or \
-                    tensor_bytes(value) != tensor_bytes(root):
-                continue  # an input, something the caller holds, or memory another saved value shares
-            if tensor_bytes(value) < MIN_BYTES or not self.backward_readers.get(self.backward.inputs[index]):
+        for root, indices in members.items():
+            if root.producer is None or root in user_roots or tensor_bytes(root) < MIN_BYTES:
+                continue  # an input or parameter, something the caller holds, or too small to bother
+            chains = [view_chain(self.saved[index], root) for index in indices]
+            uses = sorted(i for index in indices for i in self.backward_readers.get(self.backward.inputs[index], []))
+            if any(chain is None for chain in chains) or not uses:
                 continue
-            candidate = self._candidate(index, value)
-            self.by_name[candidate.name] = index
-            found.append(candidate)
+            self.groups[root.name] = (root, tuple(zip(indices, chains)))
+            found.append(self._candidate(root, uses))
         return [self._with_recompute(c) for c in found]
 
-    def _candidate(self, index: int, value: Value) -> memory_plan.Candidate:
-        root = storage_root(value)  # a saved view of a whole storage moves that storage
+    def _candidate(self, root: Value, backward_uses: list[int]) -> memory_plan.Candidate:
         produced = self.forward.nodes.index(root.producer)
         forward_uses = self.forward_readers.get(root, [])
-        backward_uses = self.backward_readers[self.backward.inputs[index]]
         first, last = backward_uses[0], backward_uses[-1]
         anchor = prefetch_anchor(self.backward, first)
-        quantized = packed_nbytes(tuple(value.type.concrete_shape()), DEFAULT_GROUP) \
-            if self.quantize and value.type.dtype.is_floating_point and value.type.dtype.itemsize >= 2 else None
+        quantized = packed_nbytes(tuple(root.type.concrete_shape()), DEFAULT_GROUP) \
+            if self.quantize and root.type.dtype.is_floating_point and root.type.dtype.itemsize >= 2 else None
         last_forward = max(forward_uses[-1] if forward_uses else produced, produced)
         return memory_plan.Candidate(
-            name=value.name, nbytes=tensor_bytes(value), layer=self._module_layer(root.producer), produced=produced,
+            name=root.name, nbytes=tensor_bytes(root), layer=self._module_layer(root.producer), produced=produced,
             last_forward_use=last_forward, first_backward_use=self.offset + first,
             last_backward_use=self.offset + last, prefetch_at=self.offset + anchor,
             quantized_nbytes=quantized, offload_window=self.forward_layer[last_forward],
@@ -193,33 +192,31 @@ class _Timeline:
         return self.layer_names.index(name)
 
     def _with_recompute(self, candidate: memory_plan.Candidate) -> memory_plan.Candidate:
-        """The candidate with its recomputation, if its producer is one pure op over saved values
-        that the backward still holds when it first needs this one."""
-        index = self.by_name[candidate.name]
-        producer = self.saved[index].producer
-        if storage_root(self.saved[index]) is not self.saved[index] or not producer.op.startswith("core.") or NOT_RECOMPUTABLE.search(producer.op) or \
-                not op_def(producer.op).pure:
+        """The candidate with its recomputation, if its storage is made by one pure op over saved
+        values that the backward still holds when it first needs this one."""
+        root = self.groups[candidate.name][0]
+        producer = root.producer
+        if not producer.op.startswith("core.") or NOT_RECOMPUTABLE.search(producer.op) or not op_def(producer.op).pure:
             return candidate
         needs = []
         for operand in producer.operands:
             if operand not in self.saved:
                 return candidate
             readers = self.backward_readers.get(self.backward.inputs[self.saved.index(operand)], [])
-            if isinstance(operand.type, TensorType) and storage_root(operand).producer is not None and \
+            if storage_root(operand).producer is not None and \
                     (not readers or self.offset + readers[-1] < candidate.first_backward_use):
                 return candidate  # recomputing would hold it longer than the backward does
-            if operand.name in self.by_name:
-                needs.append(operand.name)
-        return dataclasses.replace(candidate, recompute_flops=node_flops(producer),
-                                             recompute_needs=tuple(needs))
+            if storage_root(operand).name in self.groups:
+                needs.append(storage_root(operand).name)
+        return dataclasses.replace(candidate, recompute_flops=node_flops(producer), recompute_needs=tuple(needs))
 
     # -- what the plan cannot change
     def _base(self, saved_from: int) -> list[int]:
-        candidate_roots = {self.saved[index] for index in self.by_name.values()}
+        candidate_roots = {root for root, _ in self.groups.values()}
         forward = profile(self.forward, storage_lifetimes(self.forward, inputs=False), candidate_roots)
         held = _caller_held_bytes(self.forward, saved_from)
         lifetimes = storage_lifetimes(self.backward)
-        outside = {self.backward.inputs[index] for index in self.by_name.values()}
+        outside = {self.backward.inputs[index] for _, members in self.groups.values() for index, _ in members}
         # saved parameters and inputs were not made by the step: the accounting does not count them
         outside |= {self.backward.inputs[i] for i, value in enumerate(self.saved) if storage_root(value).producer is None}
         backward = [live + held for live in profile(self.backward, lifetimes, outside)]
@@ -236,13 +233,13 @@ class _Timeline:
             windows[-1 - start] = sum(node_flops(node) for node in self.backward.nodes[start:end])
         return {window: flops / self.flop_rate for window, flops in windows.items()}
 
-    def choices(self, plan: memory_plan.Plan) -> dict[int, Choice]:
-        chosen = {}
+    def choices(self, plan: memory_plan.Plan) -> list[Choice]:
+        chosen = []
         for candidate in self.candidates:
             option = plan.choice[candidate.name]
             if option != memory_plan.KEEP:
-                index = self.by_name[candidate.name]
-                chosen[index] = Choice.build(option, self.saved[index], self.saved)
+                root, members = self.groups[candidate.name]
+                chosen.append(Choice.build(option, root, members, self.saved))
         return chosen
 
 

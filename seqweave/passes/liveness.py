@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from seqweave.graph_bytes import tensor_bytes
 from seqweave.ir.aliasing import storage_root
 from seqweave.ir.graph import Graph, Value
+from seqweave.ir.ops import op_def
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def readers_by_storage(graph: Graph) -> dict[Value, list[int]]:
 
 
 def profile(graph: Graph, lifetimes: dict[Value, Lifetime], exclude: set[Value] = frozenset()) -> list[int]:
-    """Bytes live while each node runs, over the storages in `lifetimes` not in `exclude`."""
+    """Bytes live while each node runs, over the storages in `lifetimes` not in `exclude`, plus
+    what the node allocates inside itself (`OpDef.workspace`)."""
     delta = [0] * (len(graph.nodes) + 2)
     for root, life in lifetimes.items():
         if root in exclude:
@@ -65,7 +67,7 @@ def profile(graph: Graph, lifetimes: dict[Value, Lifetime], exclude: set[Value] 
         delta[max(life.start, 0)] += life.nbytes
         delta[min(life.end, len(graph.nodes)) + 1] -= life.nbytes
     live, running = [], 0
-    for index in range(len(graph.nodes)):
+    for index, node in enumerate(graph.nodes):
         running += delta[index]
-        live.append(running)
+        live.append(running + op_def(node.op).workspace(node))
     return live

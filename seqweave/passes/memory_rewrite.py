@@ -1,31 +1,34 @@
 """Writing an activation-memory plan into a training step's two graphs.
 
-Forward: each chosen saved value gets its `mem.*` op right after its last forward reader
-(so it dies there), and the forward saves that op's result instead: the host copy
+The plan moves storages: a value the forward makes, with every saved value that views it.
+Forward: the storage gets its `mem.*` op right after its last forward reader (so it dies
+there), and every saved view of it is replaced by that op's result: the host copy
 (`mem.offload`, all into one `mem.host_arena` per step), the packed 8-bit buffer
-(`mem.quantize`), or an empty stand-in (`mem.drop`) for a value the backward recomputes.
+(`mem.quantize`), or an empty stand-in (`mem.drop`) for a storage the backward recomputes.
 
-Backward: the matching input is brought back before its first reader: `mem.prefetch` at the
-last attention op before that reader and `mem.wait` at it, `mem.dequantize`, or a clone of
-the forward op that made it, reading only inputs the plan keeps. Readers then read that.
+Backward: before the first reader of any of those inputs the storage is brought back,
+`mem.prefetch` at the last attention op before that reader and `mem.wait` at it,
+`mem.dequantize`, or a clone of the forward op that made it (reading only inputs the plan
+keeps), and each saved view is rebuilt on it by the same view ops. Readers then read those.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from seqweave.errors import PassError
-from seqweave.ir.aliasing import storage_root
-from seqweave.ir.graph import Graph, Node, Value, map_values
+from seqweave.ir.aliasing import storage_root, view_sources
+from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.quantize8 import DEFAULT_GROUP
 from seqweave.ir.types import DTYPE_NAMES, TensorType
 from seqweave.passes.liveness import readers_by_storage
 from seqweave.passes.node_flops import is_attention
 
-#: alignment of each value inside the host arena (bytes)
+#: alignment of each storage inside the host arena (bytes)
 ARENA_ALIGN = 64
 
 
@@ -37,12 +40,39 @@ class SavedInput:
 
 
 @dataclass(frozen=True)
+class ViewStep:
+    """One view op of a chain: `op(previous, *args, **kwargs) -> type`."""
+
+    op: str
+    args: tuple
+    kwargs: dict
+    type: TensorType
+
+
+def view_chain(value: Value, root: Value) -> tuple[ViewStep, ...] | None:
+    """The view ops that make `value` from `root`, each reading only the one before; None when
+    `value` is not `root` seen through such a chain."""
+    steps: list[ViewStep] = []
+    while value is not root:
+        node = value.producer
+        if node is None or len(node.results) != 1 or view_sources(node) != [node.args[0]] or \
+                values_in((node.args[1:], node.kwargs)):
+            return None
+        steps.append(ViewStep(node.op, tuple(node.args[1:]), dict(node.kwargs), value.type))
+        value = node.args[0]
+    return tuple(reversed(steps))
+
+
+@dataclass(frozen=True)
 class Choice:
-    """What one saved activation becomes: option, its type, and for recompute the op to clone."""
+    """What one storage becomes: option, the storage's type, the saved values viewing it, and for
+    recompute the forward op that made it."""
 
     option: str
     type: TensorType
-    #: recompute: the forward op to clone, its operands (saved values as `SavedInput`), its result types
+    #: (saved index, view chain from the storage to that saved value)
+    members: tuple[tuple[int, tuple[ViewStep, ...]], ...]
+    root: Value | None = None  # the forward value (the forward half runs on the graph it was planned on)
     op: str = ""
     args: Any = ()
     kwargs: Any = None
@@ -51,19 +81,22 @@ class Choice:
     types: tuple = ()
 
     @staticmethod
-    def build(option: str, value: Value, saved: list[Value]) -> "Choice":
+    def build(option: str, root: Value, members: tuple, saved: list[Value]) -> "Choice":
         if option != "recompute":
-            return Choice(option, value.type)
-        producer = value.producer
+            return Choice(option, root.type, members, root)
+        producer = root.producer
         to_input = lambda operand: SavedInput(saved.index(operand))  # noqa: E731
-        return Choice(option, value.type, producer.op, map_values(producer.args, to_input),
-                      map_values(producer.kwargs, to_input), producer.results.index(value), producer.loc,
+        return Choice(option, root.type, members, root, producer.op, map_values(producer.args, to_input),
+                      map_values(producer.kwargs, to_input), producer.results.index(root), producer.loc,
                       tuple(result.type for result in producer.results))
+
+    @property
+    def indices(self) -> list[int]:
+        return [index for index, _ in self.members]
 
     def needs(self) -> list[int]:
         found: list[int] = []
-        _collect(self.args, found)
-        _collect(self.kwargs, found)
+        _collect((self.args, self.kwargs), found)
         return found
 
 
@@ -99,52 +132,42 @@ def _new_node(graph: Graph, op: str, args: tuple, kwargs: dict, stem: str, loc: 
     return node
 
 
-def _insert_after(graph: Graph, anchor: Node | None, node: Node) -> None:
-    graph.nodes.insert(graph.nodes.index(anchor) + 1 if anchor is not None else 0, node)
+def _nbytes(kind: TensorType) -> int:
+    return math.prod(kind.concrete_shape()) * kind.dtype.itemsize
 
 
-def _arena_layout(graph: Graph, saved_from: int, choices: dict) -> dict[int, int]:
-    """Byte offset in the step's arena of each offloaded saved value."""
+def _arena_layout(choices: list[Choice]) -> tuple[dict[int, int], int]:
+    """Byte offset in the step's arena of each offloaded storage (by position in `choices`), and the size."""
     offsets, end = {}, 0
-    saved = graph.output_values()[saved_from:]
-    for index in sorted(choices):
-        if choices[index].option == "offload":
-            offsets[index] = end
-            nbytes = saved[index].type.dtype.itemsize * _numel(saved[index].type)
-            end += (nbytes + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
-    return offsets
+    for position, choice in enumerate(choices):
+        if choice.option == "offload":
+            offsets[position] = end
+            end += (_nbytes(choice.type) + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
+    return offsets, end
 
 
-def _numel(kind: TensorType) -> int:
-    count = 1
-    for dim in kind.concrete_shape():
-        count *= dim
-    return count
-
-
-def rewrite_forward(forward: Graph, saved_from: int, choices: dict) -> int:
-    """Write the forward half of a plan; returns how many saved values changed."""
-    saved = forward.output_values()[saved_from:]
+def rewrite_forward(forward: Graph, saved_from: int, choices: list[Choice]) -> int:
+    """Write the forward half of a plan; returns how many storages moved."""
     nodes = list(forward.nodes)  # reader indices are into the graph as it was before any insertion
     readers = readers_by_storage(forward)
-    offsets = _arena_layout(forward, saved_from, choices)
-    arena_bytes = max((offsets[i] + saved[i].type.dtype.itemsize * _numel(saved[i].type) for i in offsets), default=0)
+    offsets, arena_bytes = _arena_layout(choices)
     arena_stand_in = Value("arena", TensorType.of([max(arena_bytes, 1)], torch.uint8))
     outputs = list(forward.outputs)
     offloads = []
-    for index, choice in sorted(choices.items()):
-        value = saved[index]
-        uses = readers.get(storage_root(value), [])
-        last = nodes[uses[-1]] if uses else value.producer
+    for position, choice in enumerate(choices):
+        root = choice.root
+        uses = readers.get(root, [])
+        last = nodes[uses[-1]] if uses else root.producer
         if choice.option == "offload":
-            node = _new_node(forward, "mem.offload", (value, arena_stand_in), {"offset": offsets[index]}, "offloaded")
+            node = _new_node(forward, "mem.offload", (root, arena_stand_in), {"offset": offsets[position]}, "offloaded")
             offloads.append(node)
         elif choice.option == "quantize":
-            node = _new_node(forward, "mem.quantize", (value,), {"group": DEFAULT_GROUP}, "quantized")
+            node = _new_node(forward, "mem.quantize", (root,), {"group": DEFAULT_GROUP}, "quantized")
         else:
-            node = _new_node(forward, "mem.drop", (value,), {}, "dropped")
-        _insert_after(forward, last, node)
-        outputs[saved_from + index] = node.results[0]
+            node = _new_node(forward, "mem.drop", (root,), {}, "dropped")
+        forward.nodes.insert(forward.nodes.index(last) + 1, node)
+        for index in choice.indices:
+            outputs[saved_from + index] = node.results[0]
     forward.outputs = type(forward.outputs)(outputs)
     if offloads:
         _place_arena(forward, offloads, arena_stand_in, arena_bytes)
@@ -160,70 +183,87 @@ def _place_arena(forward: Graph, offloads: list[Node], stand_in: Value, nbytes: 
         node.args = (node.args[0], arena.results[0])
 
 
+def stored_type(choice: Choice) -> TensorType:
+    """The type of what the forward saves for a moved storage."""
+    if choice.option == "offload":
+        return choice.type
+    op, kwargs = ("mem.quantize", {"group": DEFAULT_GROUP}) if choice.option == "quantize" else ("mem.drop", {})
+    return op_def(op).infer(Node(op, (Value("x", choice.type),), kwargs, []))[0]
+
+
 class BackwardRewrite:
     """Write the backward half of a plan into one backward graph (a variant may read fewer inputs)."""
 
-    def __init__(self, backward: Graph, choices: dict) -> None:
+    def __init__(self, backward: Graph, choices: list[Choice]) -> None:
         self.graph, self.choices = backward, choices
         self.readers = readers_by_storage(backward)
         self.nodes = list(backward.nodes)  # reader indices are into the graph before any insertion
 
     def run(self) -> int:
         self._check_recompute_reads_kept()
-        for index, choice in sorted(self.choices.items()):
-            stored = self.graph.inputs[index]
-            uses = [self.nodes[i] for i in self.readers.get(stored, [])]
-            restore = getattr(self, f"_{choice.option}")
-            stored.type = self._stored_type(choice)
+        for choice in self.choices:
+            inputs = [self.graph.inputs[index] for index in choice.indices]
+            for value in inputs:
+                value.type = stored_type(choice)
+            uses = sorted({i for value in inputs for i in self.readers.get(value, [])})
             if uses:
-                restore(stored, choice, uses)
+                self._restore(choice, inputs, self.nodes[uses[0]])
         return len(self.choices)
 
     def _check_recompute_reads_kept(self) -> None:
-        for index, choice in self.choices.items():
-            moved = [need for need in choice.needs() if need in self.choices]
-            if choice.option == "recompute" and moved:
-                raise PassError(f"activation-memory: saved value {index} is recomputed from saved values {moved}, "
+        moved = {index for choice in self.choices for index in choice.indices}
+        for choice in self.choices:
+            reads_moved = sorted(set(choice.needs()) & moved)
+            if choice.option == "recompute" and reads_moved:
+                raise PassError(f"activation-memory: a storage is recomputed from saved values {reads_moved}, "
                                 "which the plan does not keep on the device")
 
-    @staticmethod
-    def _stored_type(choice: Choice) -> TensorType:
-        if choice.option == "offload":
-            return choice.type
-        probe = Node("mem.quantize" if choice.option == "quantize" else "mem.drop",
-                     (Value("x", choice.type),), {"group": DEFAULT_GROUP} if choice.option == "quantize" else {}, [])
-        return op_def(probe.op).infer(probe)[0]
+    def _restore(self, choice: Choice, inputs: list[Value], first: Node) -> None:
+        """Bring the storage back before `first`, rebuild every saved view on it, and point readers there."""
+        stored = inputs[0]
+        restored = getattr(self, f"_{choice.option}")(choice, stored, first)
+        for value, (_, chain) in zip(inputs, choice.members):
+            view = restored
+            for step in chain:
+                node = _new_node(self.graph, step.op, (view, *step.args), step.kwargs, f"{value.name}_view",
+                                 types=[step.type])
+                self._before(first, node)
+                view = node.results[0]
+            self._redirect(value, view)
 
-    def _redirect(self, old: Value, new: Value, uses: list[Node]) -> None:
+    def _redirect(self, old: Value, new: Value) -> None:
         swap = lambda value: new if value is old else value  # noqa: E731
-        for node in uses:
+        for node in self.graph.nodes:
+            if node.results and node.results[0] is new or node.op in ("mem.prefetch", "mem.dequantize") \
+                    and node.args[0] is old:
+                continue
             node.args, node.kwargs = map_values(node.args, swap), map_values(node.kwargs, swap)
         self.graph.outputs = map_values(self.graph.outputs, swap)
 
     def _before(self, node: Node, new: Node) -> None:
         self.graph.nodes.insert(self.graph.nodes.index(node), new)
 
-    def _offload(self, stored: Value, choice: Choice, uses: list[Node]) -> None:
-        first = uses[0]
+    def _offload(self, choice: Choice, stored: Value, first: Node) -> Value:
         fetch = _new_node(self.graph, "mem.prefetch", (stored,), {}, f"{stored.name}_fetched")
         wait = _new_node(self.graph, "mem.wait", (fetch.results[0],), {}, f"{stored.name}_ready")
         self._before(self.graph.nodes[prefetch_anchor(self.graph, self.graph.nodes.index(first))], fetch)
         self._before(first, wait)
-        self._redirect(stored, wait.results[0], uses)
+        return wait.results[0]
 
-    def _quantize(self, stored: Value, choice: Choice, uses: list[Node]) -> None:
+    def _quantize(self, choice: Choice, stored: Value, first: Node) -> Value:
         kwargs = {"shape": list(choice.type.concrete_shape()), "dtype": DTYPE_NAMES[choice.type.dtype],
                   "group": DEFAULT_GROUP}
-        restored = _new_node(self.graph, "mem.dequantize", (stored,), kwargs, f"{stored.name}_restored")
-        self._before(uses[0], restored)
-        self._redirect(stored, restored.results[0], uses)
+        restored = _new_node(self.graph, "mem.dequantize", (stored,), kwargs, f"{stored.name}_restored",
+                             types=[choice.type])
+        self._before(first, restored)
+        return restored.results[0]
 
-    def _recompute(self, stored: Value, choice: Choice, uses: list[Node]) -> None:
+    def _recompute(self, choice: Choice, stored: Value, first: Node) -> Value:
         inputs = self.graph.inputs
         clone = _new_node(self.graph, choice.op, _resolve(choice.args, inputs), _resolve(choice.kwargs, inputs),
                           f"{stored.name}_recomputed", choice.loc, list(choice.types))
-        self._before(uses[0], clone)
-        self._redirect(stored, clone.results[choice.result], uses)
+        self._before(first, clone)
+        return clone.results[choice.result]
 
 
 def prefetch_anchor(graph: Graph, first_use: int) -> int:

@@ -60,8 +60,13 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._drop_dead()
+        # A result sharing an operand's memory (a view, an in-place op) allocated nothing: it is
+        # counted already, or it views memory from before the body (a parameter), never counted.
+        operands = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor) and not t.is_meta}
         for value in tree_leaves(out):
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and not value.is_meta and \
+                    value.untyped_storage().data_ptr() not in operands:
                 self._count(func, value)
         self.ops += 1
         self.host_peak = max(self.host_peak, self.host_now)

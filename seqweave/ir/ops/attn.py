@@ -17,6 +17,7 @@ from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.ops.attn_positions import positional_backward, positional_forward
 from seqweave.ir.ops.attn_reference import attention_backward, attention_forward, lse_dtype
 from seqweave.ir.ops.attn_sparsity import parse_sparsity, sparse_attend
+from seqweave.ir.ops.workspace import attention_workspace
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.positions import PositionSpec, Rope, parse_positions
 from seqweave.ir.types import TensorType, ValueType
@@ -105,6 +106,9 @@ class Sdpa(OpDef):
 
     name = "attn.sdpa"
 
+    def workspace(self, node: Node) -> int:
+        return attention_workspace(node)
+
     def infer(self, node: Node) -> list[ValueType]:
         q, _, v = (arg.type for arg in node.args[:3])
         out = TensorType(q.shape[:3] + v.shape[3:], q.dtype, q.placements)
@@ -130,6 +134,9 @@ class SdpaBackward(OpDef):
     """(dout, q, k, v, out, lse, [mask operands]) -> dq, dk, dv with the shapes of q, k, v."""
 
     name = "attn.sdpa_backward"
+
+    def workspace(self, node: Node) -> int:
+        return attention_workspace(node)
 
     def infer(self, node: Node) -> list[ValueType]:
         return [arg.type for arg in node.args[1:4]]

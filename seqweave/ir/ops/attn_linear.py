@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from seqweave.ir.graph import Node, Value
+from seqweave.ir.ops.workspace import linear_workspace
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.ops.linear_attn_reference import state_dtype
 from seqweave.ir.ops.linear_recurrences import RECURRENCES, REFERENCE, Recurrence
@@ -105,6 +106,9 @@ class LinearAttention(OpDef):
 
     name = "attn.linear"
 
+    def workspace(self, node: Node) -> int:
+        return linear_workspace(node)
+
     def infer(self, node: Node) -> list[ValueType]:
         q, _, v = (arg.type for arg in node.args[:3])
         return [TensorType(q.shape[:3] + v.shape[3:], q.dtype, q.placements)]
@@ -123,6 +127,9 @@ class LinearAttentionBackward(OpDef):
     """(dout, q, k, v[, gate]) -> dq, dk, dv[, d_gate] with the shapes of q, k, v (, gate)."""
 
     name = "attn.linear_backward"
+
+    def workspace(self, node: Node) -> int:
+        return linear_workspace(node)
 
     def infer(self, node: Node) -> list[ValueType]:
         return [arg.type for arg in node.args[1:]]

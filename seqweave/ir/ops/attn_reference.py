@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from seqweave.ir.mask import BlockClass, MaskSpec
-from seqweave.ir.score_mod import ScoreMod
+from seqweave.ir.score_mod import NoScoreMod, ScoreMod
 
 BLOCK_Q = 128
 BLOCK_KV = 128
@@ -122,6 +122,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: M
             new_max = torch.maximum(running_max, s.amax(-1))
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             p = torch.exp(s - safe_max.unsqueeze(-1))
+            del s, _  # tile-sized: dropped once used
             rescale = torch.exp(running_max - safe_max)
             denom = denom * rescale + p.sum(-1)
             acc = acc * rescale.unsqueeze(-1) + torch.matmul(p, vc[:, :, tile.kv].unsqueeze(2))
@@ -155,16 +156,25 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         row_lse = lse_g[..., rows]
         safe_lse = torch.where(torch.isinf(row_lse), torch.full_like(row_lse, float("inf")), row_lse)
         for tile in _tiles(mask, positions, operands, kv_heads, q0):
+            # tile-sized temporaries are dropped as soon as they are used: at long context the
+            # rest is small, and these are what a step holds on top of its activations
             raw, s = _scores(qg[..., rows, :], kc[:, :, tile.kv], scale, score_mod)
             p = torch.exp(s - safe_lse.unsqueeze(-1))
+            del s
             if tile.allowed is not None:
                 p = p.masked_fill(~tile.allowed, 0.0)
             do_rows = dog[..., rows, :]
             dv[:, :, tile.kv] += torch.matmul(p.transpose(-1, -2), do_rows).sum(2)
             dp = torch.matmul(do_rows, vc[:, :, tile.kv].unsqueeze(2).transpose(-1, -2))
-            ds = p * (dp - delta[..., rows].unsqueeze(-1)) * score_mod.grad_factor(raw) * scale
+            ds = p * (dp - delta[..., rows].unsqueeze(-1))
+            del p, dp
+            if not isinstance(score_mod, NoScoreMod):
+                ds = ds * score_mod.grad_factor(raw)
+            del raw
+            ds = ds * scale
             dq[..., rows, :] += torch.matmul(ds, kc[:, :, tile.kv].unsqueeze(2))
             dk[:, :, tile.kv] += torch.matmul(ds.transpose(-1, -2), qg[..., rows, :]).sum(2)
+            del ds
     return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

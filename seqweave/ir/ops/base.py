@@ -26,6 +26,11 @@ class OpDef:
     def verify(self, node: Node) -> None:
         """Raise `VerificationError` if the node's operands or attributes are malformed."""
 
+    def workspace(self, node: Node) -> int:
+        """Bytes the op may allocate inside itself while it runs, besides its results (0 for most
+        ops; attention holds tiles and exchange buffers). The memory plan reserves them."""
+        return 0
+
     def reference(self, node: Node, *args: Any, **kwargs: Any) -> Any:
         """Compute the results with plain torch (a tensor, or a tuple for several results)."""
         raise NotImplementedError(f"{self.name} has no reference implementation")

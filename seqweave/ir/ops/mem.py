@@ -23,7 +23,7 @@ import torch
 
 from seqweave.ir.graph import Node
 from seqweave.ir.ops.base import OpDef, fail
-from seqweave.ir.ops.quantize8 import DEFAULT_GROUP, dequantize, packed_nbytes, quantize
+from seqweave.ir.ops.quantize8 import CHUNK_ELEMENTS, DEFAULT_GROUP, dequantize, packed_nbytes, quantize
 from seqweave.ir.types import DTYPES_BY_NAME, TensorType, ValueType
 
 
@@ -36,6 +36,11 @@ def _tensor(node: Node, index: int) -> TensorType:
 
 def _nbytes(value_type: TensorType) -> int:
     return math.prod(value_type.concrete_shape()) * value_type.dtype.itemsize
+
+
+def _chunk_workspace(value_type: TensorType) -> int:
+    """fp32 temporaries of one chunk of (de)quantisation (`quantize8` converts a chunk at a time)."""
+    return 4 * 4 * min(math.prod(value_type.concrete_shape()), CHUNK_ELEMENTS + value_type.concrete_shape()[-1])
 
 
 class HostArena(OpDef):
@@ -125,6 +130,9 @@ class Quantize(OpDef):
         packed = packed_nbytes(shape, node.kwargs.get("group", DEFAULT_GROUP))
         return [TensorType.of([packed], torch.uint8, x.placements)]  # this rank's share, packed
 
+    def workspace(self, node: Node) -> int:
+        return _chunk_workspace(node.args[0].type)
+
     def verify(self, node: Node) -> None:
         if not _tensor(node, 0).dtype.is_floating_point:
             raise fail(node, "only floating-point activations are stored in 8 bits")
@@ -141,6 +149,9 @@ class Dequantize(OpDef):
     def infer(self, node: Node) -> list[ValueType]:
         packed = node.args[0].type
         return [TensorType.of(list(node.kwargs["shape"]), DTYPES_BY_NAME[node.kwargs["dtype"]], packed.placements)]
+
+    def workspace(self, node: Node) -> int:
+        return _chunk_workspace(node.results[0].type)
 
     def verify(self, node: Node) -> None:
         packed = _tensor(node, 0)

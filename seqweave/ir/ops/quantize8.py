@@ -46,19 +46,31 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return flat.reshape(rows, groups, group)
 
 
+#: elements converted at a time: the fp32 temporaries stay near 1 MiB whatever the value's size
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _row_chunks(rows: int, channels: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(channels, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def quantize(x: torch.Tensor, group: int = DEFAULT_GROUP) -> torch.Tensor:
     """The packed uint8 buffer of `x` (any floating dtype, any shape)."""
     shape, numel = tuple(x.shape), x.numel()
     rows, groups = groups_of(shape, group)
-    grouped = _grouped(x, group)
-    scales = grouped.abs().amax(dim=-1) / QMAX
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(grouped / safe[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    packed = torch.empty(packed_nbytes(shape, group), dtype=torch.uint8, device=x.device)
     channels = shape[-1] if shape else 1
-    packed[:numel].view(torch.int8).view(rows, channels).copy_(codes.reshape(rows, -1)[:, :channels])
-    offset = _scales_offset(numel)
-    packed[offset:].view(torch.float32).view(rows, groups).copy_(scales)
+    packed = torch.empty(packed_nbytes(shape, group), dtype=torch.uint8, device=x.device)
+    codes_out = packed[:numel].view(torch.int8).view(rows, channels)
+    scales_out = packed[_scales_offset(numel):].view(torch.float32).view(rows, groups)
+    flat = x.reshape(rows, channels)
+    for chunk in _row_chunks(rows, channels):
+        grouped = _grouped(flat[chunk], group)
+        scales = grouped.abs().amax(dim=-1) / QMAX
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.round(grouped / safe[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
+        codes_out[chunk].copy_(codes.reshape(codes.shape[0], -1)[:, :channels])
+        scales_out[chunk].copy_(scales)
     return packed
 
 
@@ -68,10 +80,13 @@ def dequantize(packed: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
     numel = math.prod(shape)
     rows, groups = groups_of(shape, group)
     channels = shape[-1] if shape else 1
-    codes = packed[:numel].view(torch.int8).view(rows, channels).float()
+    codes = packed[:numel].view(torch.int8).view(rows, channels)
     scales = packed[_scales_offset(numel):].view(torch.float32).view(rows, groups)
-    per_channel = scales.repeat_interleave(group, dim=1)[:, :channels]
-    return (codes * per_channel).to(dtype).reshape(shape)
+    out = torch.empty((rows, channels), dtype=dtype, device=packed.device)
+    for chunk in _row_chunks(rows, channels):
+        per_channel = scales[chunk].repeat_interleave(group, dim=1)[:, :channels]
+        out[chunk].copy_(codes[chunk].float() * per_channel)
+    return out.reshape(shape)
 
 
 def error_bound(x: torch.Tensor, group: int = DEFAULT_GROUP) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""What an attention op allocates inside itself, at most: the bytes the activation-memory plan
+reserves at that op on top of its operands and results.
+
+The blockwise reference (CPU) holds a handful of [B, Hq, BLOCK_Q, BLOCK_KV] score tiles at
+a time, casts operands to fp32 when they are not, and rotates q and k when it carries RoPE
+positions; a sharded op also holds what it exchanges (the K/V blocks a ring step sends and
+receives, the all-to-all buffers of Ulysses). The Triton kernels hold their tiles on chip,
+so this is an upper bound there.
+"""
+from __future__ import annotations
+
+import math
+
+from seqweave.ir.graph import Node
+from seqweave.ir.ops.attn_reference import BLOCK_KV, BLOCK_Q
+from seqweave.ir.types import TensorType
+
+#: score-sized tiles live at once inside one tile step (forward: s, p, the masked copy and the
+#: products; backward adds dp, ds and their transposes)
+FORWARD_TILES, BACKWARD_TILES = 5, 7
+SHARDED = ("attn.ring", "attn.ulysses", "attn.hybrid", "attn.lasp2")
+
+
+def _bytes(value) -> int:
+    kind = getattr(value, "type", None)
+    if not isinstance(kind, TensorType) or not kind.is_static():
+        return 0
+    return math.prod(kind.concrete_shape()) * kind.dtype.itemsize
+
+
+def attention_workspace(node: Node) -> int:
+    backward = node.op.endswith("_backward")
+    first = 1 if backward else 0
+    q = node.args[first].type
+    if not isinstance(q, TensorType) or not q.is_static() or len(q.shape) != 4:
+        return 0
+    batch, heads, queries, _ = q.concrete_shape()
+    tile = batch * heads * min(queries, BLOCK_Q) * BLOCK_KV * 4
+    operands = sum(_bytes(arg) for arg in node.args[:first + 3])
+    upcast = operands * (4 // q.dtype.itemsize - 1) if q.dtype.itemsize < 4 else 0
+    rotated = _bytes(node.args[first]) + _bytes(node.args[first + 1]) \
+        if node.kwargs.get("positions", "none") != "none" else 0
+    exchanged = 2 * operands if node.op.startswith(SHARDED) else 0
+    results = 3 * sum(_bytes(value) for value in node.results)  # fp32 accumulators, and casts of them
+    return (BACKWARD_TILES if backward else FORWARD_TILES) * tile + upcast + rotated + exchanged + results
+
+
+def linear_workspace(node: Node) -> int:
+    """Chunked linear attention: per-chunk products and states, about its operands again twice."""
+    return 2 * sum(_bytes(arg) for arg in node.operands)

@@ -192,7 +192,8 @@ def _memory_plan_table(plan: dict) -> Table:
     for column in ("layer", "kept MiB", "offloaded MiB", "recomputed MiB", "8-bit MiB", "recompute FLOPs"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for row in plan["layers"]:
-        table.add_row(str(row["layer"]), mib(row["keep"]), mib(row["offload"]), mib(row["recompute"]),
+        table.add_row(str(row["layer"]), mib(row["keep"]), mib(row["offload"] + row["offload-at-use"]),
+                      mib(row["recompute"]),
                       mib(row["quantize"]), f"{row['recompute_flops']:.3g}")
     return table
 

@@ -10,6 +10,8 @@ time is least while the device bytes stay within the budget at every point of th
 * OFFLOAD: copied to the host after its last forward use, brought back at `prefetch_at`. The
   copies overlap compute: each lands in an overlap window whose compute seconds hide copies, and
   all copies of one window share the host link, so only a window's excess is exposed time.
+* OFFLOAD_AT_USE: offloaded the same way, brought back only at its first backward use: it holds
+  no device bytes ahead of its use (what tight budgets need), and its prefetch hides behind nothing.
 * RECOMPUTE: dropped after the forward, recomputed for the backward from values that must then
   still be there (`recompute_needs`, which must be KEPT); costs its FLOPs.
 * QUANTIZE: an 8-bit copy waits instead of the value; costs a quantize and a dequantize pass
@@ -37,9 +39,12 @@ log = logging.getLogger(__name__)
 
 KEEP = "keep"
 OFFLOAD = "offload"
+OFFLOAD_AT_USE = "offload-at-use"
 RECOMPUTE = "recompute"
 QUANTIZE = "quantize"
-OPTIONS = (KEEP, OFFLOAD, RECOMPUTE, QUANTIZE)
+OPTIONS = (KEEP, OFFLOAD, OFFLOAD_AT_USE, RECOMPUTE, QUANTIZE)
+#: the options that copy a value to the host and back
+OFFLOADS = (OFFLOAD, OFFLOAD_AT_USE)
 
 #: HiGHS' absolute MIP gap is 1e-6 (not settable through scipy): costs are scaled so the largest
 #: single option costs this many objective units, which keeps the gap far below any real difference
@@ -143,6 +148,7 @@ class Plan:
 def allowed_options(candidate: Candidate) -> tuple[str, ...]:
     """The options `candidate` may take (KEEP always)."""
     return tuple(option for option, allowed in ((KEEP, True), (OFFLOAD, candidate.offloadable),
+                                                (OFFLOAD_AT_USE, candidate.offloadable),
                                                 (RECOMPUTE, candidate.recompute_flops is not None),
                                                 (QUANTIZE, candidate.quantized_nbytes is not None)) if allowed)
 
@@ -155,6 +161,8 @@ def _intervals(candidate: Candidate, option: str) -> tuple[tuple[int, int, int],
         return ((c.produced, c.last_backward_use, c.nbytes),)
     if option == OFFLOAD:
         return forward, (c.prefetch_at, c.last_backward_use, c.nbytes)
+    if option == OFFLOAD_AT_USE:
+        return forward, (c.first_backward_use, c.last_backward_use, c.nbytes)
     if option == RECOMPUTE:
         return forward, (c.first_backward_use, c.last_backward_use, c.nbytes)
     if option == QUANTIZE:
@@ -194,17 +202,24 @@ def _compute_seconds(candidate: Candidate, option: str, machine: Machine) -> flo
         return (candidate.recompute_flops or 0.0) / machine.flop_rate
     if option == QUANTIZE:
         return 2 * (candidate.nbytes + (candidate.quantized_nbytes or 0)) / machine.memory_bandwidth
+    if option == OFFLOAD_AT_USE:
+        return _copy_seconds(candidate, machine)  # the prefetch, in full view; its offload is costed per window
     return 0.0
 
 
-def _copies_by_window(candidates: Iterable[Candidate], offloaded: Iterable[str], machine: Machine) -> dict[int, float]:
+def _windows_of(candidate: Candidate, option: str) -> tuple[int, ...]:
+    """The overlap windows an option's copies land in (a prefetch at the use lands in none)."""
+    if option == OFFLOAD:
+        return candidate.offload_window_id, candidate.prefetch_window_id
+    return (candidate.offload_window_id,) if option == OFFLOAD_AT_USE else ()
+
+
+def _copies_by_window(candidates: Iterable[Candidate], choice: Mapping[str, str], machine: Machine) -> dict[int, float]:
     """Copy seconds that land in each overlap window, offloads and prefetches together."""
-    offloaded = set(offloaded)
     load: dict[int, float] = {}
     for candidate in candidates:
-        if candidate.name in offloaded:
-            for window in (candidate.offload_window_id, candidate.prefetch_window_id):
-                load[window] = load.get(window, 0.0) + _copy_seconds(candidate, machine)
+        for window in _windows_of(candidate, choice[candidate.name]):
+            load[window] = load.get(window, 0.0) + _copy_seconds(candidate, machine)
     return load
 
 
@@ -213,9 +228,9 @@ def predicted_seconds(candidates: Sequence[Candidate], choice: Mapping[str, str]
     """Extra step time of `choice`: recompute and quantize seconds plus each window's exposed copy time."""
     windows = windows or {}
     compute = sum(_compute_seconds(c, _chosen(choice, c), machine) for c in candidates)
-    offloaded = [c.name for c in candidates if _chosen(choice, c) == OFFLOAD]
+    chosen = {c.name: _chosen(choice, c) for c in candidates}
     exposed = sum(max(0.0, load - windows.get(window, 0.0))
-                  for window, load in _copies_by_window(candidates, offloaded, machine).items())
+                  for window, load in _copies_by_window(candidates, chosen, machine).items())
     return compute + exposed
 
 
@@ -254,7 +269,7 @@ def _plan(candidates: Sequence[Candidate], base: Sequence[int], choice: Mapping[
     chosen = {c.name: choice[c.name] for c in candidates}
     return Plan(choice=chosen, predicted_seconds=predicted_seconds(candidates, chosen, windows, machine),
                 peak_bytes=max(device_bytes(candidates, base, chosen), default=0),
-                bytes_moved=sum(2 * c.nbytes for c in candidates if chosen[c.name] == OFFLOAD),
+                bytes_moved=sum(2 * c.nbytes for c in candidates if chosen[c.name] in OFFLOADS),
                 recompute_flops=float(sum(c.recompute_flops or 0.0 for c in candidates
                                           if chosen[c.name] == RECOMPUTE)))
 
@@ -280,7 +295,7 @@ def _check_inputs(candidates: Sequence[Candidate], base: Sequence[int]) -> None:
 class _Model:
     """The MILP's pieces that do not depend on the budget.
 
-    Columns: x[4*i + k] is candidate i taking OPTIONS[k]; then one exposed time e_w a window.
+    Columns: x[len(OPTIONS)*i + k] is candidate i taking OPTIONS[k]; then one exposed time e_w a window.
     Segment rows: `segment_matrix @ x <= (budget - segment_base) / byte_unit`.
     """
 
@@ -303,7 +318,7 @@ def _byte_unit(candidates: Sequence[Candidate]) -> int:
 
 def _cost_unit(candidates: Sequence[Candidate], machine: Machine) -> float:
     """Seconds per objective unit: the dearest single option (a fully exposed offload at worst) is _COST_SCALE."""
-    dearest = max((2 * _copy_seconds(c, machine) if option == OFFLOAD else _compute_seconds(c, option, machine)
+    dearest = max((2 * _copy_seconds(c, machine) if option in OFFLOADS else _compute_seconds(c, option, machine)
                    for c in candidates for option in allowed_options(c)), default=0.0)
     return dearest / _COST_SCALE if dearest > 0 else 1.0
 
@@ -315,7 +330,7 @@ def _objective(candidates: Sequence[Candidate], windows: Sequence[int], machine:
     for i, c in enumerate(candidates):
         for k, option in enumerate(OPTIONS):
             if option != KEEP:
-                tie_break = _TIE_BREAK * (1 + (c.nbytes / largest if option == OFFLOAD else 0))
+                tie_break = _TIE_BREAK * (1 + (c.nbytes / largest if option in OFFLOADS else 0))
                 objective[len(OPTIONS) * i + k] = _compute_seconds(c, option, machine) / unit + tie_break
     objective[len(OPTIONS) * len(candidates):] = 1.0  # e_w is in objective units already
     return objective
@@ -366,8 +381,9 @@ def _fixed_rows(candidates: Sequence[Candidate], window_ids: Sequence[int], wind
         row_of = {window: row for row, window in enumerate(window_ids)}
         exposure = lil_array((len(window_ids), columns))
         for i, c in enumerate(candidates):
-            for window in (c.offload_window_id, c.prefetch_window_id):
-                exposure[row_of[window], width * i + OPTIONS.index(OFFLOAD)] += _copy_seconds(c, machine) / unit
+            for option in OFFLOADS:
+                for window in _windows_of(c, option):
+                    exposure[row_of[window], width * i + OPTIONS.index(option)] += _copy_seconds(c, machine) / unit
         for row in range(len(window_ids)):  # sum of copies - e_w <= capacity
             exposure[row, width * len(candidates) + row] = -1
         capacity = np.array([windows.get(window, 0.0) / unit for window in window_ids])

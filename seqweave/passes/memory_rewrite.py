@@ -7,7 +7,8 @@ there), and every saved view of it is replaced by that op's result: the host cop
 (`mem.quantize`), or an empty stand-in (`mem.drop`) for a storage the backward recomputes.
 
 Backward: before the first reader of any of those inputs the storage is brought back,
-`mem.prefetch` at the last attention op before that reader and `mem.wait` at it,
+`mem.prefetch` at the last attention op before that reader (or at the reader itself, for
+offload-at-use) and `mem.wait` at it,
 `mem.dequantize`, or a clone of the forward op that made it (reading only inputs the plan
 keeps), and each saved view is rebuilt on it by the same view ops. Readers then read those.
 """
@@ -26,6 +27,7 @@ from seqweave.ir.ops import op_def
 from seqweave.ir.ops.quantize8 import DEFAULT_GROUP
 from seqweave.ir.types import DTYPE_NAMES, TensorType
 from seqweave.passes.liveness import readers_by_storage
+from seqweave.passes.memory_plan import OFFLOAD, OFFLOAD_AT_USE, OFFLOADS, QUANTIZE, RECOMPUTE
 from seqweave.passes.node_flops import is_attention
 
 #: alignment of each storage inside the host arena (bytes)
@@ -82,7 +84,7 @@ class Choice:
 
     @staticmethod
     def build(option: str, root: Value, members: tuple, saved: list[Value]) -> "Choice":
-        if option != "recompute":
+        if option != RECOMPUTE:
             return Choice(option, root.type, members, root)
         producer = root.producer
         to_input = lambda operand: SavedInput(saved.index(operand))  # noqa: E731
@@ -140,7 +142,7 @@ def _arena_layout(choices: list[Choice]) -> tuple[dict[int, int], int]:
     """Byte offset in the step's arena of each offloaded storage (by position in `choices`), and the size."""
     offsets, end = {}, 0
     for position, choice in enumerate(choices):
-        if choice.option == "offload":
+        if choice.option in OFFLOADS:
             offsets[position] = end
             end += (_nbytes(choice.type) + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
     return offsets, end
@@ -158,10 +160,10 @@ def rewrite_forward(forward: Graph, saved_from: int, choices: list[Choice]) -> i
         root = choice.root
         uses = readers.get(root, [])
         last = nodes[uses[-1]] if uses else root.producer
-        if choice.option == "offload":
+        if choice.option in OFFLOADS:
             node = _new_node(forward, "mem.offload", (root, arena_stand_in), {"offset": offsets[position]}, "offloaded")
             offloads.append(node)
-        elif choice.option == "quantize":
+        elif choice.option == QUANTIZE:
             node = _new_node(forward, "mem.quantize", (root,), {"group": DEFAULT_GROUP}, "quantized")
         else:
             node = _new_node(forward, "mem.drop", (root,), {}, "dropped")
@@ -185,9 +187,9 @@ def _place_arena(forward: Graph, offloads: list[Node], stand_in: Value, nbytes: 
 
 def stored_type(choice: Choice) -> TensorType:
     """The type of what the forward saves for a moved storage."""
-    if choice.option == "offload":
+    if choice.option in OFFLOADS:
         return choice.type
-    op, kwargs = ("mem.quantize", {"group": DEFAULT_GROUP}) if choice.option == "quantize" else ("mem.drop", {})
+    op, kwargs = ("mem.quantize", {"group": DEFAULT_GROUP}) if choice.option == QUANTIZE else ("mem.drop", {})
     return op_def(op).infer(Node(op, (Value("x", choice.type),), kwargs, []))[0]
 
 
@@ -214,14 +216,16 @@ class BackwardRewrite:
         moved = {index for choice in self.choices for index in choice.indices}
         for choice in self.choices:
             reads_moved = sorted(set(choice.needs()) & moved)
-            if choice.option == "recompute" and reads_moved:
+            if choice.option == RECOMPUTE and reads_moved:
                 raise PassError(f"activation-memory: a storage is recomputed from saved values {reads_moved}, "
                                 "which the plan does not keep on the device")
 
     def _restore(self, choice: Choice, inputs: list[Value], first: Node) -> None:
         """Bring the storage back before `first`, rebuild every saved view on it, and point readers there."""
         stored = inputs[0]
-        restored = getattr(self, f"_{choice.option}")(choice, stored, first)
+        restore = {OFFLOAD: self._offload, OFFLOAD_AT_USE: self._offload_at_use, QUANTIZE: self._quantize,
+                   RECOMPUTE: self._recompute}[choice.option]
+        restored = restore(choice, stored, first)
         for value, (_, chain) in zip(inputs, choice.members):
             view = restored
             for step in chain:
@@ -243,12 +247,16 @@ class BackwardRewrite:
     def _before(self, node: Node, new: Node) -> None:
         self.graph.nodes.insert(self.graph.nodes.index(node), new)
 
-    def _offload(self, choice: Choice, stored: Value, first: Node) -> Value:
+    def _offload(self, choice: Choice, stored: Value, first: Node, ahead: bool = True) -> Value:
         fetch = _new_node(self.graph, "mem.prefetch", (stored,), {}, f"{stored.name}_fetched")
         wait = _new_node(self.graph, "mem.wait", (fetch.results[0],), {}, f"{stored.name}_ready")
-        self._before(self.graph.nodes[prefetch_anchor(self.graph, self.graph.nodes.index(first))], fetch)
+        anchor = prefetch_anchor(self.graph, self.graph.nodes.index(first)) if ahead else self.graph.nodes.index(first)
+        self._before(self.graph.nodes[anchor], fetch)
         self._before(first, wait)
         return wait.results[0]
+
+    def _offload_at_use(self, choice: Choice, stored: Value, first: Node) -> Value:
+        return self._offload(choice, stored, first, ahead=False)
 
     def _quantize(self, choice: Choice, stored: Value, first: Node) -> Value:
         kwargs = {"shape": list(choice.type.concrete_shape()), "dtype": DTYPE_NAMES[choice.type.dtype],

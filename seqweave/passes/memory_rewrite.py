@@ -24,6 +24,7 @@ from seqweave.errors import PassError
 from seqweave.ir.aliasing import storage_root, view_sources
 from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
 from seqweave.ir.ops import op_def
+from seqweave.ir.ops.mem import placement_texts
 from seqweave.ir.ops.quantize8 import DEFAULT_GROUP
 from seqweave.ir.types import DTYPE_NAMES, TensorType
 from seqweave.passes.liveness import readers_by_storage
@@ -260,7 +261,7 @@ class BackwardRewrite:
 
     def _quantize(self, choice: Choice, stored: Value, first: Node) -> Value:
         kwargs = {"shape": list(choice.type.concrete_shape()), "dtype": DTYPE_NAMES[choice.type.dtype],
-                  "group": DEFAULT_GROUP}
+                  "group": DEFAULT_GROUP, "placements": placement_texts(choice.type)}
         restored = _new_node(self.graph, "mem.dequantize", (stored,), kwargs, f"{stored.name}_restored",
                              types=[choice.type])
         self._before(first, restored)

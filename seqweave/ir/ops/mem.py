@@ -24,7 +24,7 @@ import torch
 from seqweave.ir.graph import Node
 from seqweave.ir.ops.base import OpDef, fail
 from seqweave.ir.ops.quantize8 import CHUNK_ELEMENTS, DEFAULT_GROUP, dequantize, packed_nbytes, quantize
-from seqweave.ir.types import DTYPES_BY_NAME, TensorType, ValueType
+from seqweave.ir.types import DTYPES_BY_NAME, Replicate, TensorType, ValueType, parse_placement
 
 
 def _tensor(node: Node, index: int) -> TensorType:
@@ -36,6 +36,22 @@ def _tensor(node: Node, index: int) -> TensorType:
 
 def _nbytes(value_type: TensorType) -> int:
     return math.prod(value_type.concrete_shape()) * value_type.dtype.itemsize
+
+
+def _per_rank(value_type: TensorType) -> tuple:
+    """Placements for a rank's own scratch value (an arena, a packed buffer, a stand-in): on the
+    same mesh axes as the step's values, `Replicate` on each (nothing reads it across ranks)."""
+    return tuple((axis, Replicate()) for axis, _ in value_type.placements)
+
+
+def placement_texts(value_type: TensorType) -> list[str]:
+    """`["sp:S(1)"]`: a value's placements as `mem.dequantize` carries them."""
+    return [f"{axis}:{placement}" for axis, placement in value_type.placements]
+
+
+def _parse_placement(text: str) -> tuple:
+    axis, _, placement = text.partition(":")
+    return axis, parse_placement(placement)
 
 
 def _chunk_workspace(value_type: TensorType) -> int:
@@ -50,7 +66,9 @@ class HostArena(OpDef):
     pure = False  # taken from the pool for this step; never merged with another step's
 
     def infer(self, node: Node) -> list[ValueType]:
-        return [TensorType.of([node.kwargs["nbytes"]], torch.uint8)]
+        # on the same mesh axes as the step's values: each rank has its own arena (nothing is
+        # read across ranks), which `Replicate` says as well as any placement can
+        return [TensorType.of([node.kwargs["nbytes"]], torch.uint8, _per_rank(node.args[0].type))]
 
     def verify(self, node: Node) -> None:
         _tensor(node, 0)
@@ -128,7 +146,7 @@ class Quantize(OpDef):
         x = node.args[0].type
         shape = tuple(x.concrete_shape())
         packed = packed_nbytes(shape, node.kwargs.get("group", DEFAULT_GROUP))
-        return [TensorType.of([packed], torch.uint8, x.placements)]  # this rank's share, packed
+        return [TensorType.of([packed], torch.uint8, _per_rank(x))]  # this rank's share, packed
 
     def workspace(self, node: Node) -> int:
         return _chunk_workspace(node.args[0].type)
@@ -142,13 +160,13 @@ class Quantize(OpDef):
 
 
 class Dequantize(OpDef):
-    """(packed; shape, dtype, group) -> the tensor `mem.quantize` stored, within its error bound."""
+    """(packed; shape, dtype, group, placements) -> the tensor `mem.quantize` stored, within its error bound."""
 
     name = "mem.dequantize"
 
     def infer(self, node: Node) -> list[ValueType]:
-        packed = node.args[0].type
-        return [TensorType.of(list(node.kwargs["shape"]), DTYPES_BY_NAME[node.kwargs["dtype"]], packed.placements)]
+        placements = tuple(_parse_placement(text) for text in node.kwargs.get("placements", ()))
+        return [TensorType.of(list(node.kwargs["shape"]), DTYPES_BY_NAME[node.kwargs["dtype"]], placements)]
 
     def workspace(self, node: Node) -> int:
         return _chunk_workspace(node.results[0].type)
@@ -174,7 +192,7 @@ class Drop(OpDef):
     name = "mem.drop"
 
     def infer(self, node: Node) -> list[ValueType]:
-        return [TensorType.of([0], node.args[0].type.dtype, node.args[0].type.placements)]
+        return [TensorType.of([0], node.args[0].type.dtype, _per_rank(node.args[0].type))]
 
     def verify(self, node: Node) -> None:
         _tensor(node, 0)

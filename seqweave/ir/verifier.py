@@ -194,3 +194,22 @@ def verify(graph: Graph) -> None:
             except VerificationError as error:
                 raise fail(node, str(error)) from None
     _check_outputs(graph, defined)
+    _check_memory_moves(graph)
+
+
+#: a `mem.*` result -> the ops that may read it: a host copy is only brought back, a prefetch is
+#: only waited for, a packed 8-bit buffer only unpacked (else something would read bytes that
+#: are not on the device yet, or not in the value's format)
+MEMORY_READERS = {"mem.offload": ("mem.prefetch",), "mem.prefetch": ("mem.wait",), "mem.quantize": ("mem.dequantize",),
+                  "mem.drop": ()}
+
+
+def _check_memory_moves(graph: Graph) -> None:
+    for node in graph.nodes:
+        for operand in node.operands:
+            producer = operand.producer
+            if producer is not None and producer.op in MEMORY_READERS and node.op not in MEMORY_READERS[producer.op]:
+                readers = " or ".join(MEMORY_READERS[producer.op])
+                allowed = f"only {readers}" if readers else "nothing (it is an empty stand-in)"
+                raise fail(node, f"reads %{operand.name}, the result of {producer.op}, which {allowed} may read; "
+                                 "read the value the plan brings back instead")

@@ -149,3 +149,19 @@ def test_run_names_the_failed_rank_and_stops_the_others_at_once(tmp_path):
 def test_run_refuses_no_ranks(tmp_path):
     result = runner.invoke(app, ["run", "--nproc", "0", _job(tmp_path, "")])
     assert result.exit_code == 2 and "--nproc must be at least 1" in result.output
+
+
+def test_explain_budget_prints_the_plan_per_layer():
+    result = runner.invoke(app, ["explain", "llama-tiny", "--seq-len", "512", "--layers", "4", "--budget", "0.6"])
+    assert result.exit_code == 0, result.output
+    assert "activation memory per rank" in result.output and "model.layers.3" in result.output
+    planned = json.loads(runner.invoke(app, ["explain", "llama-tiny", "--seq-len", "512", "--layers", "4",
+                                             "--budget", "0.6", "--json"]).output)["totals"]["memory_plan"]
+    totals = planned["totals"]
+    assert totals["planned_peak_bytes"] <= totals["budget_bytes"] < totals["plan_free_peak_bytes"]
+    assert sum(row["offload"] + row["offload-at-use"] + row["recompute"] for row in planned["layers"]) > 0
+
+
+def test_explain_budget_too_small_is_a_clear_error():
+    result = runner.invoke(app, ["explain", "llama-tiny", "--seq-len", "256", "--budget", "1KB"])
+    assert result.exit_code == 2 and "least peak any plan reaches" in result.output

@@ -93,6 +93,9 @@ class CompileOptions:
                               "called with, so a rank's rows would be compiled as the whole sequence",
                               hint="pass the whole batch on every rank (inputs='replicated'; each rank takes its rows "
                                    "for free) and keep big outputs sharded with outputs='sharded'")
+        if options.get("memory_budget") is not None:  # a bad budget is said now, not at the first compile
+            from seqweave.passes.activation_memory import parse_budget
+            parse_budget(options["memory_budget"])
         built = CompileOptions(**options)
         if built.attention == "hybrid" and not built.mesh.hybrid:
             raise OptionError("attention='hybrid' needs a hybrid mesh", hint="use Mesh(ulysses=U, ring=R) with U, R > 1")

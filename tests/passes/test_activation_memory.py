@@ -167,3 +167,20 @@ def test_verifier_refuses_a_read_of_a_value_not_brought_back():
     with pytest.raises(VerificationError, match="nothing \\(it is an empty stand-in\\)"):
         verify(parse_graph(text.replace("%r1t = core.t(%r1_ghost) : f32[64, 512]",
                                         "%r1t = core.t(%r1_ghost) : f32[0]")))
+
+
+def test_backend_says_a_bad_budget_before_compiling():
+    import seqweave
+
+    with pytest.raises(OptionError, match="not a size"):
+        seqweave.backend(memory_budget="a lot")
+    assert seqweave.backend(memory_budget="2GiB").options.memory_budget == "2GiB"
+
+
+def test_the_pipeline_string_form_is_the_same_pass():
+    from seqweave.compiler import SeqweaveBackend
+    from seqweave.config import CompileOptions
+
+    backend = SeqweaveBackend(CompileOptions(pipeline="canonicalize,activation-memory{budget=0.5,quantize=true}"))
+    assert backend._memory_pass() == ActivationMemory(budget=0.5, quantize=True)
+    assert [p.name for p in backend._pipeline()] == ["canonicalize"]

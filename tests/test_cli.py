@@ -152,14 +152,18 @@ def test_run_refuses_no_ranks(tmp_path):
 
 
 def test_explain_budget_prints_the_plan_per_layer():
-    result = runner.invoke(app, ["explain", "llama-tiny", "--seq-len", "512", "--layers", "4", "--budget", "0.6"])
-    assert result.exit_code == 0, result.output
-    assert "activation memory per rank" in result.output and "model.layers.3" in result.output
-    planned = json.loads(runner.invoke(app, ["explain", "llama-tiny", "--seq-len", "512", "--layers", "4",
-                                             "--budget", "0.6", "--json"]).output)["totals"]["memory_plan"]
+    from rich.console import Console
+
+    from seqweave.cli import _memory_plan_table
+
+    planned = _explain_json("llama-tiny", "--seq-len", "512", "--layers", "4", "--budget", "0.6")["totals"]["memory_plan"]
     totals = planned["totals"]
     assert totals["planned_peak_bytes"] <= totals["budget_bytes"] < totals["plan_free_peak_bytes"]
     assert sum(row["offload"] + row["offload-at-use"] + row["recompute"] for row in planned["layers"]) > 0
+    console = Console(width=200, record=True)
+    console.print(_memory_plan_table(planned))
+    table = console.export_text()
+    assert "activation memory per rank" in table and "model.layers.3" in table
 
 
 def test_explain_budget_too_small_is_a_clear_error():

@@ -1,6 +1,6 @@
 """`activation-memory`: golden text of both graphs, must-not-fire, properties over random steps
 and budgets (results unchanged, static live bytes within the budget), budgets as text, and the
-verifier's rules for moved values. End-to-end runs are in tests/e2e/test_activation_memory*.py."""
+verifier's rules for moved values. End-to-end runs are in tests/e2e/test_memory_budget*.py."""
 from __future__ import annotations
 
 import pytest

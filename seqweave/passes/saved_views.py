@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from seqweave.ir.graph import Graph, Node, Value
-from seqweave.ir.ops import op_def
+from seqweave.ir.types import TensorType
 from seqweave.ir.aliasing import storage_root
 from seqweave.passes.base import Pass, PassResult
 
@@ -96,7 +96,8 @@ class SavedViews(Pass):
         """Output `output_index` becomes `permute(copy, inverse(order))`, built right after the copy."""
         inverse = [order.index(d) for d in range(len(order))]
         node = Node("core.permute", (copy.results[0], inverse), {}, [], copy.loc)
-        (result_type,) = op_def(node.op).infer(node)
+        copied = copy.results[0].type  # permuted by hand: symbolic sizes have no meta kernel to infer from
+        result_type = TensorType(tuple(copied.shape[d] for d in inverse), copied.dtype, copied.placements)
         result = Value(graph.fresh_name("saved_view"), result_type, node)
         node.results = [result]
         graph.nodes.insert(graph.nodes.index(copy) + 1, node)

@@ -86,7 +86,7 @@ def test_unknown_pass_lists_the_known_ones(extra_passes: None) -> None:
     with pytest.raises(OptionError) as caught:
         parse_pipeline("canonicalize,canonicalise")
     assert "'canonicalise'" in str(caught.value)
-    assert ("known passes: ['canonicalize', 'corrupt-type', 'double-sparsity', 'lm-infinite', 'mixed-spans', "
+    assert ("known passes: ['activation-memory', 'canonicalize', 'corrupt-type', 'double-sparsity', 'lm-infinite', 'mixed-spans', "
             "'rope-fp32', 'rope-scale', 'scaled', 'shard-sequence', 'streaming']") in caught.value.hint
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from seqweave.errors import PassError
-from seqweave.ir.aliasing import storage_root, view_sources
+from seqweave.ir.aliasing import view_sources
 from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
 from seqweave.ir.ops import op_def
 from seqweave.ir.ops.mem import placement_texts

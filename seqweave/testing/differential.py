@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from seqweave.errors import SeqweaveError, find_seqweave_error
+from seqweave.errors import find_seqweave_error
 from seqweave.testing.zoo import Program, build
 
 ATOL = 1e-5

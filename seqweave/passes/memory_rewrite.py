@@ -36,13 +36,6 @@ ARENA_ALIGN = 64
 
 
 @dataclass(frozen=True)
-class SavedInput:
-    """Stands for the backward input that receives saved value `index` (in a recompute recipe)."""
-
-    index: int
-
-
-@dataclass(frozen=True)
 class ViewStep:
     """One view op of a chain: `op(previous, *args, **kwargs) -> type`."""
 
@@ -77,53 +70,30 @@ class Choice:
     members: tuple[tuple[int, tuple[ViewStep, ...]], ...]
     root: Value | None = None  # the forward value (the forward half runs on the graph it was planned on)
     op: str = ""
-    args: Any = ()
+    args: Any = ()  # the forward op's own operands: each is a saved value, found in `saved_index`
     kwargs: Any = None
     result: int = 0
     loc: str = ""
     types: tuple = ()
+    #: recompute: forward operand -> the saved index (backward input) that carries it
+    saved_index: Any = None
 
     @staticmethod
     def build(option: str, root: Value, members: tuple, saved: list[Value]) -> "Choice":
         if option != RECOMPUTE:
             return Choice(option, root.type, members, root)
         producer = root.producer
-        to_input = lambda operand: SavedInput(saved.index(operand))  # noqa: E731
-        return Choice(option, root.type, members, root, producer.op, map_values(producer.args, to_input),
-                      map_values(producer.kwargs, to_input), producer.results.index(root), producer.loc,
-                      tuple(result.type for result in producer.results))
+        return Choice(option, root.type, members, root, producer.op, producer.args, producer.kwargs,
+                      producer.results.index(root), producer.loc, tuple(result.type for result in producer.results),
+                      {operand: saved.index(operand) for operand in producer.operands})
 
     @property
     def indices(self) -> list[int]:
         return [index for index, _ in self.members]
 
     def needs(self) -> list[int]:
-        found: list[int] = []
-        _collect((self.args, self.kwargs), found)
-        return found
-
-
-def _collect(template: Any, found: list[int]) -> None:
-    if isinstance(template, SavedInput):
-        found.append(template.index)
-    elif isinstance(template, (tuple, list)):
-        for item in template:
-            _collect(item, found)
-    elif isinstance(template, dict):
-        for item in template.values():
-            _collect(item, found)
-
-
-def _resolve(template: Any, inputs: list[Value]) -> Any:
-    if isinstance(template, SavedInput):
-        return inputs[template.index]
-    if isinstance(template, tuple):
-        return tuple(_resolve(item, inputs) for item in template)
-    if isinstance(template, list):
-        return [_resolve(item, inputs) for item in template]
-    if isinstance(template, dict):
-        return {key: _resolve(item, inputs) for key, item in template.items()}
-    return template
+        """The saved indices a recomputation reads."""
+        return [self.saved_index[operand] for operand in values_in((self.args, self.kwargs))]
 
 
 def _new_node(graph: Graph, op: str, args: tuple, kwargs: dict, stem: str, loc: str = "",
@@ -268,8 +238,8 @@ class BackwardRewrite:
         return restored.results[0]
 
     def _recompute(self, choice: Choice, stored: Value, first: Node) -> Value:
-        inputs = self.graph.inputs
-        clone = _new_node(self.graph, choice.op, _resolve(choice.args, inputs), _resolve(choice.kwargs, inputs),
+        to_input = lambda operand: self.graph.inputs[choice.saved_index[operand]]  # noqa: E731
+        clone = _new_node(self.graph, choice.op, map_values(choice.args, to_input), map_values(choice.kwargs, to_input),
                           f"{stored.name}_recomputed", choice.loc, list(choice.types))
         self._before(first, clone)
         return clone.results[choice.result]

@@ -154,3 +154,19 @@ def test_hf_llama_with_loss_inside_and_inference_untouched():
     assert len(backend.memory_plans) == plans and any(c.kind == "inference" for c in backend.graphs)
     torch.testing.assert_close(logits, reference(input_ids=inputs["input_ids"], use_cache=False).logits,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_generate_with_a_budget_gives_eager_tokens_and_plans_nothing():
+    """A budget is about a training step: generate() (eval, static cache) compiles inference
+    graphs only, with no mem.* op, and returns eager's tokens."""
+    model, inputs = build_sample(SampleSpec("llama-tiny", seq_len=12, layers=2))
+    model.eval()
+    prompt = inputs["input_ids"][:1]
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(prompt, **options)
+    torch._dynamo.reset()
+    backend = seqweave.backend(memory_budget=0.25)
+    model.forward = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
+    assert torch.equal(model.generate(prompt, **options), expected)
+    assert {graph.kind for graph in backend.graphs} == {"inference"} and not backend.memory_plans
+    assert not any(node.op.startswith("mem.") for graph in backend.graphs for node in graph.graph.nodes)

@@ -1,4 +1,4 @@
-"""The `seqweave` command: `demo`, `explain`, `kernels` and `run` (later issues add convert and fuzz)."""
+"""The `seqweave` command: `demo`, `explain`, `kernels`, `run`, `convert` and `fuzz`."""
 from __future__ import annotations
 
 import json
@@ -25,6 +25,11 @@ err = Console(stderr=True)
 def _fail(error: SeqweaveError) -> None:
     err.print(f"[bold red]error:[/] {error}")
     raise typer.Exit(2)
+
+
+def _plain(console: Console):
+    """A print function for text that is not rich markup (IR shapes look like `[2, 8]`)."""
+    return lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _demo_sp(world: int, seq_len: int) -> None:
@@ -266,6 +271,49 @@ def kernels(mask: str = typer.Option("causal", help="MaskSpec text, e.g. 'causal
                 _fail(SeqweaveError(str(error)))
     if results:
         out.print(_kernel_table(spec, results))
+
+
+@app.command()
+def convert(source: str = typer.Argument(..., help="an IR text file (as SEQWEAVE_DUMP or fuzz write them)"),
+            output: str = typer.Option(..., "--output", "-o", help="where to write the rewritten IR text"),
+            pipeline: str = typer.Option(DEFAULT_PIPELINE, "--pipeline",
+                                         help="passes to run, e.g. 'canonicalize,shard-sequence{world=4,length=1024}'; "
+                                              "passes a package registers under the `seqweave.passes` entry-point "
+                                              "group are found by name"),
+            verify: bool = typer.Option(True, "--verify/--no-verify", help="verify the IR after every pass")) -> None:
+    """Run PIPELINE on the IR program in SOURCE and write the result to OUTPUT (written whole or not at all)."""
+    from seqweave.convert import convert as convert_file
+
+    try:
+        convert_file(source, output, pipeline, verify=verify, echo=_plain(err))
+    except SeqweaveError as error:
+        _fail(error)
+    except OSError as error:
+        _fail(SeqweaveError(f"cannot convert {source}: {error.strerror}: {error.filename}",
+                            hint="check the input path exists and the output directory is writable"))
+
+
+@app.command()
+def fuzz(pipeline: str = typer.Option("canonicalize,shard-sequence{world=2}", "--pipeline",
+                                      help="passes to check on every generated program"),
+         examples: int = typer.Option(200, "--examples", help="how many programs to generate and check"),
+         seed: int = typer.Option(0, "--seed", help="the generator's seed (same seed, same programs)"),
+         mesh: Optional[str] = typer.Option(None, "--mesh", help="ranks to simulate, e.g. '4' or '4x2' "
+                                                                 "(4 ranks, Ulysses groups of 2)"),
+         out_dir: str = typer.Option("fuzz-failures", "--out", help="where failing programs are written"),
+         replay: Optional[str] = typer.Option(None, "--replay", help="check one IR file written by an earlier run")
+         ) -> None:
+    """Generate random IR programs, check PIPELINE on each (verifies, idempotent, equal to the original on
+    simulated ranks in float64), shrink any failure and write it as a replayable IR file."""
+    from seqweave.fuzz import fuzz as run_fuzz
+
+    if examples < 1:
+        _fail(OptionError(f"--examples must be at least 1, got {examples}"))
+    try:
+        status = run_fuzz(pipeline, examples, seed, mesh, out_dir, echo=_plain(out), replay=replay)
+    except SeqweaveError as error:
+        _fail(error)
+    raise typer.Exit(status)
 
 
 # Everything after SCRIPT is the script's, options included (`--nproc` there is the script's own),

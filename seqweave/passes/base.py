@@ -22,6 +22,15 @@ class Pass:
     """Subclasses set `name` and implement `run`; they edit the graph in place and leave it verifying."""
 
     name: ClassVar[str] = ""
+    #: running the pass again on its own output rewrites nothing and changes no text
+    #: (`seqweave.testing.check_pass` holds a pass to this unless it sets False)
+    idempotent: ClassVar[bool] = True
 
     def run(self, graph: Graph) -> PassResult:
         raise NotImplementedError
+
+    def declared_semantics(self, graph: Graph) -> Graph | None:
+        """None for an exact pass (its output computes what `graph` does). An approximate pass
+        returns a new graph computing what its rewrite of `graph` promises instead (e.g. the
+        original with a windowed mask); `check_pass` compares against that. Leaves `graph` as it is."""
+        return None

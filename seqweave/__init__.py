@@ -45,6 +45,10 @@ def unshard(tensor: Any, balance: str = "zigzag") -> Any:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "register_pass":  # the pass author's decorator (imports the pass registry when asked for)
+        from seqweave.passes.registry import register_pass
+
+        return register_pass
     if name == "StreamingCache":  # needs transformers: imported when asked for
         from seqweave.runtime.streaming_cache import StreamingCache
 
@@ -52,4 +56,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'seqweave' has no attribute {name!r}")
 
 
-__all__ = ["StreamingCache", "CompileOptions", "Mesh", "SeqweaveError", "backend", "compile_options", "shard", "unshard", "__version__"]
+__all__ = ["StreamingCache", "register_pass",
+           "CompileOptions", "Mesh", "SeqweaveError", "backend", "compile_options", "shard", "unshard", "__version__"]

@@ -10,26 +10,22 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 from seqweave.errors import OptionError, PassError
 from seqweave.ir.graph import Graph
 from seqweave.ir.ops import VerificationError
+from seqweave.ir.parser import split_top_level
 from seqweave.ir.printer import print_graph
 from seqweave.ir.verifier import verify
-from seqweave.passes.activation_memory import ActivationMemory
 from seqweave.passes.base import Pass, PassResult
-from seqweave.passes.canonicalize import Canonicalize
-from seqweave.passes.double_sparsity import DoubleSparsityPass
-from seqweave.passes.position_rewrites import LmInfinite, MixedSpans, RopeFp32, RopeScale, Streaming
-from seqweave.passes.shard_sequence import ShardSequence
+from seqweave.passes.options import convert_options
+from seqweave.passes.registry import PASSES, known_names, lookup, register_builtins
 
+__all__ = ["PASSES", "PassRun", "parse_pipeline", "run_pipeline"]
 LOG = logging.getLogger("seqweave")
-
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Canonicalize, ShardSequence, RopeScale, RopeFp32, Streaming,
-                                                           LmInfinite, MixedSpans, DoubleSparsityPass,
-                                                           ActivationMemory)}
+register_builtins()  # so that a built-in pass constructed from Python checks its options too
 _STEP = re.compile(r"^\s*([a-z][a-z0-9-]*)\s*(?:\{(.*)\})?\s*$")
 
 
@@ -40,38 +36,25 @@ class PassRun:
     millis: float
 
 
-def _option_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _build(step: str) -> Pass:
     found = _STEP.match(step)
-    if not found or found.group(1) not in PASSES:
-        raise OptionError(f"unknown pass {step.strip()!r} in pipeline", hint=f"known passes: {sorted(PASSES)}")
-    cls = PASSES[found.group(1)]
-    options = _options(cls.name, found.group(2) or "")
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise OptionError(f"pass {cls.name} has no option(s) {unknown}", hint=f"its options: {sorted(valid) or 'none'}")
-    return cls(**options)
+    cls = lookup(found.group(1)) if found else None
+    if cls is None:
+        raise OptionError(f"unknown pass {step.strip()!r} in pipeline", hint=f"known passes: {known_names()}")
+    return cls(**convert_options(cls.name, cls, _options(cls.name, found.group(2) or "")))
 
 
-def _options(pass_name: str, text: str) -> dict[str, Any]:
-    """`"k=v, k2 = v2"` -> {"k": v, "k2": v2}, names and values stripped."""
+def _options(pass_name: str, text: str) -> dict[str, str]:
+    """`"k=v, k2 = (1, 2)"` -> {"k": "v", "k2": "(1, 2)"}, names and values stripped (commas inside
+    brackets belong to the value)."""
     options = {}
-    for item in text.split(","):
+    for item in split_top_level(text):
         key, sep, value = item.partition("=")
         if not sep and item.strip():
             raise OptionError(f"option {item.strip()!r} of pass {pass_name} has no value",
                               hint=f"write options as name=value, e.g. {pass_name}{{name=value}}")
         if sep:
-            options[key.strip()] = _option_value(value.strip())
+            options[key.strip()] = value.strip()
     return options
 
 
@@ -107,8 +90,8 @@ def run_pipeline(graph: Graph, pipeline: str | Sequence[Pass], *, check: bool = 
             try:
                 verify(graph)
             except VerificationError as error:
-                raise PassError(f"the IR does not verify: {error}", pass_name=pass_.name,
-                                hint="this is a bug in the pass; rerun with SEQWEAVE_DUMP=dir to see its input") from error
+                raise PassError(f"the IR does not verify: {error}", pass_name=pass_.name, hint="this is a bug in "
+                                "the pass; rerun with SEQWEAVE_DUMP=dir to see its input") from error
         if dump_dir:
             _dump(graph, dump_dir, index, pass_.name)
         for warning in result.warnings if log_warnings else ():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -15,6 +16,9 @@ from seqweave.ir.mask import BlockClass, MaskSpec
 
 #: Beyond this many contiguous runs per shard, classify by the shards' spans (conservative).
 MAX_RUNS = 64
+
+PositionsOf = Callable[[int], torch.Tensor]  # rank -> the global positions it holds (1-D int64)
+Run = tuple[int, int]  # global [start, stop)
 
 
 class Layout(enum.Enum):
@@ -110,6 +114,21 @@ class RingPlan:
     def sends_total(self) -> int:
         return sum(sum(row) for row in self.sends)
 
+    def forwards(self, rank: int, step: int) -> bool:
+        """Does `rank` pass what it holds after `step` on to rank+1?"""
+        return step < self.world - 1 and self.sends[step][rank]
+
+    def holds(self, rank: int, step: int) -> bool:
+        """Does `rank` hold source (rank - step)'s K/V at `step`? Paths are contiguous from the source."""
+        return step == 0 or self.forwards((rank - 1) % self.world, step - 1)
+
+    def hops(self, source: int) -> int:
+        """How many ranks past `source` its K/V travel: the last holder is (source + hops) mod P."""
+        hops = 0
+        while self.forwards((source + hops) % self.world, hops):
+            hops += 1
+        return hops
+
 
 def _needed_later(classes, source: int, holder: int, world: int) -> bool:
     """Does any rank after `holder` on the ring (before returning to `source`) need source's K/V?"""
@@ -130,3 +149,58 @@ def plan_from_positions(mask: MaskSpec, positions: list[torch.Tensor]) -> RingPl
     sends = tuple(tuple(_needed_later(classes, (r - t) % world, r, world) for r in range(world))
                   for t in range(world - 1))
     return RingPlan(world, classes, sends)
+
+
+def gathered_order(world: int, positions_of: PositionsOf) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted global positions, perm, inverse perm): gathered[perm] is in global order."""
+    gathered = torch.cat([positions_of(r) for r in range(world)])
+    perm = torch.argsort(gathered, stable=True)
+    return gathered[perm], perm, torch.argsort(perm)
+
+
+# ----------------------------------------------------------------- hybrid (Ulysses inside, ring across)
+
+def hybrid_groups(world: int, ulysses: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(Ulysses groups, ring groups) of global ranks: consecutive ranks share a Ulysses group."""
+    rings = world // ulysses
+    inner = [[g * ulysses + j for j in range(ulysses)] for g in range(rings)]
+    outer = [[g * ulysses + j for g in range(rings)] for j in range(ulysses)]
+    return inner, outer
+
+
+def group_positions(positions_of: PositionsOf, ulysses: int, group: int) -> PositionsOf:
+    """Positions held by each member of Ulysses group `group` (members are consecutive ranks)."""
+    return lambda member: positions_of(group * ulysses + member)
+
+
+def ring_positions(positions_of: PositionsOf, ulysses: int) -> PositionsOf:
+    """Positions one ring 'rank' (a whole Ulysses group) holds, in global order."""
+    return lambda group: gathered_order(ulysses, group_positions(positions_of, ulysses, group))[0]
+
+
+def hybrid_plan(mask: MaskSpec, positions_of: PositionsOf, ulysses: int, rings: int) -> RingPlan:
+    """The ring schedule across Ulysses groups, planned on the groups' positions."""
+    by_group = ring_positions(positions_of, ulysses)
+    return plan_from_positions(mask, [by_group(g) for g in range(rings)])
+
+
+# ----------------------------------------------------------------- LASP-2 runs
+
+@dataclass(frozen=True)
+class RunTable:
+    """Every rank's runs of global rows, in local order; `width` is the most any rank holds."""
+
+    runs: tuple[tuple[Run, ...], ...]
+
+    @property
+    def width(self) -> int:
+        return max(len(runs) for runs in self.runs)
+
+    def in_order(self) -> list[tuple[int, int, Run]]:
+        """(rank, index on that rank, run) for every run, in global order."""
+        found = [(rank, index, run) for rank, runs in enumerate(self.runs) for index, run in enumerate(runs)]
+        return sorted(found, key=lambda item: item[2][0])
+
+
+def run_table(positions_of: PositionsOf, world: int) -> RunTable:
+    return RunTable(tuple(tuple(contiguous_runs(positions_of(rank))) for rank in range(world)))

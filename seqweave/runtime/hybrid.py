@@ -14,27 +14,12 @@ from torch import Tensor
 
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.score_mod import ScoreMod
-from seqweave.ir.sharding import RingPlan, plan_from_positions
+from seqweave.ir.sharding import (PositionsOf, gathered_order, group_positions, hybrid_groups, hybrid_plan,
+                                  ring_positions)
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.local_attention import REFERENCE, LocalAttention
-from seqweave.runtime.sequence_parallel import (PositionsOf, gathered_order, ring_attention_backward,
-                                                ring_attention_forward, sum_kv_replicas, to_heads, to_sequence,
-                                                ulysses_kv)
-
-
-def group_positions(positions_of: PositionsOf, ulysses: int, group: int) -> PositionsOf:
-    """Positions held by each member of Ulysses group `group` (members are consecutive ranks)."""
-    return lambda member: positions_of(group * ulysses + member)
-
-
-def ring_positions(positions_of: PositionsOf, ulysses: int) -> PositionsOf:
-    """Positions one ring 'rank' (a whole Ulysses group) holds, in global order."""
-    return lambda group: gathered_order(ulysses, group_positions(positions_of, ulysses, group))[0]
-
-
-def hybrid_plan(mask: MaskSpec, positions_of: PositionsOf, ulysses: int, rings: int) -> RingPlan:
-    by_group = ring_positions(positions_of, ulysses)
-    return plan_from_positions(mask, [by_group(g) for g in range(rings)])
+from seqweave.runtime.sequence_parallel import (ring_attention_backward, ring_attention_forward, sum_kv_replicas,
+                                                to_heads, to_sequence, ulysses_kv)
 
 
 def hybrid_attention_forward(inner: Communicator, outer: Communicator, q: Tensor, k: Tensor, v: Tensor,
@@ -68,14 +53,6 @@ def hybrid_attention_backward(inner: Communicator, outer: Communicator, dout: Te
                                     ring_positions(positions_of, inner.world), operands, kernels=kernels)
     dq, dk, dv = to_sequence(inner, grads, inverse, 1, "hybrid backward all-to-all of dq/dk/dv")
     return (dq, *sum_kv_replicas(heads, dk, dv))
-
-
-def hybrid_groups(world: int, ulysses: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(Ulysses groups, ring groups) of global ranks: consecutive ranks share a Ulysses group."""
-    rings = world // ulysses
-    inner = [[g * ulysses + j for j in range(ulysses)] for g in range(rings)]
-    outer = [[g * ulysses + j for g in range(rings)] for j in range(ulysses)]
-    return inner, outer
 
 
 class HybridCommunicator(Communicator):

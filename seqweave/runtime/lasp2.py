@@ -22,7 +22,6 @@ from the run's length and is not sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -30,31 +29,8 @@ from torch import Tensor
 from seqweave.ir.ops.attn_linear import decay_tensor
 from seqweave.ir.ops.linear_attn_reference import state_dtype
 from seqweave.ir.ops.linear_recurrences import REFERENCE, Recurrence
-from seqweave.ir.sharding import contiguous_runs
+from seqweave.ir.sharding import Run, RunTable, run_table  # noqa: F401 (run_table: re-exported)
 from seqweave.runtime.comm import Communicator
-
-Run = tuple[int, int]  # global [start, stop)
-
-
-@dataclass(frozen=True)
-class RunTable:
-    """Every rank's runs of global rows, in local order; `width` is the most any rank holds."""
-
-    runs: tuple[tuple[Run, ...], ...]
-
-    @property
-    def width(self) -> int:
-        return max(len(runs) for runs in self.runs)
-
-    def in_order(self) -> list[tuple[int, int, Run]]:
-        """(rank, index on that rank, run) for every run, in global order."""
-        found = [(rank, index, run) for rank, runs in enumerate(self.runs) for index, run in enumerate(runs)]
-        return sorted(found, key=lambda item: item[2][0])
-
-
-def run_table(positions_of: Callable[[int], Tensor], world: int) -> RunTable:
-    return RunTable(tuple(tuple(contiguous_runs(positions_of(rank))) for rank in range(world)))
-
 
 @dataclass
 class RunRows:

@@ -16,7 +16,7 @@ mask operands (segment ids, padding) are full-sequence tensors, the same on ever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -25,11 +25,10 @@ from seqweave.errors import SeqweaveError
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.ops.attn_reference import lse_dtype, merge_partials
 from seqweave.ir.score_mod import ScoreMod
-from seqweave.ir.sharding import RingPlan
+from seqweave.ir.sharding import PositionsOf, RingPlan, gathered_order
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 
-PositionsOf = Callable[[int], Tensor]
 CH_KV, CH_GRADS, CH_HOME = 0, 1, 2  # message channels: K/V, travelling dK/dV, dK/dV returning home
 
 
@@ -59,24 +58,6 @@ def _accum(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------- ring schedule
 
 
-def _forwards(plan: RingPlan, rank: int, step: int) -> bool:
-    """Does `rank` pass what it holds after `step` on to rank+1?"""
-    return step < plan.world - 1 and plan.sends[step][rank]
-
-
-def _holds(plan: RingPlan, rank: int, step: int) -> bool:
-    """Does `rank` hold source (rank - step)'s K/V at `step`? Paths are contiguous from the source."""
-    return step == 0 or _forwards(plan, (rank - 1) % plan.world, step - 1)
-
-
-def _hops(plan: RingPlan, source: int) -> int:
-    """How many ranks past `source` its K/V travel: the last holder is (source + hops) mod P."""
-    hops = 0
-    while _forwards(plan, (source + hops) % plan.world, hops):
-        hops += 1
-    return hops
-
-
 def _check_ring(comm: Communicator, plan: RingPlan, q: Tensor, k: Tensor, positions_of: PositionsOf) -> None:
     """The plan is for this group and the shard lengths match the positions."""
     if plan.world != comm.world:
@@ -91,11 +72,11 @@ def _check_ring(comm: Communicator, plan: RingPlan, q: Tensor, k: Tensor, positi
 
 def _shift_kv(comm: Communicator, plan: RingPlan, held: Tensor | None, like: Tensor, step: int, op: str):
     """Start step `step`'s K/V shift as the plan says; `wait_one()` gives the next held K/V (or None)."""
-    send = held if _forwards(plan, comm.rank, step) else None
-    if _forwards(plan, comm.rank, step) and held is None:
+    send = held if plan.forwards(comm.rank, step) else None
+    if plan.forwards(comm.rank, step) and held is None:
         raise SequenceParallelError(f"rank {comm.rank}: ring step {step}: the plan forwards K/V this rank never "
                                     f"received", hint="use a RingPlan from plan_ring; hand-made sends must form paths")
-    receives = _forwards(plan, (comm.rank - 1) % comm.world, step)
+    receives = plan.forwards((comm.rank - 1) % comm.world, step)
     return comm.shift(send, step, op, recv_like=like if receives else None, channel=CH_KV)
 
 
@@ -153,15 +134,15 @@ def _move_grads(comm: Communicator, plan: RingPlan, state: _GradRing, like: Tens
     """After `step`'s compute: pass the dK/dV accumulator on with its K/V, or, at the end of its
     path, return it to its source. Returns (pending ring receive, pending home receive)."""
     rank, world, source = comm.rank, comm.world, plan.source(comm.rank, step)
-    forwards = _forwards(plan, rank, step)
-    ring_recv = like if _forwards(plan, (rank - 1) % world, step) else None
+    forwards = plan.forwards(rank, step)
+    ring_recv = like if plan.forwards((rank - 1) % world, step) else None
     ring = comm.shift(state.grads if forwards else None, step, "ring backward shift of dk/dv",
                       recv_like=ring_recv, channel=CH_GRADS)
-    last_holder = _holds(plan, rank, step) and not forwards
+    last_holder = plan.holds(rank, step) and not forwards
     if last_holder and source == rank:
         state.mine = state.grads
     home_send = [(source, state.grads)] if last_holder and source != rank else []
-    hops = _hops(plan, rank)
+    hops = plan.hops(rank)
     home_recv = [((rank + hops) % world, like)] if hops == step and hops > 0 else []
     home = comm.exchange(home_send, home_recv, step, "ring backward return of dk/dv", channel=CH_HOME)
     return ring, home
@@ -244,13 +225,6 @@ def _swap(comm: Communicator, tensors: Sequence[Tensor], split_dim: int, cat_dim
         for n, i in enumerate(index):
             result[i] = torch.cat([piece[n] for piece in pieces], dim=cat_dim)
     return result
-
-
-def gathered_order(world: int, positions_of: PositionsOf) -> tuple[Tensor, Tensor, Tensor]:
-    """(sorted global positions, perm, inverse perm): gathered[perm] is in global order."""
-    gathered = torch.cat([positions_of(r) for r in range(world)])
-    perm = torch.argsort(gathered, stable=True)
-    return gathered[perm], perm, torch.argsort(perm)
 
 
 def to_heads(comm: Communicator, tensors: Sequence[Tensor], perm: Tensor, step: int, op: str) -> list[Tensor]:

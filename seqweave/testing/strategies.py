@@ -95,8 +95,11 @@ class GraphBuilder:
 
     def _record_meta(self, node: Node) -> None:
         overload = getattr(op_def(node.op), "overload", None)
-        if overload is None:
-            return  # dialect ops: their results are never viewed by these strategies
+        if overload is None:  # dialect ops return dense tensors of their inferred types
+            for value in node.results:
+                if isinstance(value.type, TensorType):
+                    self.meta[value] = torch.empty(value.type.concrete_shape(), dtype=value.type.dtype, device="meta")
+            return
         result = overload(*map_values(node.args, self.meta.__getitem__),
                           **map_values(node.kwargs, self.meta.__getitem__))
         for value, tensor in zip(node.results, result if isinstance(result, (tuple, list)) else [result]):

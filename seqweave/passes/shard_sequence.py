@@ -226,6 +226,7 @@ class ShardSequence(Pass):
     ring or Ulysses (`attention`)."""
 
     name = "shard-sequence"
+    idempotent = False  # its output is another dialect (local shapes, positions input): not run twice
     world: int = 2
     layout: str = "zigzag"
     length: int = 0  # the global sequence length N; padded (and masked) up to what splits over the ranks

@@ -34,7 +34,7 @@ from seqweave.ir.graph import Graph, Value
 from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.positions import Rope, parse_positions
 from seqweave.ir.types import TensorType
-from seqweave.testing.strategies import GraphBuilder
+from seqweave.testing.graph_builder import GraphBuilder
 
 T = TypeVar("T")
 
@@ -283,8 +283,8 @@ def _attention_kwargs(c: Choices, state: _State, heads: Heads, operands: list[Va
         kwargs["positions"] = f"rope(dims={dims}, positions=${len(operands)}, rule=default, base={ROPE_BASE!r})"
         operands.append(state.input("pos", (1, state.length), torch.int64))
         state.features.add("rope")
-    state.notes.append(f"attn[{mask}; Hq={heads.q} Hkv={heads.kv} D={heads.dim}"
-                       f"{' rope' if rope else ''}{' ' + kwargs['score_mod'] if kwargs['score_mod'] != 'none' else ''}]")
+    extras = (" rope" if rope else "") + ("" if kwargs["score_mod"] == "none" else f" {kwargs['score_mod']}")
+    state.notes.append(f"attn[{mask}; Hq={heads.q} Hkv={heads.kv} D={heads.dim}{extras}]")
     state.layers += 1
     return kwargs
 

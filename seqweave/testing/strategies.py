@@ -1,7 +1,15 @@
-"""Hypothesis strategies that build random, verifying IR graphs for pass authors.
+"""Hypothesis strategies for pass authors (`seqweave.testing.strategies`).
 
 Every node's result types come from the op's own `infer()`, so a generated graph
-verifies by construction. Two families:
+verifies by construction.
+
+* `meshes()`: 1-8 simulated ranks, flat (`Mesh(4)`) and hybrid (`Mesh(4, ulysses=2)`);
+* `attention_shapes()`: batch, KV heads, GQA / MQA ratios, head dims, odd lengths;
+* `structured_masks()` / `attention_masks()` (MaskSpec text) and `mask_specs()` (MaskSpec
+  values: windows, sinks, chunks, documents, padding and their `&` / `|` combinations);
+* `programs(spec)`: whole IR programs (attention, projections, norms, rotary, losses, views
+  over merged dims, backward programs) from `seqweave.testing.programs`, each a `Program`
+  with its graph, sequence length, description and `inputs()`;
 
 * `elementwise_graphs()`: chains of core ops (arithmetic, identity-like copies and
   views, expand, dtype casts, transpose, reductions) with dead branches, identity
@@ -13,15 +21,21 @@ Graph inputs are float64 (attention operands int64), so `random_inputs` feeds th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from hypothesis import strategies as st
 
-from seqweave.ir.graph import Graph, Node, Value, map_values
-from seqweave.ir.ops import op_def
-from seqweave.ir.types import TensorType
+from seqweave.ir.graph import Graph, Value
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.mask_parser import parse_mask
+from seqweave.testing.graph_builder import GraphBuilder
+from seqweave.testing.programs import Program, ProgramSpec, generate_programs, programs
+
+__all__ = ["AttentionShape", "GraphBuilder", "Mesh", "Program", "ProgramSpec", "attention_graph", "attention_graphs",
+           "attention_masks", "attention_shapes", "elementwise_graphs", "generate_programs", "mask_specs", "meshes",
+           "programs", "rotary_attention_graph", "static_shapes", "structured_masks"]
 
 MAX_RANK = 3
 MAX_SIDE = 4
@@ -42,68 +56,6 @@ def static_shapes(min_rank: int = 1, max_rank: int = MAX_RANK, max_side: int = M
 
 
 # ------------------------------------------------------------------ building graphs
-
-
-@dataclass
-class GraphBuilder:
-    """Appends typed nodes to a graph; result types are inferred by each op's definition.
-
-    `meta` holds a meta tensor per core value with the strides eager torch would give it,
-    so that `view` is only drawn where it is valid in the graph as built (a view of a
-    copy may be valid only because the copy made the tensor dense).
-    """
-
-    graph: Graph
-    meta: dict[Value, torch.Tensor] = field(default_factory=dict)
-
-    @staticmethod
-    def new(name: str) -> "GraphBuilder":
-        return GraphBuilder(Graph(name, [], [], ()))
-
-    def input(self, shape: tuple[int, ...], dtype: torch.dtype) -> Value:
-        value = Value(self.graph.fresh_name(f"x{len(self.graph.inputs)}"), TensorType.of(shape, dtype))
-        self.graph.inputs.append(value)
-        self.meta[value] = torch.empty(shape, dtype=dtype, device="meta")
-        return value
-
-    def node(self, op: str, args: tuple, kwargs: dict | None = None) -> list[Value]:
-        """Append `op(*args, **kwargs)` and return its results, typed by `op_def(op).infer`."""
-        node = Node(op, args, dict(kwargs or {}), [])
-        types = op_def(op).infer(node)
-        if types is None:
-            raise ValueError(f"strategy bug: {op} could not infer types for {args} {kwargs}")
-        stem = f"{op.split('.')[1]}{len(self.graph.nodes)}"
-        self.graph.nodes.append(node)  # first, so that fresh_name sees each result as it is added
-        for value_type in types:
-            node.results.append(Value(self.graph.fresh_name(stem), value_type, node))
-        self._record_meta(node)
-        return node.results
-
-    def one(self, op: str, args: tuple, kwargs: dict | None = None) -> Value:
-        return self.node(op, args, kwargs)[0]
-
-    def tensors(self) -> list[Value]:
-        return [value for value in self.graph.values() if isinstance(value.type, TensorType)]
-
-    def viewable(self, value: Value, shape: tuple[int, ...]) -> bool:
-        """Whether `aten.view(value, shape)` works on the strides `value` really has."""
-        try:
-            self.meta[value].view(shape)
-        except RuntimeError:
-            return False
-        return True
-
-    def _record_meta(self, node: Node) -> None:
-        overload = getattr(op_def(node.op), "overload", None)
-        if overload is None:  # dialect ops return dense tensors of their inferred types
-            for value in node.results:
-                if isinstance(value.type, TensorType):
-                    self.meta[value] = torch.empty(value.type.concrete_shape(), dtype=value.type.dtype, device="meta")
-            return
-        result = overload(*map_values(node.args, self.meta.__getitem__),
-                          **map_values(node.kwargs, self.meta.__getitem__))
-        for value, tensor in zip(node.results, result if isinstance(result, (tuple, list)) else [result]):
-            self.meta[value] = tensor
 
 
 def _shape(value: Value) -> tuple[int, ...]:
@@ -315,3 +267,51 @@ def rotary_attention_graph(shape: AttentionShape, mask: str = "causal", base: fl
     else:
         builder.graph.outputs = tuple(builder.node("attn.sdpa", (*tensors, [positions]), kwargs))
     return builder.graph
+
+
+# ------------------------------------------------------------------ meshes and MaskSpec values
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Simulated ranks: `world` in all, in Ulysses groups of `ulysses` (1: a flat mesh)."""
+
+    world: int
+    ulysses: int = 1
+
+    @property
+    def hybrid(self) -> bool:
+        return 1 < self.ulysses < self.world
+
+    def __str__(self) -> str:
+        return f"{self.world}x{self.ulysses}" if self.ulysses > 1 else str(self.world)
+
+
+def meshes(max_world: int = 8, hybrid: bool = True) -> st.SearchStrategy:
+    """Flat meshes of 1..max_world ranks and (with `hybrid`) every (world, ulysses) with
+    1 < ulysses < world dividing it."""
+    flat = st.integers(1, max_world).map(Mesh)
+    pairs = [Mesh(world, u) for world in range(2, max_world + 1) for u in range(2, world) if world % u == 0]
+    return st.one_of(flat, st.sampled_from(pairs)) if hybrid and pairs else flat
+
+
+def _leaf_masks(operands: bool) -> st.SearchStrategy:
+    window, sinks, chunk = st.integers(0, 20), st.integers(1, 4), st.integers(1, 16)
+    leaves = [st.just("full"), st.just("causal"), st.tuples(window, window).map(lambda lr: f"sliding_window{lr}"),
+              sinks.map(lambda n: f"sinks({n})"), chunk.map(lambda c: f"chunked({c})")]
+    if operands:
+        leaves += [st.just("document($0)"), st.just("padding($0)")]
+    return st.one_of(*leaves)
+
+
+def mask_specs(operands: bool = True, max_leaves: int = 4) -> st.SearchStrategy:
+    """MaskSpec values: leaves (full, causal, windows, sinks, chunks and, with `operands`,
+    `document($0)` / `padding($0)`) combined with `&` and `|` up to `max_leaves` leaves."""
+    def combine(children: st.SearchStrategy) -> st.SearchStrategy:
+        return st.tuples(children, st.sampled_from(["&", "|"]), children).map(lambda t: f"({t[0]}) {t[1]} ({t[2]})")
+    texts = st.recursive(_leaf_masks(operands), combine, max_leaves=max_leaves)
+    return texts.map(parse_mask)
+
+
+def as_mask(spec: MaskSpec | str) -> MaskSpec:
+    return parse_mask(spec) if isinstance(spec, str) else spec

@@ -126,8 +126,8 @@ def rewritten_attention(backend: SeqweaveBackend) -> dict[int, dict[str, str]]:
     found = {}
     for node in graph.nodes if graph is not None else ():
         if node.op == "attn.sdpa":
-            found[node.kwargs.get("layer", -1)] = {"mask": node.kwargs["mask"],
-                                                   "positions": node.kwargs.get("positions", "none")}
+            found[node.kwargs.get("layer", -1)] = {"mask": str(node.kwargs["mask"]),  # text, typed or not
+                                                   "positions": str(node.kwargs.get("positions", "none"))}
     return found
 
 

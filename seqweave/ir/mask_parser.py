@@ -126,12 +126,17 @@ def _parse_all(g: _Grammar, start: Callable[[_Grammar, int], tuple[object, int]]
     return node
 
 
-def parse_mask(text: str) -> MaskSpec:
-    """Parse the text form of a MaskSpec (inverse of ``str``), e.g. ``causal & sinks(4)``."""
+def parse_mask(text: str | MaskSpec) -> MaskSpec:
+    """Parse the text form of a MaskSpec (inverse of ``str``), e.g. ``causal & sinks(4)``; a MaskSpec
+    (an IR attribute holds the typed value) is returned as it is."""
+    if isinstance(text, MaskSpec):
+        return text
     return _parse_all(_grammar("mask", _MASK_KINDS, text), _parse_expr)  # type: ignore[return-value]
 
 
-def parse_score_mod(text: str) -> ScoreMod:
-    """Parse the text form of a ScoreMod, e.g. ``none`` or ``softcap(50.0)``."""
+def parse_score_mod(text: str | ScoreMod) -> ScoreMod:
+    """Parse the text form of a ScoreMod, e.g. ``none`` or ``softcap(50.0)``; a ScoreMod is returned as it is."""
+    if isinstance(text, ScoreMod):
+        return text
     grammar = _grammar("score mod", _SCORE_MOD_KINDS, text)
     return _parse_all(grammar, _parse_call)  # type: ignore[return-value]

@@ -18,6 +18,8 @@ import sympy
 import torch
 
 from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
+from seqweave.ir.positions import parse_positions
 from seqweave.ir.printer import NAME_PATTERN
 from seqweave.ir.types import DTYPES_BY_NAME, ScalarType, TensorType, ValueType, parse_placement
 
@@ -35,6 +37,9 @@ _ATTRIBUTE_RE = re.compile(r"\.\s*[A-Za-z_]")
 _SCALAR_KINDS = ("int", "float", "bool", "none")
 _NUMBER_NAMES = {"inf": float("inf"), "nan": float("nan")}
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
+#: `name("text")` literals that are typed attribute values (see printer.TYPED_ATTRIBUTES)
+_TYPED_ATTRIBUTES: dict[str, Callable[[str], Any]] = {"mask": parse_mask, "score_mod": parse_score_mod,
+                                                      "positions": parse_positions}
 
 
 class ParseError(ValueError):
@@ -244,7 +249,10 @@ class _LiteralBuilder:
                 raise ValueError(f"{arg.value!r} is not a device ({error})") from error
         if name == "sym":
             return parse_sym(arg.value)
-        raise ValueError(f"{ast.unparse(node)!r} is not a literal: only device(...) and sym(...) calls")
+        if name in _TYPED_ATTRIBUTES:
+            return _TYPED_ATTRIBUTES[name](self._string(arg))
+        raise ValueError(f"{ast.unparse(node)!r} is not a literal: only device(...), sym(...), mask(...), "
+                         "score_mod(...) and positions(...) calls")
 
 
 class _GraphParser:

@@ -119,8 +119,10 @@ class Rope(PositionSpec):
 _FIELD = re.compile(r"\s*([a-z_]+)\s*=\s*(\[[^\]]*\]|[^,\s)]+)\s*,?")
 
 
-def parse_positions(text: str) -> PositionSpec:
-    """Inverse of `str`: `none` or `rope(dims=.., positions=$N, ...)`."""
+def parse_positions(text: str | PositionSpec) -> PositionSpec:
+    """Inverse of `str`: `none` or `rope(dims=.., positions=$N, ...)`; a PositionSpec is returned as it is."""
+    if isinstance(text, PositionSpec):
+        return text
     if not isinstance(text, str):
         raise ValueError(f"expected the text form of a position spec (a str), got {text!r}")
     stripped = text.strip()

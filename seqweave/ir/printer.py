@@ -10,7 +10,9 @@ The format is line based so that diffs between pass stages stay readable::
     }
 
 Operands print as `%name`; literals as Python-like text (strings via json, dtypes as
-`torch.float32`, devices as `device("cpu")`, sympy sizes as `sym("2*s0")`).
+`torch.float32`, devices as `device("cpu")`, sympy sizes as `sym("2*s0")`). Typed attributes
+print their text form the same way: `mask("causal & sinks(4)")`, `score_mod("softcap(50.0)")`,
+`positions("rope(dims=16, positions=$3)")`, and parse back to the typed value.
 """
 from __future__ import annotations
 
@@ -23,12 +25,18 @@ import sympy
 import torch
 
 from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.mask import MaskSpec
+from seqweave.ir.positions import PositionSpec
+from seqweave.ir.score_mod import ScoreMod
 from seqweave.ir.types import ValueType
 
 NAME_PATTERN = r"[A-Za-z0-9_.]+"
 _NAME_RE = re.compile(NAME_PATTERN)
 _KWARG_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+#: typed attribute values and the name their text form is wrapped in (`mask("causal")`)
+TYPED_ATTRIBUTES: tuple[tuple[type, str], ...] = ((MaskSpec, "mask"), (ScoreMod, "score_mod"),
+                                                  (PositionSpec, "positions"))
 
 
 def format_name(value: Value) -> str:
@@ -71,10 +79,13 @@ def format_literal(value: Any) -> str:
         return f"device({json.dumps(str(value))})"
     if isinstance(value, sympy.Expr):
         return f"sym({json.dumps(str(value))})"
+    for kind, wrapper in TYPED_ATTRIBUTES:
+        if isinstance(value, kind):
+            return f"{wrapper}({json.dumps(str(value))})"
     raise TypeError(
         f"cannot print a literal of type {type(value).__name__} ({value!r}); the text form supports "
-        "values, None, bool, int, float, str, list, tuple, torch dtype/layout/memory_format, device "
-        "and sympy expressions: convert the literal to one of these before printing"
+        "values, None, bool, int, float, str, list, tuple, torch dtype/layout/memory_format, device, "
+        "sympy expressions, MaskSpecs, ScoreMods and PositionSpecs: convert the literal to one of these before printing"
     )
 
 

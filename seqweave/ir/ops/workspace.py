@@ -41,7 +41,7 @@ def attention_workspace(node: Node) -> int:
     # RoPE around the kernel: q and k rotated (rotate_half's pieces live a moment), and in the
     # backward dq and dk rotated back; measured at ~1.1x and ~3.2x (q + k), held at 2x and 4x
     rotated = (4 if backward else 2) * (_bytes(node.args[first]) + _bytes(node.args[first + 1])) \
-        if node.kwargs.get("positions", "none") != "none" else 0
+        if str(node.kwargs.get("positions", "none")) != "none" else 0  # text or a typed PositionSpec
     results = sum(_bytes(value) for value in node.results)
     # a ring step holds the next K/V block (or gradient block) in flight, and merges partial
     # results into accumulators; Ulysses' all-to-alls hold a copy of what they exchange

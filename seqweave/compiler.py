@@ -22,6 +22,7 @@ from seqweave.frontend.attention import AttentionReport
 from seqweave.frontend.dynamo import capture
 from seqweave.graph_bytes import caller_output_bytes, saved_bytes
 from seqweave.ir.graph import Graph
+from seqweave.ir.schedule import check_sharded_program
 from seqweave.ir.types import TensorType
 from seqweave.ir.sharding import Layout, padded_length, shard_positions
 from seqweave.ir.verifier import verify
@@ -148,6 +149,8 @@ class SeqweaveBackend:
         if shard is None:
             program = lower(graph)
             return lambda args: program(args)
+        if self.options.verify:  # every rank checks every rank's schedule: a mismatch fails all of them here
+            check_sharded_program(graph, world, self.options.mesh.ulysses)
         return self._sharded_program(graph, world)
 
     def _pipeline(self) -> list[Pass]:

@@ -32,6 +32,12 @@ class TargetError(SeqweaveError):
     """A `module:function` target could not be loaded or returned the wrong thing."""
 
 
+class ScheduleError(SeqweaveError):
+    """The ranks of a sharded program would not agree on their communication: collectives in
+    different orders or shapes, a send without its receive, a wait cycle, a dead or duplicated
+    collective. Found statically (`ir/schedule.py`), before any rank runs."""
+
+
 class PeerFailedError(SeqweaveError):
     """Another rank failed compiling or preparing a step; this rank stops too, with its message."""
 

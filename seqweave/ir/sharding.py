@@ -17,6 +17,11 @@ from seqweave.ir.mask import BlockClass, MaskSpec
 #: Beyond this many contiguous runs per shard, classify by the shards' spans (conservative).
 MAX_RUNS = 64
 
+#: Message tags are step * MAX_CHANNELS + channel, so messages of different steps or
+#: channels between the same two ranks can never be matched with each other.
+MAX_CHANNELS = 16
+CH_KV, CH_GRADS, CH_HOME = 0, 1, 2  # ring message channels: K/V, travelling dK/dV, dK/dV returning home
+
 PositionsOf = Callable[[int], torch.Tensor]  # rank -> the global positions it holds (1-D int64)
 Run = tuple[int, int]  # global [start, stop)
 
@@ -149,6 +154,17 @@ def plan_from_positions(mask: MaskSpec, positions: list[torch.Tensor]) -> RingPl
     sends = tuple(tuple(_needed_later(classes, (r - t) % world, r, world) for r in range(world))
                   for t in range(world - 1))
     return RingPlan(world, classes, sends)
+
+
+def message_tag(step: int, channel: int) -> int:
+    """The tag of a point-to-point message of `step` on `channel` (see MAX_CHANNELS)."""
+    return step * MAX_CHANNELS + channel
+
+
+def kv_repeat(group: int, kv_heads: int) -> int:
+    """How many copies of each K/V head Ulysses makes so that `group` ranks can split the heads:
+    1 when the group divides them, else group // kv_heads (the group must be a multiple)."""
+    return 1 if kv_heads % group == 0 else group // kv_heads
 
 
 def gathered_order(world: int, positions_of: PositionsOf) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,13 +25,11 @@ import torch
 import torch.distributed as dist
 
 from seqweave.errors import SeqweaveError
+from seqweave.ir.sharding import MAX_CHANNELS, message_tag
 
 #: Collective kinds counted in `Communicator.stats`.
 #: gather: outputs put back together; states: LASP-2's all-gather of linear-attention states.
 KINDS = ("shift", "p2p", "all_to_all", "all_reduce", "gather", "states")
-#: Message tags are step * MAX_CHANNELS + channel, so messages of different steps or
-#: channels between the same two ranks can never be matched with each other.
-MAX_CHANNELS = 16
 
 
 class CommError(SeqweaveError):
@@ -112,7 +110,7 @@ class Communicator:
         if not 0 <= channel < MAX_CHANNELS or step < 0:
             raise ValueError(f"rank {self.rank}: {op}: need step >= 0 and 0 <= channel < {MAX_CHANNELS}, "
                              f"got step {step}, channel {channel}")
-        tag = step * MAX_CHANNELS + channel
+        tag = message_tag(step, channel)
         transfers, received = [], []
         for peer, tensor in sends:
             payload = tensor.contiguous()

@@ -25,11 +25,10 @@ from seqweave.errors import SeqweaveError
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.ops.attn_reference import lse_dtype, merge_partials
 from seqweave.ir.score_mod import ScoreMod
-from seqweave.ir.sharding import PositionsOf, RingPlan, gathered_order
+from seqweave.ir.sharding import CH_GRADS, CH_HOME, CH_KV, PositionsOf, RingPlan, gathered_order, kv_repeat
 from seqweave.runtime.comm import Communicator
 from seqweave.runtime.local_attention import REFERENCE, LocalAttention
 
-CH_KV, CH_GRADS, CH_HOME = 0, 1, 2  # message channels: K/V, travelling dK/dV, dK/dV returning home
 
 
 class SequenceParallelError(SeqweaveError):
@@ -203,13 +202,11 @@ def ulysses_heads(world: int, q_heads: int, kv_heads: int) -> UlyssesHeads:
     if q_heads % kv_heads:
         raise SequenceParallelError(f"{q_heads} query heads are not a multiple of {kv_heads} kv heads",
                                     hint="grouped-query attention needs q_heads % kv_heads == 0")
-    if kv_heads % world == 0:
-        return UlyssesHeads(world, q_heads, kv_heads, 1)
-    if world % kv_heads:
+    if kv_heads % world and world % kv_heads:
         raise SequenceParallelError(f"Ulysses cannot split {kv_heads} kv heads over {world} ranks: neither "
                                     f"divides the other", hint="use ring attention, or a world size dividing "
                                     "or divided by the kv head count")
-    return UlyssesHeads(world, q_heads, kv_heads, world // kv_heads)
+    return UlyssesHeads(world, q_heads, kv_heads, kv_repeat(world, kv_heads))
 
 
 def _swap(comm: Communicator, tensors: Sequence[Tensor], split_dim: int, cat_dim: int,

@@ -1,0 +1,239 @@
+"""Planted bugs: small source mutations of `seqweave`, each with the fast tests that must catch it.
+
+Each `Mutation` replaces one exact piece of source text (it must occur exactly once, so a
+refactor that moves the code makes the harness fail loudly, naming the mutation) in a copy of
+the package in a temporary directory. The catching tests then run in a pytest subprocess with
+that copy first on PYTHONPATH; a small plugin (`-p _mutant_check`, written next to the copy)
+refuses to run unless `seqweave` was imported from the copy, so the editable install in .venv
+cannot silently win. Caught means pytest exits 1 (a test failed): a collection error, a usage
+error or "no tests ran" means the harness or the table is broken, not that the bug was caught.
+
+Run it by hand: `python tests/mutations/mutations.py [mutation ids...]` prints each verdict.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "seqweave"
+#: The fast tier: what CI runs on every change. A catching test marked slow is deselected, so
+#: it cannot count as a catch (the subprocess would report "no tests ran").
+FAST_TIER = "not slow"
+PYTEST_FLAGS = ("-x", "-q", "-p", "no:cacheprovider", "-m", FAST_TIER, "-o", "addopts=")
+#: pytest exit codes: 0 all passed, 1 some test failed; anything else is not a verdict.
+PASSED, FAILED = 0, 1
+CHECK_PLUGIN = "_mutant_check"
+ROOT_ENV = "SEQWEAVE_MUTANT_ROOT"
+PLUGIN_SOURCE = f'''"""Refuse to run tests unless seqweave is imported from the copy under ${ROOT_ENV}."""
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_configure(config):
+    import seqweave
+    where = Path(seqweave.__file__).resolve()
+    root = Path(os.environ["{ROOT_ENV}"]).resolve()
+    if root not in where.parents:
+        raise pytest.UsageError(f"seqweave was imported from {{where}}, not from the copy under {{root}}")
+'''
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: replace `old` (exactly once) by `new` in seqweave/`path`."""
+
+    id: str
+    description: str
+    path: str  # relative to the seqweave package
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (relative to the repository root) that must catch it
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "lse-merge-sign", "ring LSE merge weights the second partial by exp(max - lse) instead of exp(lse - max)",
+        "ir/ops/attn_reference.py",
+        "weight_b = torch.exp(lse_b.to(acc) - safe)", "weight_b = torch.exp(safe - lse_b.to(acc))",
+        ("tests/ir/test_attention_blockwise.py::test_zigzag_shards_merged_over_kv_blocks_equal_full_attention",)),
+    Mutation(
+        "q-offset-off-by-one", "generated kernels get each query run's global offset one too large",
+        "codegen/attention_kernels.py",
+        "scale, operands, q_run[2], kv_run[2])", "scale, operands, q_run[2] + 1, kv_run[2])",
+        ("tests/codegen/test_attention_kernels.py::test_zigzag_positions_match_the_float64_reference",)),
+    Mutation(
+        "missing-wait", "Pending.wait_one hands back the receive buffers without waiting for the transfers",
+        "runtime/comm.py",
+        "received = self.wait()\n", "received = self._received\n",
+        ("tests/runtime/test_comm_delivery.py::test_a_receive_waits_for_a_late_send",)),
+    Mutation(
+        "swapped-send-recv", "ring shift sends to rank-1 and receives from rank+1 (K/V travel the wrong way)",
+        "runtime/comm.py",
+        "sends = [] if tensor is None else [((self.rank + 1) % self.world, tensor)]\n"
+        "        recvs = [] if recv_like is None else [((self.rank - 1) % self.world, recv_like)]",
+        "sends = [] if tensor is None else [((self.rank - 1) % self.world, tensor)]\n"
+        "        recvs = [] if recv_like is None else [((self.rank + 1) % self.world, recv_like)]",
+        ("tests/runtime/test_comm_delivery.py::test_a_shift_receives_from_the_previous_rank",)),
+    Mutation(
+        "dropped-grad-all-reduce", "a partial sum (a weight gradient, a summed loss) leaves the sharded graph "
+        "without its all-reduce",
+        "passes/shard_sequence.py",
+        "if builder.partial(mapped):  # a partial sum leaves the graph only all-reduced\n"
+        "                mapped = builder.gathered(mapped)",
+        "if builder.partial(mapped):  # a partial sum leaves the graph only all-reduced\n"
+        "                pass",
+        ("tests/passes/test_shard_sequence.py::test_a_sum_over_the_sequence_is_partial_then_all_reduced",)),
+    Mutation(
+        "halo-one-token-short", "each contiguous run of a shard ends one token early, so a window's reach into "
+        "the neighbouring shard (its halo) misses the last token and the pair is classified EMPTY",
+        "ir/sharding.py",
+        "int(positions[b - 1]) + 1) for a, b", "int(positions[b - 1])) for a, b",
+        ("tests/ir/test_sharding.py::test_pair_class_never_contradicts_dense_mask",)),
+    Mutation(
+        "ring-step-skipped", "the ring plan stops forwarding a K/V shard one rank before the last rank that "
+        "needs it",
+        "ir/sharding.py",
+        "later = later[: (source - holder - 1) % world]", "later = later[: (source - holder - 2) % world]",
+        ("tests/ir/test_sharding.py::test_ring_plan_delivers_exactly_what_is_needed",)),
+    Mutation(
+        "mask-lift-without-probes", "mask lifting accepts a spec that reproduces the mask on the example inputs "
+        "alone (its random probes are never compared)",
+        "frontend/mask_lift.py",
+        "    for values in rounds:\n", "    for values in rounds[:1]:\n",
+        ("tests/frontend/test_mask_lift_probes.py",)),
+    Mutation(
+        "auto-picks-costlier", "attention='auto' takes the candidate with the most bytes instead of the fewest",
+        "passes/strategy.py",
+        "best = found[costs.index(min(costs))]", "best = found[costs.index(max(costs))]",
+        ("tests/passes/test_auto_strategy_cost.py",)),
+    Mutation(
+        "tile-rule-off-by-one", "the causal block rule calls a tile EMPTY when its first key is the last query's "
+        "own position (the diagonal)",
+        "ir/mask.py",
+        "all_false=kv[0] > q[1] - 1)", "all_false=kv[0] >= q[1] - 1)",
+        ("tests/ir/test_mask.py::test_structured_block_class_exact_on_every_small_block",)),
+    Mutation(
+        "grid-tile-rule-off-by-one", "the generated kernels' causal tile-grid rule (tile_grid.py) calls the "
+        "diagonal tile EMPTY",
+        "codegen/triton/tile_grid.py",
+        "b.kv_first > b.q_last)", "b.kv_first >= b.q_last)",
+        ("tests/codegen/test_schedule.py::test_structured_grid_rules_equal_block_class",)),
+    Mutation(
+        "zigzag-chunk-off-by-one", "zigzag gives rank r chunk 2P-2-r instead of 2P-1-r as its second chunk",
+        "ir/sharding.py",
+        "first, second = rank * chunk, (2 * world - 1 - rank) * chunk",
+        "first, second = rank * chunk, (2 * world - 2 - rank) * chunk",
+        ("tests/ir/test_sharding.py::test_positions_partition_the_sequence",)),
+    Mutation(
+        "loss-count-not-all-reduced", "a sharded mean nll/cross-entropy loss divides the global sum by this "
+        "rank's count of non-ignored targets",
+        "passes/sharding_rules.py",
+        "total, count = ctx.all_reduce(total), ctx.all_reduce(count)",
+        "total, count = ctx.all_reduce(total), count",
+        ("tests/passes/test_sharded_loss_count.py",)),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a pytest subprocess said: its exit code, seconds, and the end of its output."""
+
+    name: str
+    returncode: int
+    seconds: float
+    output: str
+
+    @property
+    def caught(self) -> bool:
+        return self.returncode == FAILED
+
+
+def by_id(ids: list[str] | None = None) -> list[Mutation]:
+    known = {m.id: m for m in MUTATIONS}
+    unknown = [i for i in ids or [] if i not in known]
+    if unknown:
+        raise KeyError(f"unknown mutation ids {unknown}; known: {sorted(known)}")
+    return [known[i] for i in ids] if ids else list(MUTATIONS)
+
+
+def mutated_source(mutation: Mutation, package: Path = PACKAGE) -> str:
+    """The mutated text of the file; AssertionError (naming the mutation) unless `old` occurs once."""
+    source = (package / mutation.path).read_text()
+    found = source.count(mutation.old)
+    assert found == 1, (f"mutation {mutation.id!r}: the text to replace occurs {found} times in seqweave/"
+                        f"{mutation.path} (expected once); update its `old` in tests/mutations/mutations.py")
+    return source.replace(mutation.old, mutation.new)
+
+
+def make_copy(mutation: Mutation | None, into: Path) -> Path:
+    """A copy of the package under `into` (mutated unless `mutation` is None), with the check plugin."""
+    shutil.copytree(PACKAGE, into / "seqweave", ignore=shutil.ignore_patterns("__pycache__"))
+    if mutation is not None:
+        (into / "seqweave" / mutation.path).write_text(mutated_source(mutation))
+    (into / f"{CHECK_PLUGIN}.py").write_text(PLUGIN_SOURCE)
+    return into
+
+
+def run_pytest(name: str, root: Path, tests: tuple[str, ...], timeout_s: float = 300) -> Verdict:
+    """Run `tests` with the package under `root` first on PYTHONPATH; the plugin checks which one loaded."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               PYTHONDONTWRITEBYTECODE="1", **{ROOT_ENV: str(root)})
+    env.pop("PYTEST_ADDOPTS", None)
+    # -P: do not put the working directory (the repository, holding the real seqweave) first on sys.path
+    command = [sys.executable, "-P", "-m", "pytest", *PYTEST_FLAGS, "-p", CHECK_PLUGIN, *tests]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as error:
+        code, output = -1, f"timed out after {timeout_s} s\n{error.stdout or ''}"
+    return Verdict(name, code, time.monotonic() - start, output[-3000:])
+
+
+def run_mutation(mutation: Mutation) -> Verdict:
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.id}-") as tmp:
+        return run_pytest(mutation.id, make_copy(mutation, Path(tmp)), mutation.tests)
+
+
+def run_baseline(mutations: list[Mutation]) -> Verdict:
+    """Every catching test on the unmutated package (a copy, through the same checks): all must pass."""
+    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        return run_pytest("baseline", make_copy(None, Path(tmp)), tests)
+
+
+def run_all(mutations: list[Mutation], workers: int = 2) -> dict[str, Verdict]:
+    """The baseline and every mutation, `workers` subprocesses at a time."""
+    for mutation in mutations:
+        mutated_source(mutation)  # fail fast, naming the mutation, before any subprocess starts
+    with ThreadPoolExecutor(workers) as pool:
+        baseline = pool.submit(run_baseline, mutations)
+        verdicts = list(pool.map(run_mutation, mutations))
+        return {"baseline": baseline.result(), **{v.name: v for v in verdicts}}
+
+
+def main(ids: list[str]) -> int:
+    start = time.monotonic()
+    verdicts = run_all(by_id(ids))
+    for verdict in verdicts.values():
+        expected = PASSED if verdict.name == "baseline" else FAILED
+        status = "ok" if verdict.returncode == expected else "WRONG"
+        print(f"{status:5} {verdict.name:28} exit {verdict.returncode}  {verdict.seconds:5.1f} s")
+        if status != "ok":
+            print("      " + verdict.output[-1500:].replace("\n", "\n      "))
+    print(f"total {time.monotonic() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -18,20 +18,22 @@ from typing import Any, Callable
 
 import torch
 
+from seqweave.config import Mesh
 from seqweave.errors import OptionError
 from seqweave.ir.graph import Graph
-from seqweave.ir.interpreter import interpret
 from seqweave.ir.ops import op_def
 from seqweave.ir.parser import parse_graph
+from seqweave.ir.interpreter import interpret
 from seqweave.ir.printer import print_graph
+from seqweave.ir.verifier import verify
 from seqweave.ir.types import TensorType
 from seqweave.passes.base import Pass
-from seqweave.passes.manager import parse_pipeline, run_pipeline
+from seqweave.passes.manager import parse_pipeline
 from seqweave.passes.shard_sequence import ShardSequence
+from seqweave.testing.check_pass import check_pass
 from seqweave.testing.programs import Program, ProgramSpec, generate_programs, program_inputs
 
 PROGRESS_EVERY = 25
-ATOL = RTOL = 1e-7
 #: passes that read the lifted rotary of every attention (and refuse one without it)
 NEEDS_ROPE = frozenset({"rope-scale", "rope-fp32", "streaming", "lm-infinite"})
 _NOTE = re.compile(r"^fuzz (\w[\w-]*): (.*)$")
@@ -58,6 +60,9 @@ class MeshShape:
     def __str__(self) -> str:
         return f"{self.world}x{self.ulysses}" if self.ulysses > 1 else str(self.world)
 
+    def config(self) -> Mesh:
+        return Mesh(ulysses=self.ulysses, ring=self.world // self.ulysses) if self.ulysses > 1 else Mesh(sp=self.world)
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -70,7 +75,12 @@ class Failure:
 
     @property
     def kind(self) -> str:
-        return self.problem.split(":", 1)[0]
+        return problem_kind(self.problem)
+
+
+def problem_kind(problem: str) -> str:
+    """What failed, without the numbers (a shrunk program may fail on another rank or output)."""
+    return re.sub(r"\d+", "N", problem.split(":", 1)[0])
 
 
 # ------------------------------------------------------------------ the pipeline for one program
@@ -115,58 +125,11 @@ def spec_for(passes: list[Pass], mesh: MeshShape) -> ProgramSpec:
 
 
 def check_program(passes: list[Pass], graph: Graph, length: int, seed: int, mesh: MeshShape) -> str | None:
-    """None when the pipeline is right on this program, else "kind: what went wrong"."""
-    reference, current = copy.deepcopy(graph), copy.deepcopy(graph)
-    inputs = program_inputs(graph, seed)
-    try:
-        for pass_ in passes:
-            declared = pass_.declared_semantics(current)
-            reference = declared if declared is not None else reference
-            run_pipeline(current, [pass_], log_warnings=False)
-    except Exception as error:  # noqa: BLE001 (any exception is a finding; its class names the kind)
-        return f"pass-error: {type(error).__name__}: {error}"
-    try:
-        want = interpret(reference, [t.clone() for t in inputs])
-    except Exception as error:  # noqa: BLE001
-        return f"reference-error: {type(error).__name__}: {error}"
-    try:
-        got = _run(current, inputs, mesh)
-    except Exception as error:  # noqa: BLE001
-        return f"run-error: {type(error).__name__}: {error}"
-    for rank, outputs in enumerate(got):
-        problem = _compare(want, outputs)
-        if problem:
-            return f"mismatch: rank {rank}: {problem}"
-    return None
-
-
-def _run(graph: Graph, inputs: list[torch.Tensor], mesh: MeshShape) -> list[Any]:
-    """Every rank's outputs: simulated ranks for a sharded graph, the interpreter otherwise."""
-    if any(node.op.startswith("sp.") or "world" in node.kwargs for node in graph.nodes) or \
-            any(value.name == "sp_positions" for value in graph.inputs):
-        from seqweave.testing.simulate import simulate
-        return simulate(graph, inputs, mesh.world).outputs
-    return [interpret(graph, [t.clone() for t in inputs])]
-
-
-def _compare(want: Any, got: Any) -> str | None:
-    want_flat, got_flat = _flat(want), _flat(got)
-    if len(want_flat) != len(got_flat):
-        return f"{len(got_flat)} outputs, expected {len(want_flat)}"
-    for index, (a, b) in enumerate(zip(want_flat, got_flat)):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if a != b:
-                return f"output {index}: {b!r}, expected {a!r}"
-            continue
-        if a.shape != b.shape:
-            return f"output {index}: shape {tuple(b.shape)}, expected {tuple(a.shape)}"
-        if not torch.allclose(b.double(), a.double(), atol=ATOL, rtol=RTOL, equal_nan=False):
-            return f"output {index} differs by up to {(b.double() - a.double()).abs().max().item():.3g}"
-    return None
-
-
-def _flat(outputs: Any) -> list:
-    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    """None when the pipeline is right on this program (or refuses it, its documented answer),
+    else what went wrong: `check_pass`'s checks of one program on one mesh."""
+    program = Program(graph, length, "", seed)
+    report = check_pass(passes, programs=[program], seed=seed, meshes=[mesh.config()])
+    return report.failures[0].problem if report.failures else None
 
 
 # ------------------------------------------------------------------ shrinking
@@ -182,6 +145,10 @@ def _dead_code_removed(graph: Graph) -> Graph:
     graph.nodes = kept[::-1]
     graph.inputs = [value for value in graph.inputs if value in live]
     return graph
+
+
+def _flat(outputs: Any) -> list:
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
 
 
 def _fewer_outputs(graph: Graph) -> list[Graph]:
@@ -212,8 +179,33 @@ def _bypassed(graph: Graph) -> list[Graph]:
     return smaller
 
 
+#: simpler attention attributes, tried one at a time (the rotary's and the mask's operands then fall dead)
+SIMPLER_ATTENTION = ({"score_mod": "none"}, {"positions": None}, {"mask": "causal"}, {"mask": "full"})
+
+
+def _simpler_attention(graph: Graph) -> list[Graph]:
+    """Each attention (forward and backward alike) with one attribute made plain."""
+    smaller = []
+    for change in SIMPLER_ATTENTION:
+        candidate = copy.deepcopy(graph)
+        touched = False
+        for node in candidate.nodes:
+            if node.op in ("attn.sdpa", "attn.sdpa_backward"):
+                kwargs = {**node.kwargs, **change}
+                kwargs = {key: value for key, value in kwargs.items() if value is not None}
+                touched |= kwargs != node.kwargs
+                node.kwargs = kwargs
+                if "$" not in kwargs["mask"] + kwargs.get("positions", ""):
+                    node.args = (*node.args[:-1], [])
+        if touched:
+            smaller.append(_dead_code_removed(candidate))
+    return smaller
+
+
 def _size(graph: Graph) -> int:
-    return len(graph.nodes) * 1000 + len(graph.inputs)
+    """Nodes first, then inputs, then attribute text (a plain mask is smaller than a combination)."""
+    text = sum(len(str(node.kwargs)) for node in graph.nodes if node.op.startswith("attn."))
+    return len(graph.nodes) * 10 ** 6 + len(graph.inputs) * 10 ** 4 + text
 
 
 def shrink(failure: Failure, still_fails: Callable[[Graph], str | None], budget: int = 200) -> Failure:
@@ -222,21 +214,22 @@ def shrink(failure: Failure, still_fails: Callable[[Graph], str | None], budget:
     improved = True
     while improved and checks < budget:
         improved = False
-        for candidate in _fewer_outputs(best.graph) + _bypassed(best.graph):
+        for candidate in _fewer_outputs(best.graph) + _bypassed(best.graph) + _simpler_attention(best.graph):
             if checks >= budget:
                 break
             checks += 1
-            problem = _still_valid_failure(candidate, still_fails)
-            if problem and problem.split(":", 1)[0] == best.kind and _size(candidate) < _size(best.graph):
+            problem = _still_valid_failure(candidate, failure.seed, still_fails)
+            if problem and problem_kind(problem) == best.kind and _size(candidate) < _size(best.graph):
                 best, improved = replace(failure, graph=candidate, problem=problem), True
                 break
     return best
 
 
-def _still_valid_failure(candidate: Graph, still_fails: Callable[[Graph], str | None]) -> str | None:
-    from seqweave.ir.verifier import verify
+def _still_valid_failure(candidate: Graph, seed: int, still_fails: Callable[[Graph], str | None]) -> str | None:
+    """The candidate's problem, if it is a valid program (verifies and runs whole) that fails."""
     try:
         verify(candidate)
+        interpret(candidate, program_inputs(candidate, seed))
     except Exception:  # noqa: BLE001 (a candidate the shrinker broke is just not taken)
         return None
     return still_fails(candidate)

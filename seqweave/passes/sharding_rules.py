@@ -413,9 +413,9 @@ def nll_loss(ctx: Context, node: Node, args: tuple, kwargs: dict) -> Emit:
     shapes = [(), ()]
     total, count = ctx.emit(node.op, (logp, target, weight, 2, ignore_index), kwargs, [PARTIAL, PARTIAL],
                             node.loc, *shapes)
+    if reduction == 2:  # the count stays a partial sum: all-reduced only where something reads it
+        return EMITTED, (ctx.all_reduce(total), count), {}, [None, PARTIAL]
     total, count = ctx.all_reduce(total), ctx.all_reduce(count)
-    if reduction == 2:
-        return EMITTED, (total, count), {}, [None, None]
     (mean,) = ctx.emit("core.div.Tensor", (total, count), {}, [None], node.loc, ())
     return EMITTED, (mean, count), {}, [None, None]
 

@@ -17,7 +17,6 @@ from seqweave.passes.rewriter import Op, Rule, Var, rewrite
 from seqweave.testing.check_pass import check_pass
 
 
-
 def is_float(value):
     return isinstance(value, float)
 

@@ -12,10 +12,11 @@ a message nobody received: both are schedule bugs that real ranks may or may not
 """
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -64,12 +65,39 @@ def simulate(graph: Graph, inputs: Sequence[Any], world: int, *, layout: str | N
     layout = _attribute(graph, "layout", layout, DEFAULT_LAYOUT)
     ulysses = _attribute(graph, "ulysses", ulysses, 1)
     _check(graph, inputs, world, ulysses)
-    fabric = Fabric(world)
-    comms = [_communicator(fabric, rank, ulysses, timeout_s) for rank in range(world)]
-    programs = [lower(graph, comm) for comm in comms]
     length = int(graph.inputs[-1].type.shape[0]) * world
-    args = [[*_copies(inputs), shard_positions(Layout(layout), rank, world, length)] for rank in range(world)]
-    outputs = _run_ranks(fabric, programs, args)
+    hybrid = ulysses > 1 or any(node.op.startswith("attn.hybrid") for node in graph.nodes)
+
+    def rank_main(comm: SimulatedCommunicator) -> Any:
+        positions = shard_positions(Layout(layout), comm.world_rank, world, length)
+        return lower(graph, comm)([*_copies(inputs), positions])
+
+    run = simulate_ranks(world, rank_main, ulysses=ulysses, hybrid=hybrid, timeout_s=timeout_s)
+    return Simulation(world, layout, ulysses, run.results, run.stats, run.traces)
+
+
+@dataclass
+class RankRun:
+    """What `simulate_ranks` gives back: per rank, what its body returned, its byte counters and its trace."""
+
+    results: list[Any]
+    stats: list[dict[str, dict[str, int]]]
+    traces: list[list[TraceEntry]]
+
+
+def simulate_ranks(world: int, body: Callable[[SimulatedCommunicator], Any], *, ulysses: int = 1,
+                   hybrid: bool | None = None, timeout_s: float = 30.0) -> RankRun:
+    """Run `body(comm)` on `world` simulated ranks at once, each with its own communicator (a
+    hybrid one, with `.inner` / `.outer`, when `hybrid` or ulysses > 1).
+
+    Raises the first exception a rank raised (the cause; other ranks stop at their next
+    transfer), with a note naming the rank, and CommError when a transfer was started but never
+    waited or a message never received.
+    """
+    fabric = Fabric(world)
+    hybrid = ulysses > 1 if hybrid is None else hybrid
+    comms = [_communicator(fabric, rank, ulysses, hybrid, timeout_s) for rank in range(world)]
+    results = _run_ranks(fabric, [functools.partial(body, comm) for comm in comms])
     if fabric.failure is not None:
         rank, error = fabric.failure
         error.add_note(f"(raised on simulated rank {rank} of {world})")
@@ -80,7 +108,7 @@ def simulate(graph: Graph, inputs: Sequence[Any], world: int, *, layout: str | N
                         hint="every transfer a rank starts must be waited, and every send received")
     stats = [_summed(comm.communicators() if isinstance(comm, SimulatedHybridCommunicator) else [comm])
              for comm in comms]
-    return Simulation(world, layout, ulysses, outputs, stats, fabric.traces)
+    return RankRun(results, stats, fabric.traces)
 
 
 def _attribute(graph: Graph, name: str, given: Any, default: Any) -> Any:
@@ -112,8 +140,8 @@ def _check(graph: Graph, inputs: Sequence[Any], world: int, ulysses: int) -> Non
                              "every input is whole (inputs that arrive sharded are not simulated)")
 
 
-def _communicator(fabric: Fabric, rank: int, ulysses: int, timeout_s: float) -> SimulatedCommunicator:
-    if ulysses > 1:
+def _communicator(fabric: Fabric, rank: int, ulysses: int, hybrid: bool, timeout_s: float) -> SimulatedCommunicator:
+    if hybrid:
         return SimulatedHybridCommunicator(fabric, rank, ulysses, timeout_s)
     return SimulatedCommunicator(fabric, range(fabric.world), rank, timeout_s)
 
@@ -142,18 +170,17 @@ def _pool(ranks: int) -> ThreadPoolExecutor:
     return _POOL
 
 
-def _run_ranks(fabric: Fabric, programs: list, args: list[list]) -> list[Any]:
-    """Every rank's outputs (None for a rank that failed; `fabric.failure` says why)."""
+def _run_ranks(fabric: Fabric, bodies: list[Callable[[], Any]]) -> list[Any]:
+    """What each rank's body returned (None for a rank that failed; `fabric.failure` says why)."""
     with _POOL_LOCK:
-        pool = _pool(len(programs))
-        futures = [pool.submit(_rank_main, fabric, rank, program, rank_args)
-                   for rank, (program, rank_args) in enumerate(zip(programs, args))]
+        pool = _pool(len(bodies))
+        futures = [pool.submit(_rank_main, fabric, rank, body) for rank, body in enumerate(bodies)]
         return [future.result() for future in futures]
 
 
-def _rank_main(fabric: Fabric, rank: int, program: Any, args: list) -> Any:
+def _rank_main(fabric: Fabric, rank: int, body: Callable[[], Any]) -> Any:
     try:
-        outputs = program(args)
+        outputs = body()
     except BaseException as error:  # noqa: BLE001 (re-raised by simulate, on the caller's thread)
         fabric.fail(rank, error)
         return None

@@ -9,6 +9,7 @@ attention layers (their index in the captured model, as `explain` numbers them).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -87,8 +88,19 @@ def _layers_text(nodes: list[Node]) -> str:
     return "+".join(str(layer) for layer in sorted({node.kwargs.get("layer", -1) for node in nodes}))
 
 
+class _ChangesTheModel(Pass):
+    """A rewrite that changes what the model computes, by design: what it promises is exactly what
+    it writes into each attention's attributes, so its declared semantics is the rewrite applied
+    to the whole graph, which later passes (shard-sequence) must then compute exactly."""
+
+    def declared_semantics(self, graph: Graph) -> Graph:
+        promised = copy.deepcopy(graph)
+        self.run(promised)
+        return promised
+
+
 @dataclass(frozen=True)
-class RopeScale(Pass):
+class RopeScale(_ChangesTheModel):
     """Change the rotary frequencies, as HF's `rope_parameters` would for the same rule.
 
     `rule=default` with `base=B` is ABF (a new base theta); `linear` divides the frequencies by
@@ -139,7 +151,7 @@ class RopeScale(Pass):
 
 
 @dataclass(frozen=True)
-class RopeFp32(Pass):
+class RopeFp32(_ChangesTheModel):
     """Rotate q and k in fp32 and cast back (AnchorAttention: bf16 rotary tables and products
     lose relative positions at long context). Exact no-op in fp32 models."""
 
@@ -171,11 +183,12 @@ def _check_span(pass_name: str, sinks: object, window: object) -> None:
 
 
 @dataclass(frozen=True)
-class _SpanRewrite(Pass):
+class _SpanRewrite(_ChangesTheModel):
     """Shared by streaming and lm-infinite: the Λ-shaped span (the first `sinks` keys and the
     last `window`, itself included) on every attention with a lifted rotary, whose pairs each
     subclass splits into near (true positions) and far (another rotation)."""
 
+    idempotent = False  # a second run refuses the far rotation the first one wrote
     sinks: int = 4
     window: int = 1024
     layers: object = ""
@@ -243,7 +256,7 @@ class LmInfinite(_SpanRewrite):
 
 
 @dataclass(frozen=True)
-class MixedSpans(Pass):
+class MixedSpans(_ChangesTheModel):
     """MASFormer: full attention in the layers listed in `full` (indices joined by '+'), a
     sliding window elsewhere; `window=W` means each query sees itself and the W - 1 tokens
     before it (HF's `sliding_window=W`)."""

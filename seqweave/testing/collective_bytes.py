@@ -61,8 +61,13 @@ def _gather_bytes(node: Node, element_bytes: int) -> int:
 
 def _branch_masks(node: Node) -> list[MaskSpec]:
     spec = positions_of(node)
-    far = [parse_mask(spec.far)] if isinstance(spec, Rope) and spec.far else []
-    return [parse_mask(node.kwargs["mask"]), *far]
+    far = [_mask(spec.far)] if isinstance(spec, Rope) and spec.far else []
+    return [_mask(node.kwargs["mask"]), *far]
+
+
+def _mask(value: MaskSpec | str) -> MaskSpec:
+    """A mask attribute, whether the IR holds it as a MaskSpec value or as its text."""
+    return value if isinstance(value, MaskSpec) else parse_mask(value)
 
 
 def _attention_bytes(node: Node, element_bytes: int) -> int | None:

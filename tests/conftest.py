@@ -13,6 +13,10 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
+# nightly: new random examples every run (and more where a test does not fix its own count);
+# a failure prints the blob to reproduce it with @reproduce_failure.
+settings.register_profile("nightly", derandomize=False, max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -21,6 +25,14 @@ torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """`--hypothesis-profile NAME` wins over the default loaded above, whenever this file is loaded
+    (hypothesis' own plugin applies the flag only if it configures after this file was imported)."""
+    chosen = config.getoption("--hypothesis-profile", default=None)
+    if chosen:
+        settings.load_profile(chosen)
 
 
 @pytest.fixture(autouse=True)

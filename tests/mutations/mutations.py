@@ -12,8 +12,12 @@ Run it by hand: `python tests/mutations/mutations.py [mutation ids...]` prints e
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -180,53 +184,141 @@ def make_copy(mutation: Mutation | None, into: Path) -> Path:
     shutil.copytree(PACKAGE, into / "seqweave", ignore=shutil.ignore_patterns("__pycache__"))
     if mutation is not None:
         (into / "seqweave" / mutation.path).write_text(mutated_source(mutation))
-    (into / f"{CHECK_PLUGIN}.py").write_text(PLUGIN_SOURCE)
-    return into
+    return with_check_plugin(into)
 
 
-def run_pytest(name: str, root: Path, tests: tuple[str, ...], timeout_s: float = 300) -> Verdict:
-    """Run `tests` with the package under `root` first on PYTHONPATH; the plugin checks which one loaded."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PYTHONDONTWRITEBYTECODE="1", **{ROOT_ENV: str(root)})
-    env.pop("PYTEST_ADDOPTS", None)
-    # -P: do not put the working directory (the repository, holding the real seqweave) first on sys.path
-    command = [sys.executable, "-P", "-m", "pytest", *PYTEST_FLAGS, "-p", CHECK_PLUGIN, *tests]
-    start = time.monotonic()
+def with_check_plugin(root: Path) -> Path:
+    (root / f"{CHECK_PLUGIN}.py").write_text(PLUGIN_SOURCE)
+    return root
+
+
+class Runner:
+    """A process that has imported what every test run needs (torch, dynamo, pytest...) but not
+    seqweave, and forks one child per run: each run then costs its tests, not a fresh interpreter
+    importing torch (several seconds each, on two cores). Jobs and replies are JSON lines."""
+
+    def __init__(self) -> None:
+        # -P: the working directory (the repository, holding the real seqweave) is not put on sys.path
+        self._process = subprocess.Popen([sys.executable, "-P", __file__, "--serve"], cwd=REPO, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})
+
+    def run(self, name: str, root: Path, tests: tuple[str, ...], *extra: str, env: dict[str, str] | None = None,
+            timeout_s: int = 240) -> Verdict:
+        """Run `tests` with the package under `root` first on sys.path; the plugin checks which one loaded."""
+        log = root / f"pytest-{name}.log"
+        job = {"root": str(root), "log": str(log), "timeout_s": timeout_s, "env": env or {},
+               "args": [*PYTEST_FLAGS, "-p", CHECK_PLUGIN, *extra, *tests]}
+        start = time.monotonic()
+        self._process.stdin.write(json.dumps(job) + "\n")
+        self._process.stdin.flush()
+        reply = self._process.stdout.readline()
+        code = json.loads(reply)["returncode"] if reply else -1
+        output = log.read_text() if log.exists() else "(no output)"
+        return Verdict(name, code, time.monotonic() - start, output[-3000:])
+
+    def close(self) -> None:
+        self._process.stdin.close()
+        self._process.wait(timeout=30)
+
+
+def serve() -> None:
+    """The Runner's side: preload, then fork a pytest child per job line on stdin."""
+    import torch
+    if not torch.cuda.is_available():  # as tests/conftest.py, before dynamo imports triton.language
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import hypothesis  # noqa: F401
+    import pytest  # noqa: F401
+    import sympy  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    assert not any(name.split(".")[0] == "seqweave" for name in sys.modules), "the runner must not import seqweave"
+    for line in sys.stdin:
+        job = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(job)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def _child(job: dict) -> None:
+    """Run pytest on the job's package copy, output to its log; never returns."""
+    code = 3
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as error:
-        code, output = -1, f"timed out after {timeout_s} s\n{error.stdout or ''}"
-    return Verdict(name, code, time.monotonic() - start, output[-3000:])
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        signal.alarm(job["timeout_s"])  # a hung run ends as killed by SIGALRM: not a verdict
+        root = job["root"]
+        sys.path.insert(0, root)
+        os.environ.update(job["env"])
+        os.environ.update({ROOT_ENV: root, "PYTHONDONTWRITEBYTECODE": "1",
+                           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)})
+        import pytest
+        code = int(pytest.main(job["args"]))
+    except BaseException:  # noqa: BLE001 - whatever happened, the parent must get an exit code
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
-def run_mutation(mutation: Mutation) -> Verdict:
+def run_mutation(runner: Runner, mutation: Mutation) -> Verdict:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.id}-") as tmp:
-        return run_pytest(mutation.id, make_copy(mutation, Path(tmp)), mutation.tests)
+        return runner.run(mutation.id, make_copy(mutation, Path(tmp)), mutation.tests)
 
 
-def run_baseline(mutations: list[Mutation]) -> Verdict:
-    """Every catching test on the unmutated package (a copy, through the same checks): all must pass."""
-    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+def run_baseline(runner: Runner, name: str, tests: tuple[str, ...]) -> Verdict:
+    """Catching tests on the unmutated package (a copy, through the same checks): all must pass."""
     with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
-        return run_pytest("baseline", make_copy(None, Path(tmp)), tests)
+        return runner.run(name, make_copy(None, Path(tmp)), tests)
+
+
+def baseline_chunks(mutations: list[Mutation], chunks: int = 3) -> dict[str, tuple[str, ...]]:
+    """Every catching test once, in a few jobs, so that no single job holds up the others."""
+    tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
+    return {f"baseline-{i + 1}": tuple(tests[i::chunks]) for i in range(min(chunks, len(tests)))}
 
 
 def run_all(mutations: list[Mutation], workers: int = 2) -> dict[str, Verdict]:
-    """The baseline and every mutation, `workers` subprocesses at a time."""
+    """Every mutation and the baseline chunks (names starting "baseline"), on `workers` runners at once."""
     for mutation in mutations:
-        mutated_source(mutation)  # fail fast, naming the mutation, before any subprocess starts
+        mutated_source(mutation)  # fail fast, naming the mutation, before anything runs
+    jobs: queue.Queue = queue.Queue()
+    for name, tests in baseline_chunks(mutations).items():
+        jobs.put(functools.partial(run_baseline, name=name, tests=tests))
+    for mutation in mutations:
+        jobs.put(functools.partial(run_mutation, mutation=mutation))
+    verdicts: dict[str, Verdict] = {}
+
+    def work() -> None:
+        runner = Runner()
+        try:
+            while True:
+                try:
+                    job = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                verdict = job(runner)
+                verdicts[verdict.name] = verdict
+        finally:
+            runner.close()
+
     with ThreadPoolExecutor(workers) as pool:
-        baseline = pool.submit(run_baseline, mutations)
-        verdicts = list(pool.map(run_mutation, mutations))
-        return {"baseline": baseline.result(), **{v.name: v for v in verdicts}}
+        for future in [pool.submit(work) for _ in range(workers)]:
+            future.result()
+    return verdicts
 
 
 def main(ids: list[str]) -> int:
     start = time.monotonic()
     verdicts = run_all(by_id(ids))
     for verdict in verdicts.values():
-        expected = PASSED if verdict.name == "baseline" else FAILED
+        expected = PASSED if verdict.name.startswith("baseline") else FAILED
         status = "ok" if verdict.returncode == expected else "WRONG"
         print(f"{status:5} {verdict.name:28} exit {verdict.returncode}  {verdict.seconds:5.1f} s")
         if status != "ok":
@@ -236,4 +328,7 @@ def main(ids: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        raise SystemExit(main(sys.argv[1:]))

@@ -201,6 +201,7 @@ def _ring_forward(out: _Recorder, group: _Group, plan: RingPlan, kv: Payload) ->
 def _ring_backward(out: _Recorder, group: _Group, plan: RingPlan, kv: Payload, grads: Payload) -> None:
     """`ring_attention_backward`: K/V and their dK/dV travel together; the path's last holder sends dK/dV home."""
     rank = group.me
+    hops = plan.hops(rank)  # how far this rank's own K/V travel: its dK/dV come home from there
     for step in range(group.size):
         previous_forwards = plan.forwards((rank - 1) % group.size, step)
         forwards = plan.forwards(rank, step)
@@ -208,7 +209,7 @@ def _ring_backward(out: _Recorder, group: _Group, plan: RingPlan, kv: Payload, g
                      message_tag(step, CH_KV), kv, f"ring backward shift of k/v, step {step}")
         out.exchange(group, [rank + 1] if forwards else [], [rank - 1] if previous_forwards else [],
                      message_tag(step, CH_GRADS), grads, f"ring backward shift of dk/dv, step {step}")
-        source, hops = plan.source(rank, step), plan.hops(rank)
+        source = plan.source(rank, step)
         last_holder = plan.holds(rank, step) and not forwards
         home_send = [source] if last_holder and source != rank else []
         home_recv = [rank + hops] if hops == step and hops > 0 else []

@@ -19,8 +19,10 @@ from seqweave.frontend.custom_ops import ATTENTION_BACKWARD_OP, ATTENTION_OP
 from seqweave.frontend.linear_ops import LINEAR_ATTENTION_BACKWARD_OP, LINEAR_ATTENTION_OP
 from seqweave.frontend.patterns import layer_name
 from seqweave.ir.graph import Graph, Node, Value
+from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.core import core_name
 from seqweave.ir.ops.scalar import scalar_op_name
+from seqweave.ir.positions import parse_positions
 from seqweave.ir.types import ScalarType, TensorType, ValueType
 
 
@@ -137,9 +139,11 @@ def _with_defaults(args: tuple, kwargs: dict, tensors: int) -> list:
 
 
 def _attn_kwargs(k: Value, mask: str, score_mod: str, scale: float, positions: str, layer: int) -> dict:
-    attributes = {"mask": mask, "score_mod": score_mod, "scale": float(scale), "kv_heads": int(k.type.shape[1])}
+    """The IR attributes, typed: the custom op's text arguments parsed once, here."""
+    attributes = {"mask": parse_mask(mask), "score_mod": parse_score_mod(score_mod), "scale": float(scale),
+                  "kv_heads": int(k.type.shape[1])}
     if positions != "none":
-        attributes["positions"] = positions
+        attributes["positions"] = parse_positions(positions)
     if layer >= 0:
         attributes["layer"] = int(layer)
     return attributes

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 from seqweave.errors import PassError
+from seqweave.ir.attribute_form import in_form_of
 from seqweave.ir.graph import Graph, Node
 from seqweave.ir.mask import And, Causal, DistanceAtLeast, MaskSpec, QueriesBefore, QueriesFrom, Sinks, SlidingWindow
 from seqweave.ir.mask_parser import parse_mask
@@ -78,10 +79,11 @@ def _bounded_by_cache(node: Node, span: int) -> bool:
 
 
 def _set(node: Node, mask: MaskSpec | None = None, positions: Rope | None = None) -> None:
+    """Set the attributes, in the form (text or typed) the node holds them in."""
     if mask is not None:
-        node.kwargs = {**node.kwargs, "mask": str(mask)}
+        node.kwargs = {**node.kwargs, "mask": in_form_of(node.kwargs["mask"], mask)}
     if positions is not None:
-        node.kwargs = {**node.kwargs, "positions": str(positions)}
+        node.kwargs = {**node.kwargs, "positions": in_form_of(node.kwargs.get("positions", "none"), positions)}
 
 
 def _layers_text(nodes: list[Node]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from seqweave.ir.attribute_form import in_form_of
 from seqweave.ir.graph import Node, Value, map_values, values_in
 from seqweave.ir.mask import Sinks
 from seqweave.ir.mask_parser import parse_mask
@@ -346,7 +347,7 @@ def _distributed_attrs(ctx: Context, kwargs: dict) -> dict:
     mask = parse_mask(kwargs["mask"])
     if ctx.padded != ctx.length:
         mask = mask & Sinks(ctx.length)
-    attrs = {**kwargs, "mask": str(mask), "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
+    attrs = {**kwargs, "mask": in_form_of(kwargs["mask"], mask), "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
     return {**attrs, "ulysses": ctx.ulysses} if ctx.attention == "hybrid" else attrs
 
 

@@ -47,4 +47,5 @@ def test_rope_fp32_is_closer_to_fp64_than_the_bf16_path():
     assert fp32_rotary.dtype == torch.bfloat16
     assert error(fp32_rotary) < 0.8 * error(bf16_path)
     (node,) = [n for g in fp32_backend.graphs for n in g.graph.nodes if n.op == "attn.sdpa"]
-    assert "compute=float32" in node.kwargs["positions"] and "table=bfloat16" in node.kwargs["positions"]
+    positions = str(node.kwargs["positions"])  # a typed PositionSpec, in its text form
+    assert "compute=float32" in positions and "table=bfloat16" in positions

@@ -40,7 +40,7 @@ def sharded_steps(rank: int, world: int) -> list[tuple]:
         worst, name = grad_errors(model, reference)
         rings = sum(c.graph.count("attn.ring") + c.graph.count("attn.ring_backward") for c in backend.graphs)
         attention = [n for c in backend.graphs for n in c.graph.nodes if n.op.startswith("attn.")]
-        positions = all("rope(" in n.kwargs.get("positions", "") for n in attention)
+        positions = all("rope(" in str(n.kwargs.get("positions", "")) for n in attention)
         spec = parse_positions(attention[0].kwargs["positions"])
         results.append((pipeline, float((loss - expected).detach().abs()), worst, name, rings, positions,
                         attention[0].kwargs["mask"], spec.far))

@@ -25,7 +25,8 @@ from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.comm import MAX_CHANNELS
 from seqweave.runtime.distributed_ops import DISTRIBUTED_OPS, bind
 from seqweave.runtime.hybrid import HybridCommunicator
-from seqweave.testing.strategies import AttentionShape, GraphBuilder, attention_graph, structured_masks
+from seqweave.testing.strategies import (AttentionShape, GraphBuilder, attention_graph, rotary_attention_graph,
+                                         structured_masks)
 
 F64 = torch.float64
 
@@ -46,11 +47,22 @@ def _attention(shape: AttentionShape, mask: str, backward: bool = False):
     return builder.graph
 
 
+def _far_rotary(backward: bool):
+    """A streaming-style attention: window pairs at true positions, sink pairs seen from a far
+    query position, which runs the ring twice (once per set of pairs, each with its own plan)."""
+    graph = rotary_attention_graph(AttentionShape(1, 1, 2, 9, 9, 4), backward=backward)
+    node = graph.nodes[0]
+    node.kwargs["positions"] = node.kwargs["positions"][:-1] + ", far=[sinks(1) & queries_from(4)], far_q=3)"
+    node.kwargs["mask"] = "causal & (sliding_window(2, 0) | sinks(1))"
+    return graph
+
+
 def _linear(recurrence: str, length: int, backward: bool = False):
     builder = GraphBuilder.new("linear")
     b, h, d = 1, 2, 4
     q, k, v = (builder.input((b, h, length, d), F64) for _ in range(3))
-    gate = [builder.input((b, h, length, d), F64)] if recurrence == "gla" else []
+    gate_shape = {"gla": (b, h, length, d), "delta": (b, h, length)}.get(recurrence)
+    gate = [builder.input(gate_shape, F64)] if gate_shape else []
     kwargs = {"decay": [0.1, 0.2] if recurrence == "decay" else [], "scale": 0.5, "recurrence": recurrence}
     if backward:
         dout = builder.input((b, h, length, d), F64)
@@ -222,6 +234,8 @@ CASES = {
     "hybrid-u2-w4": (lambda b: _attention(SHAPE, "causal", b), 4, "zigzag", "hybrid", 2),
     "lasp2-decay-zigzag-w2": (lambda b: _linear("decay", 7, b), 2, "zigzag", "ring", 1),
     "lasp2-gla-none-w3": (lambda b: _linear("gla", 7, b), 3, "none", "ring", 1),
+    "lasp2-delta-zigzag-w2": (lambda b: _linear("delta", 8, b), 2, "zigzag", "ring", 1),
+    "ring-far-rotation-zigzag-w3": (_far_rotary, 3, "zigzag", "ring", 1),
 }
 
 

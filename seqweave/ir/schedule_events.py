@@ -188,10 +188,23 @@ def _part(value: Value, copies: int = 1) -> tuple[int, torch.dtype]:
 
 # ------------------------------------------------------------------ the ring
 
+def _check_delivery(out: _Recorder, group: _Group, plan: RingPlan, step: int) -> None:
+    """A step that computes needs the K/V it computes with: the runtime would stop there
+    (`_held_kv`); say so now, naming the rank whose send is missing."""
+    rank = group.me
+    if plan.computes(rank, step) and not plan.holds(rank, step):
+        source, previous = plan.source(rank, step), (rank - 1) % group.size
+        raise ScheduleError(f"{out.node}: rank {group.at(rank)} computes at ring step {step} with the K/V of rank "
+                            f"{group.at(source)}, which never reach it: rank {group.at(previous)} does not forward "
+                            f"them at step {step - 1}", hint="the ring plan's sends must reach every rank whose "
+                            "step is not EMPTY (ir/sharding.py plan_from_positions)")
+
+
 def _ring_forward(out: _Recorder, group: _Group, plan: RingPlan, kv: Payload) -> None:
     """`ring_attention_forward`: at each step, shift K/V to rank+1 where the plan forwards them."""
     rank = group.me
     for step in range(group.size):
+        _check_delivery(out, group, plan, step)
         sends = [rank + 1] if plan.forwards(rank, step) else []
         recvs = [rank - 1] if plan.forwards((rank - 1) % group.size, step) else []
         out.exchange(group, sends, recvs, message_tag(step, CH_KV), kv, f"ring forward shift of k/v, step {step}")
@@ -203,6 +216,7 @@ def _ring_backward(out: _Recorder, group: _Group, plan: RingPlan, kv: Payload, g
     rank = group.me
     hops = plan.hops(rank)  # how far this rank's own K/V travel: its dK/dV come home from there
     for step in range(group.size):
+        _check_delivery(out, group, plan, step)
         previous_forwards = plan.forwards((rank - 1) % group.size, step)
         forwards = plan.forwards(rank, step)
         out.exchange(group, [rank + 1] if forwards else [], [rank - 1] if previous_forwards else [],

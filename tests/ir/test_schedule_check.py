@@ -308,6 +308,24 @@ def test_a_rank_skipping_a_send_its_peer_waits_for_is_caught(monkeypatch):
     assert "rank 2 step 0: recv [24] f64 from rank 1 tag 0" in message and "rank 1 posts 0 send(s)" in message
 
 
+def test_a_plan_that_never_delivers_what_a_step_computes_with_is_caught(monkeypatch):
+    """Every rank agrees on a plan that stops rank 0's K/V at rank 1 (sends and receives still
+    pair), but causal rank 2 needs them at step 2: the ranks would agree and still fail."""
+    original = schedule_events.Plans.ring
+
+    def dropped(self, *args):
+        plan = original(self, *args)
+        sends = [list(row) for row in plan.sends]
+        sends[1][1] = False
+        return replace(plan, sends=tuple(map(tuple, sends)))
+
+    graph = _ring_graph(3)
+    monkeypatch.setattr(schedule_events.Plans, "ring", dropped)
+    with pytest.raises(ScheduleError, match="rank 2 computes at ring step 2 with the K/V of rank 0, which never "
+                                            "reach it: rank 1 does not forward them at step 1"):
+        check_schedule(graph, 3)
+
+
 def test_a_group_that_leaves_ranks_out_is_caught(monkeypatch):
     """Ranks 0 and 1 all-reduce over (0, 1) while 2 and 3 all-reduce over all four."""
     graph = parse_graph(SUM_OVER_SEQUENCE)

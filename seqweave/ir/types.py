@@ -100,13 +100,16 @@ class TensorType:
 
     def concrete_shape(self, hints: dict[sympy.Symbol, int] | None = None) -> tuple[int, ...]:
         """The shape as ints, substituting `hints` for symbols; raises if a symbol has no hint."""
-        dims = [dim.subs(hints or {}) for dim in self.shape]
+        dims = [dim.subs(hints) if hints else dim for dim in self.shape]
         if not all(dim.is_Integer for dim in dims):
             raise ValueError(f"shape {self.shape_text()} has symbols without a hint")
         return tuple(int(dim) for dim in dims)
 
     def shape_text(self) -> str:
         return "[" + ", ".join(str(dim) for dim in self.shape) + "]"
+
+    def __deepcopy__(self, memo: dict) -> "TensorType":
+        return self  # immutable: a copied graph shares its types (copying sympy shapes is slow)
 
     def __str__(self) -> str:
         text = f"{DTYPE_NAMES.get(self.dtype, str(self.dtype))}{self.shape_text()}"

@@ -5,12 +5,13 @@ Shared by the hypothesis strategies (`strategies.py`) and the program generator 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from seqweave.ir.graph import Graph, Node, Value, map_values
 from seqweave.ir.ops import op_def
-from seqweave.ir.types import TensorType
+from seqweave.ir.types import ScalarType, TensorType
 
 
 @dataclass
@@ -38,14 +39,21 @@ class GraphBuilder:
     def node(self, op: str, args: tuple, kwargs: dict | None = None) -> list[Value]:
         """Append `op(*args, **kwargs)` and return its results, typed by `op_def(op).infer`."""
         node = Node(op, args, dict(kwargs or {}), [])
-        types = op_def(op).infer(node)
+        overload = getattr(op_def(op), "overload", None)
+        if overload is None:
+            types, metas = op_def(op).infer(node), None
+        else:  # a core op's infer() runs it on meta tensors: run it once, on the strides the values have
+            metas = self._run_on_meta(node, overload)
+            types = [TensorType.from_tensor(t) if isinstance(t, torch.Tensor) else ScalarType("none") for t in metas]
         if types is None:
             raise ValueError(f"strategy bug: {op} could not infer types for {args} {kwargs}")
         stem = f"{op.split('.')[1]}{len(self.graph.nodes)}"
         self.graph.nodes.append(node)  # first, so that fresh_name sees each result as it is added
         for value_type in types:
             node.results.append(Value(self.graph.fresh_name(stem), value_type, node))
-        self._record_meta(node)
+        for value, meta in zip(node.results, metas or [self._dense(v) for v in node.results]):
+            if isinstance(meta, torch.Tensor):
+                self.meta[value] = meta
         return node.results
 
     def one(self, op: str, args: tuple, kwargs: dict | None = None) -> Value:
@@ -62,14 +70,14 @@ class GraphBuilder:
             return False
         return True
 
-    def _record_meta(self, node: Node) -> None:
-        overload = getattr(op_def(node.op), "overload", None)
-        if overload is None:  # dialect ops return dense tensors of their inferred types
-            for value in node.results:
-                if isinstance(value.type, TensorType):
-                    self.meta[value] = torch.empty(value.type.concrete_shape(), dtype=value.type.dtype, device="meta")
-            return
+    def _run_on_meta(self, node: Node, overload: Any) -> list:
         result = overload(*map_values(node.args, self.meta.__getitem__),
                           **map_values(node.kwargs, self.meta.__getitem__))
-        for value, tensor in zip(node.results, result if isinstance(result, (tuple, list)) else [result]):
-            self.meta[value] = tensor
+        return list(result) if isinstance(result, (tuple, list)) else [result]
+
+    @staticmethod
+    def _dense(value: Value) -> torch.Tensor | None:
+        """Dialect ops return dense tensors of their inferred types."""
+        if not isinstance(value.type, TensorType):
+            return None
+        return torch.empty(value.type.concrete_shape(), dtype=value.type.dtype, device="meta")

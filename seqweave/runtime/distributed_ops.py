@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from seqweave.ir.graph import Node
 from seqweave.ir.mask import MaskSpec
@@ -178,7 +177,7 @@ def _with_positions(implementation: Callable[..., Any], comm: Communicator, step
                                                                    kw["length"]))
         return setups[mask]
 
-    rank = dist.get_rank() if isinstance(comm, HybridCommunicator) else comm.rank
+    rank = comm.rank  # a HybridCommunicator's own group is the world: its rank is the global one
     rows = setup.positions_of(rank)
     if node.op.endswith("_backward"):
         def run_backward(dout, q, k, v, out, lse, operands, **kw):

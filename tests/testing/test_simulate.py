@@ -286,14 +286,16 @@ def test_sharded_backward_on_simulated_ranks_equals_the_whole_graph(attention, w
     assert KINDS[attention][0] <= sent <= KINDS[attention][1]
 
 
+@pytest.mark.parametrize("attention, world, ulysses", [("ring", 3, 1), ("hybrid", 4, 2)])
 @pytest.mark.parametrize("backward", [False, True])
-def test_rotary_attention_on_a_ring_of_simulated_ranks(backward):
-    shape = AttentionShape(1, 1, 2, 9, 9, 4)
+def test_rotary_attention_on_simulated_ranks(backward, attention, world, ulysses):
+    """Each rank rotates its own rows by their global positions (the hybrid's rank is the world's)."""
+    shape = AttentionShape(1, 2, 2, 9, 9, 4)
     graph = rotary_attention_graph(shape, backward=backward)
     inputs = random_inputs(graph)
     inputs[3] = torch.arange(9).view(1, 9)  # token positions
-    sharded = _sharded(graph, 3, "zigzag", "ring")
-    _assert_every_rank_equals_whole(graph, sharded, inputs, 3)
+    sharded = _sharded(graph, world, "zigzag", attention, ulysses)
+    _assert_every_rank_equals_whole(graph, sharded, inputs, world)
 
 
 def test_ranks_that_ran_different_schedules_fail_the_simulation():

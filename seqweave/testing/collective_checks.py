@@ -7,25 +7,18 @@ from typing import Any
 
 import torch
 
-from seqweave.ir.graph import Graph, Node, map_values
+from seqweave.ir.graph import Graph
+from seqweave.ir.schedule import check_schedule, dead_or_duplicate_collectives
+from seqweave.ir.schedule_events import communicates
 from seqweave.testing.collective_bytes import expected_bytes, float64_only
 from seqweave.testing.simulate import ATTENTION_KINDS, Simulation
 
-#: ops that talk to other ranks (`ir.ops.sp`)
-COLLECTIVE_OPS = frozenset({"sp.gather", "sp.all_reduce", "attn.ring", "attn.ring_backward", "attn.ulysses",
-                            "attn.ulysses_backward", "attn.hybrid", "attn.hybrid_backward", "attn.lasp2",
-                            "attn.lasp2_backward"})
-
-
 def collective_problems(graph: Graph) -> list[str]:
-    """Dead or duplicated collectives, and (for a sharded graph) a schedule the ranks disagree on."""
-    problems = list(_dead_or_duplicate(graph))
-    worlds = {node.kwargs["world"] for node in graph.nodes if node.op in COLLECTIVE_OPS and "world" in node.kwargs}
+    """Dead or duplicated collectives, and (for a sharded graph) a schedule the ranks disagree on
+    (`ir.schedule`, the checks the compiler runs on every sharded program)."""
+    problems = dead_or_duplicate_collectives(graph)
+    worlds = {node.kwargs["world"] for node in graph.nodes if communicates(node) and "world" in node.kwargs}
     if problems or len(worlds) != 1:
-        return problems
-    try:
-        from seqweave.ir.schedule import check_schedule
-    except ImportError:  # the static checker is optional here
         return problems
     ulysses = next((node.kwargs["ulysses"] for node in graph.nodes if "ulysses" in node.kwargs), 1)
     try:
@@ -33,37 +26,6 @@ def collective_problems(graph: Graph) -> list[str]:
     except Exception as error:  # noqa: BLE001 (ScheduleError, or a crash of the checker: both are findings)
         problems.append(f"collective schedule: {type(error).__name__}: {error}")
     return problems
-
-
-def _dead_or_duplicate(graph: Graph) -> list[str]:
-    try:
-        from seqweave.ir.schedule import dead_or_duplicate_collectives
-    except ImportError:
-        return _local_dead_or_duplicate(graph)
-    return dead_or_duplicate_collectives(graph)
-
-
-def _local_dead_or_duplicate(graph: Graph) -> list[str]:
-    """A collective none of whose results is read, or one issued twice on the same operands."""
-    read = {value for node in graph.nodes for value in node.operands} | set(graph.output_values())
-    seen: dict[str, Node] = {}
-    problems = []
-    for node in graph.nodes:
-        if node.op not in COLLECTIVE_OPS:
-            continue
-        if not any(result in read for result in node.results):
-            problems.append(f"dead collective: {node.op} of %{node.results[0].name}: nothing reads its result")
-        key = _identity(node)
-        if key in seen:
-            problems.append(f"duplicate collective: {node.op} computes %{node.results[0].name} from the same "
-                            f"operands as %{seen[key].results[0].name}")
-        seen.setdefault(key, node)
-    return problems
-
-
-def _identity(node: Node) -> str:
-    name = lambda value: f"%{value.name}"  # noqa: E731
-    return f"{node.op}{map_values(node.args, name)!r}{sorted(map_values(node.kwargs, name).items())!r}"
 
 
 def byte_problems(graph: Graph, simulation: Simulation, inputs: list[Any]) -> list[str]:

@@ -89,6 +89,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        recvs = [] if recv_like is None else [((self.rank + 1) % self.world, recv_like)]",
         ("tests/runtime/test_comm_delivery.py::test_a_shift_receives_from_the_previous_rank",)),
     Mutation(
+        "ring-runtime-step-skipped", "the ring attention forward runs P-1 steps: the last source's K/V, which "
+        "the mask needs, is never attended to",
+        "runtime/sequence_parallel.py",
+        "    for step in range(comm.world):\n        pending = _shift_kv(comm, plan, held, like, step,",
+        "    for step in range(comm.world - 1):\n        pending = _shift_kv(comm, plan, held, like, step,",
+        ("tests/testing/test_simulate.py::test_sharded_forward_on_simulated_ranks_equals_the_whole_graph",)),
+    Mutation(
+        "kv-replica-grads-averaged", "Ulysses/hybrid average the dK/dV of K/V heads replicated over the ranks "
+        "instead of summing them",
+        "runtime/sequence_parallel.py",
+        "(heads.kv_heads, heads.kv_repeat)).sum(2)", "(heads.kv_heads, heads.kv_repeat)).mean(2)",
+        ("tests/testing/test_simulate.py::test_sharded_backward_on_simulated_ranks_equals_the_whole_graph",)),
+    Mutation(
         "dropped-grad-all-reduce", "a partial sum (a weight gradient, a summed loss) leaves the sharded graph "
         "without its all-reduce",
         "passes/shard_sequence.py",

@@ -463,7 +463,8 @@ def test_the_compiler_refuses_a_program_whose_ranks_disagree(monkeypatch):
 
 
 def test_checking_a_small_model_takes_milliseconds():
-    """Measured here: about 2 ms for this 4-rank forward+backward pair (printed with -s)."""
+    """Measured here: about 10 ms of CPU for this 4-rank forward+backward pair, most of it planning
+    the ring (which the runtime also does when it lowers); 170 ms for 32 layers on 8 ranks."""
     import time
     graphs = [_sharded(_attention(replace(SHAPE, q_len=64, kv_len=64), "causal", b), 4, 64) for b in (False, True)]
     start = time.perf_counter()

@@ -195,7 +195,7 @@ def _simpler_attention(graph: Graph) -> list[Graph]:
                 kwargs = {key: value for key, value in kwargs.items() if value is not None}
                 touched |= kwargs != node.kwargs
                 node.kwargs = kwargs
-                if "$" not in kwargs["mask"] + kwargs.get("positions", ""):
+                if "$" not in str(kwargs["mask"]) + str(kwargs.get("positions", "")):
                     node.args = (*node.args[:-1], [])
         if touched:
             smaller.append(_dead_code_removed(candidate))

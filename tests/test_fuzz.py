@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from seqweave.fuzz import MeshShape, check_program, fuzz, read_failure
 from seqweave.ir.graph import Graph
+from seqweave.ir.mask_parser import parse_mask
 from seqweave.passes.base import Pass, PassResult
 from seqweave.passes.registry import register_pass
 from seqweave.passes.shard_sequence import ShardSequence
@@ -22,8 +23,10 @@ class ForgetCausal(Pass):
     def run(self, graph: Graph) -> PassResult:
         hit = 0
         for node in graph.nodes:
-            if node.op in SHARDED_ATTENTION and "causal" in node.kwargs["mask"]:
-                node.kwargs = {**node.kwargs, "mask": node.kwargs["mask"].replace("causal", "full")}
+            if node.op in SHARDED_ATTENTION and "causal" in str(node.kwargs["mask"]):
+                forgotten = parse_mask(str(node.kwargs["mask"]).replace("causal", "full"))
+                node.kwargs = {**node.kwargs, "mask": forgotten if not isinstance(node.kwargs["mask"], str)
+                               else str(forgotten)}
                 hit += 1
         return PassResult(hit)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from seqweave.errors import PassError
 from seqweave.ir.attribute_form import in_form_of
@@ -86,6 +86,14 @@ def _set(node: Node, mask: MaskSpec | None = None, positions: Rope | None = None
         node.kwargs = {**node.kwargs, "positions": in_form_of(node.kwargs.get("positions", "none"), positions)}
 
 
+def _changed(nodes: list[Node], rewrite: Callable[[Node], None]) -> int:
+    """Rewrite each node; how many came out different (0 on a graph already rewritten: idempotent)."""
+    before = [dict(node.kwargs) for node in nodes]
+    for node in nodes:
+        rewrite(node)
+    return sum(node.kwargs != old for node, old in zip(nodes, before))
+
+
 def _layers_text(nodes: list[Node]) -> str:
     return "+".join(str(layer) for layer in sorted({node.kwargs.get("layer", -1) for node in nodes}))
 
@@ -135,9 +143,8 @@ class RopeScale(_ChangesTheModel):
 
     def run(self, graph: Graph) -> PassResult:
         nodes = list(attentions(graph, parse_layers(self.layers)))
-        for node in nodes:
-            _set(node, positions=self.scaled(_rotary(node, self.name), node))
-        return PassResult(len(nodes), f"rule {self.rule} on layers {_layers_text(nodes)}")
+        changed = _changed(nodes, lambda node: _set(node, positions=self.scaled(_rotary(node, self.name), node)))
+        return PassResult(changed, f"rule {self.rule} on layers {_layers_text(nodes)}")
 
     def scaled(self, spec: Rope, node: Node) -> Rope:
         base = self.base or spec.base
@@ -162,9 +169,9 @@ class RopeFp32(_ChangesTheModel):
 
     def run(self, graph: Graph) -> PassResult:
         nodes = list(attentions(graph, parse_layers(self.layers)))
-        for node in nodes:
-            _set(node, positions=replace(_rotary(node, self.name), compute="float32"))
-        return PassResult(len(nodes), f"fp32 rotary on layers {_layers_text(nodes)}")
+        fp32 = lambda node: _set(node, positions=replace(_rotary(node, self.name), compute="float32"))  # noqa: E731
+        changed = _changed(nodes, fp32)
+        return PassResult(changed, f"fp32 rotary on layers {_layers_text(nodes)}")
 
 
 def _causal(mask: MaskSpec) -> MaskSpec:

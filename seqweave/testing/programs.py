@@ -31,7 +31,6 @@ import torch
 from hypothesis import strategies as st
 
 from seqweave.ir.graph import Graph, Value
-from seqweave.ir.mask_parser import parse_mask
 from seqweave.ir.positions import Rope, parse_positions
 from seqweave.ir.types import TensorType
 from seqweave.testing.graph_builder import GraphBuilder
@@ -610,13 +609,14 @@ def integer_roles(graph: Graph) -> dict[Value, tuple[str, int]]:
 
 def _operand_roles(kwargs: dict, operands: list) -> dict[Value, tuple[str, int]]:
     roles: dict[Value, tuple[str, int]] = {}
-    text = str(parse_mask(kwargs["mask"]))
+    text = str(kwargs["mask"])  # text, or a MaskSpec value printing as its text
     for index, operand in enumerate(operands):
         if re.search(rf"document\(\${index}\)", text):
             roles[operand] = ("segments", 0)
         elif re.search(rf"padding\(\${index}\)", text):
             roles[operand] = ("valid", 0)
-    spec = parse_positions(kwargs.get("positions", "none"))
+    spec = kwargs.get("positions", "none")
+    spec = parse_positions(spec) if isinstance(spec, str) else spec
     if isinstance(spec, Rope):
         roles[operands[spec.positions]] = ("positions", 0)
     return roles

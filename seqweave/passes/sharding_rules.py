@@ -347,7 +347,8 @@ def _distributed_attrs(ctx: Context, kwargs: dict) -> dict:
     mask = parse_mask(kwargs["mask"])
     if ctx.padded != ctx.length:
         mask = mask & Sinks(ctx.length)
-    attrs = {**kwargs, "mask": in_form_of(kwargs["mask"], mask), "layout": ctx.layout, "world": ctx.world, "length": ctx.padded}
+    attrs = {**kwargs, "mask": in_form_of(kwargs["mask"], mask), "layout": ctx.layout, "world": ctx.world,
+             "length": ctx.padded}
     return {**attrs, "ulysses": ctx.ulysses} if ctx.attention == "hybrid" else attrs
 
 

@@ -132,7 +132,8 @@ def _close(got, expected):
 
 def _pinned(backend, mask_part, far):
     nodes = [node for graph in backend.graphs for node in graph.graph.nodes if node.op.startswith("attn.")]
-    assert nodes and all(mask_part in str(node.kwargs["mask"]) and far in str(node.kwargs["positions"]) for node in nodes)
+    assert nodes and all(mask_part in str(node.kwargs["mask"]) and far in str(node.kwargs["positions"])
+                         for node in nodes)
     assert all(report.positions for report in backend.reports if report.found)
 
 

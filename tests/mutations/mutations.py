@@ -2,11 +2,12 @@
 
 Each `Mutation` replaces one exact piece of source text (it must occur exactly once, so a
 refactor that moves the code makes the harness fail loudly, naming the mutation) in a copy of
-the package in a temporary directory. The catching tests then run in a pytest subprocess with
-that copy first on PYTHONPATH; a small plugin (`-p _mutant_check`, written next to the copy)
-refuses to run unless `seqweave` was imported from the copy, so the editable install in .venv
-cannot silently win. Caught means pytest exits 1 (a test failed): a collection error, a usage
-error or "no tests ran" means the harness or the table is broken, not that the bug was caught.
+the package in a temporary directory. The catching tests then run in pytest, forked from a
+`Runner` process, with that copy first on sys.path (and PYTHONPATH, for ranks they spawn); a
+small plugin (`-p _mutant_check`, written next to the copy) refuses to run unless `seqweave`
+was imported from the copy, so the editable install in .venv cannot silently win. Caught means
+pytest exits 1 (a test failed): a collection error, a usage error or "no tests ran" means the
+harness or the table is broken, not that the bug was caught.
 
 Run it by hand: `python tests/mutations/mutations.py [mutation ids...]` prints each verdict.
 """
@@ -297,8 +298,9 @@ def baseline_chunks(mutations: list[Mutation], chunks: int = 3) -> dict[str, tup
     return {f"baseline-{i + 1}": tuple(tests[i::chunks]) for i in range(min(chunks, len(tests)))}
 
 
-def run_all(mutations: list[Mutation], workers: int = 2) -> dict[str, Verdict]:
-    """Every mutation and the baseline chunks (names starting "baseline"), on `workers` runners at once."""
+def run_all(mutations: list[Mutation], runners: list[Runner] | None = None) -> dict[str, Verdict]:
+    """Every mutation and the baseline chunks (names starting "baseline"), one job per runner at a time
+    (default: two new runners, closed at the end)."""
     for mutation in mutations:
         mutated_source(mutation)  # fail fast, naming the mutation, before anything runs
     jobs: queue.Queue = queue.Queue()
@@ -308,22 +310,24 @@ def run_all(mutations: list[Mutation], workers: int = 2) -> dict[str, Verdict]:
         jobs.put(functools.partial(run_mutation, mutation=mutation))
     verdicts: dict[str, Verdict] = {}
 
-    def work() -> None:
-        runner = Runner()
-        try:
-            while True:
-                try:
-                    job = jobs.get_nowait()
-                except queue.Empty:
-                    return
-                verdict = job(runner)
-                verdicts[verdict.name] = verdict
-        finally:
-            runner.close()
+    def work(runner: Runner) -> None:
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                return
+            verdict = job(runner)
+            verdicts[verdict.name] = verdict
 
-    with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(work) for _ in range(workers)]:
-            future.result()
+    own = runners is None
+    runners = [Runner(), Runner()] if own else runners
+    try:
+        with ThreadPoolExecutor(len(runners)) as pool:
+            for future in [pool.submit(work, runner) for runner in runners]:
+                future.result()
+    finally:
+        for runner in runners if own else []:
+            runner.close()
     return verdicts
 
 

@@ -27,25 +27,21 @@ def test_probe(value):
             out.write(f"{settings.get_current_profile_name()} {settings.default.derandomize} {value}\n")
 
 
-def _probe_runs(flags: list[list[str]]) -> list[list[str]]:
+def _probe_runs(runner: Runner, flags: list[list[str]]) -> list[list[str]]:
     """The probe's lines for one forked pytest run per entry of `flags`."""
-    runner = Runner()
-    try:
-        with tempfile.TemporaryDirectory(prefix="hypothesis-profile-") as tmp:
-            root = make_copy(None, Path(tmp))
-            lines = []
-            for index, extra in enumerate(flags):
-                record = root / f"probe-{index}.txt"
-                verdict = runner.run(f"probe-{index}", root, (PROBE,), *extra, env={PROBE_ENV: str(record)})
-                assert verdict.returncode == PASSED, verdict.output
-                lines.append(record.read_text().splitlines())
-            return lines
-    finally:
-        runner.close()
+    with tempfile.TemporaryDirectory(prefix="hypothesis-profile-") as tmp:
+        root = make_copy(None, Path(tmp))
+        lines = []
+        for index, extra in enumerate(flags):
+            record = root / f"probe-{index}.txt"
+            verdict = runner.run(f"probe-{index}", root, (PROBE,), *extra, env={PROBE_ENV: str(record)})
+            assert verdict.returncode == PASSED, verdict.output
+            lines.append(record.read_text().splitlines())
+        return lines
 
 
-def test_nightly_profile_is_selected_by_the_flag_and_varies_examples():
-    default, nightly_a, nightly_b = _probe_runs([[], ["--hypothesis-profile", "nightly"],
+def test_nightly_profile_is_selected_by_the_flag_and_varies_examples(runners):
+    default, nightly_a, nightly_b = _probe_runs(runners[0], [[], ["--hypothesis-profile", "nightly"],
                                                  ["--hypothesis-profile=nightly"]])
     assert {line.split()[:2] == ["ci", "True"] for line in default} == {True}, default[:3]
     for run in (nightly_a, nightly_b):

@@ -23,9 +23,9 @@ WHY = {2: "pytest could not collect the catching tests (an import error: the mut
 
 
 @pytest.fixture(scope="module")
-def verdicts():
+def verdicts(runners):
     start = time.monotonic()
-    found = run_all(list(MUTATIONS))
+    found = run_all(list(MUTATIONS), runners)
     print(f"\nplanted bugs: {len(MUTATIONS)} mutations and {len(baseline_chunks(list(MUTATIONS)))} baseline runs "
           f"in {time.monotonic() - start:.0f} s")
     return found

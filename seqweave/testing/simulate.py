@@ -5,6 +5,7 @@ graph with a communicator, append the rank's global positions to the inputs, run
 `SimulatedCommunicator`s over one in-memory `Fabric` instead of torch.distributed, one thread
 per rank. Forward and backward graphs are alike: each is just a graph. Run it in float64 and
 compare every rank's outputs with the whole graph interpreted (`ir.interpreter.interpret`).
+`simulate_ranks(world, body)` runs any `body(comm)` the same way (tests of runtime code).
 
 It raises what a rank raised (the first failure, the cause; the others stop at their next
 transfer), and `CommError` when the program ends with a transfer started but never waited or

@@ -264,6 +264,28 @@ def test_every_ring_layout_and_mask_passes(mask, layout, world):
         assert dead_or_duplicate_collectives(graph) == []
 
 
+@pytest.mark.parametrize("world, attention, ulysses", [(2, "ulysses", 1), (4, "ulysses", 1), (4, "hybrid", 2),
+                                                       (6, "hybrid", 2), (6, "hybrid", 3), (8, "hybrid", 4)])
+@pytest.mark.parametrize("layout", [layout.value for layout in Layout])
+def test_every_ulysses_and_hybrid_mesh_passes(world, attention, ulysses, layout):
+    shape = AttentionShape(1, 1, world, 13, 13, 4)  # one KV head for `world` query heads: replicated per group
+    for backward in (False, True):
+        graph = _sharded(_attention(shape, "causal & sliding_window(4, 0)", backward), world, 13, layout, attention,
+                         ulysses)
+        assert graph.count(f"attn.{attention}" + ("_backward" if backward else "")) == 1
+        check_sharded_program(graph, world, ulysses)
+
+
+@pytest.mark.parametrize("recurrence", ["decay", "gla", "delta"])
+@pytest.mark.parametrize("layout", ["none", "zigzag"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_lasp2_layout_passes(recurrence, layout, world):
+    for backward in (False, True):
+        graph = _sharded(_linear(recurrence, 11, backward), world, 11, layout)
+        assert graph.count("attn.lasp2" + ("_backward" if backward else "")) == 1
+        check_sharded_program(graph, world)
+
+
 @given(world=st.integers(1, 6), layout=st.sampled_from([layout.value for layout in Layout]),
        attention=st.sampled_from(["ring", "ulysses", "hybrid", "auto"]), mask=structured_masks(),
        half=st.integers(1, 8), kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 4]),

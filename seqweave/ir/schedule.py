@@ -183,38 +183,60 @@ def _collective_peers(schedules: list[list[Event]]) -> dict[tuple[int, int], lis
     return peers
 
 
+class _Progress:
+    """Every rank runs its batches in order; a batch finishes once every peer has posted its side
+    of every event in it (a collective: every member waits at it; a message: both ends posted)."""
+
+    def __init__(self, schedules: list[list[Event]], partners: dict[tuple[int, int], tuple[int, int]]) -> None:
+        self.schedules, self.partners = schedules, partners
+        self.batches = [_batches(events) for events in schedules]
+        self.batch_of = {(rank, step): index for rank, rows in enumerate(self.batches)
+                         for index, row in enumerate(rows) for step in row}
+        self.collective = _collective_peers(schedules)
+        self.where = [0] * len(schedules)  # the batch each rank has posted and waits on
+
+    def waits_for(self, rank: int, step: int) -> list[int]:
+        """The ranks that have still to post their side of this event."""
+        if self.schedules[rank][step].is_collective:
+            others = self.collective[(rank, step)]
+        else:
+            others = [self.partners[(rank, step)]]
+        return [peer for peer, peer_step in others if self.where[peer] < self.batch_of[(peer, peer_step)]]
+
+    def current(self, rank: int) -> list[int]:
+        rows = self.batches[rank]
+        return rows[self.where[rank]] if self.where[rank] < len(rows) else []
+
+    def run(self) -> None:
+        """Advance every rank as far as it can go."""
+        moved = True
+        while moved:
+            moved = False
+            for rank in range(len(self.batches)):
+                while self.current(rank) and not any(self.waits_for(rank, step) for step in self.current(rank)):
+                    self.where[rank] += 1
+                    moved = True
+
+    def blocked(self) -> nx.DiGraph:
+        """Who waits for whom once nobody can move (empty when every rank reached its end)."""
+        graph = nx.DiGraph()
+        for rank in range(len(self.batches)):
+            for step in self.current(rank):
+                for peer in self.waits_for(rank, step):
+                    graph.add_edge(rank, peer, at=_At(rank, step, self.schedules[rank][step]))
+        return graph
+
+
 def _no_wait_cycle(schedules: list[list[Event]], partners: dict[tuple[int, int], tuple[int, int]]) -> None:
-    batches = [_batches(events) for events in schedules]
-    batch_of = {(rank, step): index for rank, rows in enumerate(batches) for index, row in enumerate(rows)
-                for step in row}
-    collective = _collective_peers(schedules)
-    where = [0] * len(schedules)  # the batch each rank has posted and waits on
-
-    def waits_for(rank: int, step: int) -> list[int]:
-        """The ranks that must still post their side of this event."""
-        others = collective[(rank, step)] if schedules[rank][step].is_collective else [partners[(rank, step)]]
-        return [peer for peer, peer_step in others if where[peer] < batch_of[(peer, peer_step)]]
-
-    moved = True
-    while moved:
-        moved = False
-        for rank, rows in enumerate(batches):
-            while where[rank] < len(rows) and not any(waits_for(rank, step) for step in rows[where[rank]]):
-                where[rank] += 1
-                moved = True
-    blocked = nx.DiGraph()
-    for rank, rows in enumerate(batches):
-        for step in rows[where[rank]] if where[rank] < len(rows) else []:
-            for peer in waits_for(rank, step):
-                blocked.add_edge(rank, peer, at=_At(rank, step, schedules[rank][step]))
+    progress = _Progress(schedules, partners)
+    progress.run()
+    blocked = progress.blocked()
     if not blocked.number_of_nodes():
         return
     try:
-        edges = nx.find_cycle(blocked)
-        kind = "deadlock"
+        edges, kind = nx.find_cycle(blocked), "deadlock"
     except nx.NetworkXNoCycle:  # a chain ending at a rank that finished: it will never post its side
-        edges = [next(iter(blocked.edges))]
-        kind = "a rank waits for one that has finished"
+        edges, kind = [next(iter(blocked.edges))], "a rank waits for one that has finished"
     raise _fail(f"{kind}: " + " / ".join(f"{blocked.edges[u, v]['at'].text()} waits for rank {v}" for u, v in edges))
 
 

@@ -221,7 +221,9 @@ class Runner:
             timeout_s: int = 240) -> Verdict:
         """Run `tests` with the package under `root` first on sys.path; the plugin checks which one loaded."""
         log = root / f"pytest-{name}.log"
-        job = {"root": str(root), "log": str(log), "timeout_s": timeout_s, "env": env or {},
+        # the fixed CI profile unless asked otherwise: a catch must not depend on this run's examples
+        job = {"root": str(root), "log": str(log), "timeout_s": timeout_s,
+               "env": {"HYPOTHESIS_PROFILE": "ci", **(env or {})},
                "args": [*PYTEST_FLAGS, "-p", CHECK_PLUGIN, *extra, *tests]}
         start = time.monotonic()
         self._process.stdin.write(json.dumps(job) + "\n")

@@ -360,7 +360,7 @@ def rank_schedule(graph: Graph, rank: int, world: int, ulysses: int, plans: Plan
             continue
         if node.op not in RULES:
             raise ScheduleError(f"no schedule rule for {node.op}: cannot tell what it sends", op=node.op,
-                                hint="add a rule to ir/schedule.py RULES that mirrors what the runtime sends")
+                                hint="add a rule to ir/schedule_events.py RULES that mirrors what the runtime sends")
         planned = node.kwargs.get("world", world)
         if planned != world:
             raise ScheduleError(f"%{node.results[0].name} = {node.op} is planned for {planned} ranks but the program "

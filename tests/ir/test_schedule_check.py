@@ -417,6 +417,17 @@ def test_a_message_whose_sides_disagree_on_shape_is_caught(monkeypatch):
     assert "rank 1 step 1: recv [32] f64 from rank 0" in str(caught.value)
 
 
+def test_an_op_that_communicates_without_a_rule_is_refused(monkeypatch):
+    monkeypatch.delitem(schedule_events.RULES, "sp.gather")
+    with pytest.raises(ScheduleError, match="no schedule rule for sp.gather"):
+        check_schedule(_ring_graph(2, layout="zigzag"), 2)
+
+
+def test_a_graph_sharded_for_another_mesh_is_refused():
+    with pytest.raises(ScheduleError, match="planned for 2 ranks but the program runs on 4"):
+        check_schedule(_ring_graph(2, layout="zigzag"), 4)
+
+
 # ------------------------------------------------------------------ dead and duplicate collectives
 
 def _append(graph, op: str, args: tuple, kwargs: dict, name: str) -> Value:

@@ -39,6 +39,28 @@ def _meta_operand(value: Value) -> Any:
     raise LookupError("operand is not a static tensor")
 
 
+INFER_CACHE_SIZE = 4096  # per op
+
+
+def _signature(template: Any) -> Any:
+    """A hashable key for an args template: values by their types, containers by kind (None
+    when some literal is not hashable: such a node is inferred uncached)."""
+    if isinstance(template, Value):
+        return ("%", template.type)
+    if isinstance(template, dict):
+        template = tuple(sorted(template.items(), key=lambda item: str(item[0])))
+    if isinstance(template, (tuple, list)):
+        items = tuple(_signature(item) for item in template)
+        return None if any(item is None for item in items) else (type(template).__name__, items)
+    if isinstance(template, torch.Tensor):
+        return None  # hashed by identity, which a later tensor may reuse
+    try:
+        hash(template)
+    except TypeError:
+        return None
+    return (type(template).__name__, template)
+
+
 def _flatten_types(result: Any) -> list[ValueType]:
     if isinstance(result, torch.Tensor):
         return [TensorType.of(result.shape, result.dtype)]
@@ -54,12 +76,24 @@ class CoreAtenOp(OpDef):
 
     def __init__(self, name: str) -> None:
         self.name = name  # type: ignore[misc]
+        #: result types by operand types and literal arguments: the verifier and the passes ask
+        #: again for the same signatures, and running an op on meta tensors is slow
+        self._inferred: dict[Any, tuple[ValueType, ...] | None] = {}
         self.overload = aten_overload(name)
         self.pure = not self.overload._schema.is_mutable  # type: ignore[misc]
 
     def infer(self, node: Node) -> list[ValueType] | None:
         if self.name in DEVICE_DEPENDENT_SHAPES:
             return None  # keep the types recorded at capture, for the device it ran on
+        key = _signature((node.args, node.kwargs))
+        if key is not None and key in self._inferred:
+            return list(self._inferred[key]) if self._inferred[key] is not None else None
+        types = self._infer_on_meta(node)
+        if key is not None and len(self._inferred) < INFER_CACHE_SIZE:
+            self._inferred[key] = None if types is None else tuple(types)
+        return types
+
+    def _infer_on_meta(self, node: Node) -> list[ValueType] | None:
         try:
             args = map_values(node.args, _meta_operand)
             kwargs = map_values(node.kwargs, _meta_operand)

@@ -7,6 +7,7 @@ computes the same plan: a step skipped on a receiver is skipped on its sender to
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -142,8 +143,12 @@ def _needed_later(classes, source: int, holder: int, world: int) -> bool:
     return any(classes[rank][source] is not BlockClass.EMPTY for rank in later)
 
 
+@functools.lru_cache(maxsize=512)
 def plan_ring(mask: MaskSpec, layout: Layout, world: int, seq_len: int) -> RingPlan:
-    """The mask-aware ring schedule for `world` ranks over a (padded) length `seq_len`."""
+    """The mask-aware ring schedule for `world` ranks over a (padded) length `seq_len`.
+
+    Cached: every rank, every lowering and the schedule checker ask for the same plans, and a
+    plan (frozen tuples) classifies world² position pairs of tiles."""
     return plan_from_positions(mask, [shard_positions(layout, rank, world, seq_len) for rank in range(world)])
 
 

@@ -331,6 +331,47 @@ def ancestors_in_order(output: fx.Node, stop: Sequence[fx.Node] = ()) -> list[fx
     return sorted(nodes, key=order.__getitem__)
 
 
+#: Ops whose result may share memory with their first operand: writing into it writes the operand.
+_VIEW_NAMES = {"getitem", "view", "reshape", "view_as", "reshape_as", "permute", "transpose", "t", "T", "expand",
+               "expand_as", "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "select", "as_strided",
+               "movedim", "swapaxes", "unbind", "split", "chunk", "diagonal", "contiguous", "detach", "view_as_real"}
+_IN_PLACE_OPERATORS = {"setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "iand", "ior", "ixor",
+                       "ilshift", "irshift", "ipow"}
+
+
+def _writes_into(node: fx.Node, target: fx.Node) -> bool:
+    """Does `node` write into `target` in place (`t[i] = v`, `t.add_(...)`, `out=t`, `t |= ...`)?"""
+    name = _op_name(node)
+    first = node.args[0] if node.args else None
+    if node.kwargs.get("out") is target:
+        return True
+    if first is not target:
+        return False
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):  # operator.and_ is not in place
+        return name in _IN_PLACE_OPERATORS
+    return name.endswith("_") and not name.endswith("__")  # Tensor.add_, masked_fill_, torch.relu_
+
+
+def written_in_place(nodes: Sequence[fx.Node]) -> fx.Node | None:
+    """A node outside `nodes` that writes into one of them (or into a view of one), if any.
+
+    The subgraph is read from its data dependencies alone, which do not see such a write: the
+    mask `s = ones(...); s[:, 1:] = ...; cumsum(s)` would be evaluated without the write."""
+    aliases, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in aliases:
+            continue
+        aliases.add(node)
+        stack.extend(user for user in node.users if _op_name(user) in _VIEW_NAMES and user.args
+                     and user.args[0] is node)
+    for alias in aliases:
+        for user in alias.users:
+            if _writes_into(user, alias):
+                return user
+    return None
+
+
 def leaves_of(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     """The placeholders and graph attributes among `nodes` (what a cut-out subgraph reads)."""
     return [node for node in nodes if node.op in ("placeholder", "get_attr")]
@@ -339,7 +380,12 @@ def leaves_of(nodes: Sequence[fx.Node]) -> list[fx.Node]:
 def tiled_function(nodes: Sequence[fx.Node], leaves: Sequence[fx.Node], output: fx.Node,
                    preset: dict[fx.Node, Tiled] | None = None) -> Callable[[Sequence[Tensor]], Tiled]:
     """A function of the leaves' values returning `output` as a Tiled value (nodes in graph order).
-    `preset` gives nodes a fixed Tiled value (e.g. a lazy tensor of ones standing for scores)."""
+    `preset` gives nodes a fixed Tiled value (e.g. a lazy tensor of ones standing for scores).
+    Raises Untileable when something outside `nodes` writes into one of them in place."""
+    writer = written_in_place(nodes)
+    if writer is not None:
+        raise Untileable(f"{output.name} is built with an in-place write ({writer.name}: {_op_name(writer)}), "
+                         "which the subgraph's data dependencies do not show")
     def run(leaf_values: Sequence[Tensor]) -> Tiled:
         env: dict[fx.Node, Any] = {leaf: Whole(tuple(v.shape), v) for leaf, v in zip(leaves, leaf_values)}
         env.update(preset or {})

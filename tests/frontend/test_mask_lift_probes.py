@@ -80,3 +80,33 @@ def test_a_mask_that_looks_causal_on_its_example_still_reads_its_input(kind):
     idx = torch.arange(N)
     got = lifted.spec.evaluate(idx, idx, operands).expand(B, 1, N, N)
     torch.testing.assert_close(got, fn(later).expand(B, 1, N, N), msg=f"lifted {lifted.spec} on a later {kind} call")
+
+
+class InPlaceDocumentMask(torch.nn.Module):
+    """Packed documents, the mask's restarts written in place (`starts[:, 1:] = ...`) as users write it."""
+
+    def forward(self, q, k, v, position_ids):
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        segments = torch.cumsum(starts.long(), -1)
+        idx = torch.arange(position_ids.shape[-1])
+        causal = idx[:, None] >= idx[None, :]
+        mask = causal[None, None] & (segments[:, None, :, None] == segments[:, None, None, :])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_a_mask_written_in_place_is_not_lifted_from_its_reads_alone():
+    """The in-place write is invisible to the mask's data dependencies: lifting from them alone gave
+    `causal & sliding_window(0, 0)` (wrong even on the example). It must stay a dense operand."""
+    from seqweave.compiler import SeqweaveBackend
+
+    model, backend = InPlaceDocumentMask(), SeqweaveBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, 2, N, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    packed = torch.cat([torch.arange(5), torch.arange(N - 5)]).repeat(B, 1)
+    for positions in (torch.arange(N).repeat(B, 1), packed):
+        expected = model(q, k, v, positions)
+        torch.testing.assert_close(compiled(q, k, v, positions), expected, rtol=1e-12, atol=1e-12)
+    [report] = backend.reports
+    assert report.found and report.mask == "dense($0)" and "in-place write" in report.reason

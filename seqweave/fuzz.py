@@ -93,12 +93,12 @@ def _mesh_of(passes: list[Pass], mesh: str | None) -> MeshShape:
     return MeshShape(shard.world, shard.ulysses) if shard else MeshShape(1)
 
 
-def _for_program(passes: list[Pass], length: int, mesh: MeshShape, hybrid_asked: bool) -> list[Pass]:
+def _for_program(passes: list[Pass], length: int, mesh: MeshShape, attention_given: bool) -> list[Pass]:
     """The pipeline with every shard-sequence given the program's length and the mesh."""
     ready = []
     for pass_ in passes:
         if isinstance(pass_, ShardSequence):
-            attention = "hybrid" if mesh.ulysses > 1 and not hybrid_asked else pass_.attention
+            attention = "hybrid" if mesh.ulysses > 1 and not attention_given else pass_.attention
             pass_ = _with_options(pass_, length=length, world=mesh.world, ulysses=mesh.ulysses, attention=attention)
         ready.append(pass_)
     return ready
@@ -274,31 +274,33 @@ def fuzz(pipeline: str, examples: int, seed: int, mesh: str | None, out_dir: str
     0 when nothing failed, 1 when something did (each failure shrunk and written to `out_dir`)."""
     passes = parse_pipeline(pipeline)
     shape = _mesh_of(passes, mesh)
-    hybrid_asked = "attention=" in pipeline
+    attention_given = "attention=" in pipeline
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only contend
     try:
         if replay is not None:
-            return _replay(passes, replay, shape, hybrid_asked, echo)
-        return _search(passes, pipeline, examples, seed, shape, hybrid_asked, out_dir, echo)
+            return _replay(passes, replay, mesh, attention_given, echo)
+        return _search(passes, pipeline, examples, seed, shape, attention_given, out_dir, echo)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _replay(passes: list[Pass], path: str, shape: MeshShape, hybrid_asked: bool, echo: Callable) -> int:
+def _replay(passes: list[Pass], path: str, mesh: str | None, attention_given: bool, echo: Callable) -> int:
+    """Check the one program in `path` (on --mesh, else on the mesh it was found on)."""
     graph, notes = read_failure(path)
+    shape = MeshShape.parse(mesh or notes.get("mesh", "")) if mesh or "mesh" in notes else _mesh_of(passes, None)
     length, seed = int(notes["length"]), int(notes.get("inputs-seed", 0))
-    problem = check_program(_for_program(passes, length, shape, hybrid_asked), graph, length, seed, shape)
+    problem = check_program(_for_program(passes, length, shape, attention_given), graph, length, seed, shape)
     echo(f"{path}: {problem}" if problem else f"{path}: passes")
     return 1 if problem else 0
 
 
-def _search(passes: list[Pass], pipeline: str, examples: int, seed: int, shape: MeshShape, hybrid_asked: bool,
+def _search(passes: list[Pass], pipeline: str, examples: int, seed: int, shape: MeshShape, attention_given: bool,
             out_dir: str, echo: Callable) -> int:
     spec = spec_for(passes, shape)
     failing = 0
     for index, program in enumerate(generate_programs(seed, examples, spec), start=1):
-        ready = _for_program(passes, program.length, shape, hybrid_asked)
+        ready = _for_program(passes, program.length, shape, attention_given)
         problem = check_program(ready, program.graph, program.length, program.seed, shape)
         if problem:
             failing += 1
@@ -310,7 +312,7 @@ def _search(passes: list[Pass], pipeline: str, examples: int, seed: int, shape: 
 
 def _report(ready: list[Pass], program: Program, problem: str, pipeline: str, shape: MeshShape, out_dir: str,
             echo: Callable) -> None:
-    echo(f"FAIL {program}: {problem[:300]}")
+    echo(f"FAIL {program}: {problem.splitlines()[0][:300]}")
     failure = Failure(program.graph, program.length, program.seed, problem)
     small = shrink(failure, lambda g: check_program(ready, g, program.length, program.seed, shape))
     path = write_failure(small, out_dir, f"fuzz-{program.seed}", pipeline, shape)

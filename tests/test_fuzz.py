@@ -54,7 +54,7 @@ def test_fuzz_finds_shrinks_and_replays_a_broken_pass(tmp_path):
     before, after = int(shrunk_nodes.split("(from ")[1].split(")")[0]), len(graph.nodes)
     assert after < before and graph.count("attn.sdpa") + graph.count("attn.sdpa_backward") >= 1
     replayed = []
-    assert fuzz(pipeline, 1, 0, None, str(tmp_path), echo=replayed.append, replay=str(written[0])) == 1
+    assert fuzz(pipeline, 1, 0, None, str(tmp_path), echo=replayed.append, replay=str(written[0])) == 1  # its mesh
     assert "rank " in replayed[0] and "outputs" in replayed[0]
     assert fuzz("shard-sequence{world=2}", 1, 0, None, str(tmp_path), echo=replayed.append,
                 replay=str(written[0])) == 0  # the shrunk program is fine without the broken pass

@@ -365,11 +365,20 @@ def written_in_place(nodes: Sequence[fx.Node]) -> fx.Node | None:
         aliases.add(node)
         stack.extend(user for user in node.users if _op_name(user) in _VIEW_NAMES and user.args
                      and user.args[0] is node)
+    inside = set(nodes)
     for alias in aliases:
         for user in alias.users:
-            if _writes_into(user, alias):
+            if _writes_into(user, alias) and not _evaluated_in_order(user, alias, inside):
                 return user
     return None
+
+
+def _evaluated_in_order(writer: fx.Node, target: fx.Node, inside: set[fx.Node]) -> bool:
+    """A write the subgraph evaluates itself (`zeros_like(m).masked_fill_(...)` read through its
+    result) is harmless as long as no node of the subgraph reads the target after it."""
+    if writer not in inside:
+        return False
+    return not any(reader is not writer and reader in inside and writer < reader for reader in target.users)
 
 
 def leaves_of(nodes: Sequence[fx.Node]) -> list[fx.Node]:

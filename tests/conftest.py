@@ -41,3 +41,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many generated programs check_pass held to the original on simulated ranks in this run."""
+    import sys
+
+    check_pass = sys.modules.get("seqweave.testing.check_pass")
+    if check_pass is not None and check_pass.PROGRAMS_CHECKED:
+        terminalreporter.write_line(f"seqweave.testing.check_pass: {check_pass.PROGRAMS_CHECKED:,} generated "
+                                    "programs checked (verify, idempotence, float64 on simulated ranks, bytes)")

@@ -281,7 +281,10 @@ class MixedSpans(_ChangesTheModel):
 
     def run(self, graph: Graph) -> PassResult:
         full = parse_layers(self.full, "full") or frozenset()
-        nodes = [node for node in attentions(graph) if node.kwargs.get("layer", -1) not in full]
+        window = SlidingWindow(self.window - 1, 0)
+        # an attention that already has this window as a conjunct keeps its mask: a second run changes nothing
+        nodes = [node for node in attentions(graph) if node.kwargs.get("layer", -1) not in full
+                 and not _has_conjunct(parse_mask(node.kwargs["mask"]), window)]
         for node in nodes:
             if "layer" not in node.kwargs:
                 raise PassError(f"{node.op} ({node.loc}) has no layer index", pass_name=self.name,
@@ -289,6 +292,11 @@ class MixedSpans(_ChangesTheModel):
             if isinstance(positions_of(node), Rope) and positions_of(node).far:
                 raise PassError("mixed-spans after streaming / lm-infinite would cut their far pairs",
                                 pass_name=self.name, hint="put mixed-spans first in the pipeline")
-            _set(node, mask=parse_mask(node.kwargs["mask"]) & SlidingWindow(self.window - 1, 0))
+            _set(node, mask=parse_mask(node.kwargs["mask"]) & window)
         return PassResult(len(nodes), f"window {self.window} on layers {_layers_text(nodes)}; full on "
                                       f"{'+'.join(map(str, sorted(full))) or 'none'}")
+
+
+def _has_conjunct(mask: MaskSpec, part: MaskSpec) -> bool:
+    """Is `part` the mask itself or one of the parts of its `&`?"""
+    return mask == part or (isinstance(mask, And) and part in mask.parts)

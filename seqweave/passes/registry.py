@@ -17,6 +17,7 @@ unknown option is an OptionError naming the pass, never a TypeError from deep in
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import inspect
@@ -59,17 +60,27 @@ def _check_on_construction(cls: type) -> None:
 
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        check_options(cls.name, cls, {name: kwargs[name] for name in kwargs if name not in option_types(cls)})
+        # `report` and the like are init fields but results, not options (dataclasses.replace passes them)
+        results = _result_fields(cls)
+        check_options(cls.name, cls, {name: kwargs[name] for name in kwargs
+                                      if name not in option_types(cls) and name not in results})
         try:
             bound = signature.bind(self, *args, **kwargs)
         except TypeError as error:
             raise OptionError(f"pass {cls.name}: {error}", hint=_options_hint(cls)) from None
-        given = {name: value for name, value in bound.arguments.items() if name != "self"}
+        given = {name: value for name, value in bound.arguments.items() if name != "self" and name not in results}
         check_options(cls.name, cls, given)
         original(self, *args, **kwargs)
 
     __init__._checks_options_of = cls  # type: ignore[attr-defined]
     cls.__init__ = __init__  # type: ignore[misc]
+
+
+def _result_fields(cls: type) -> set[str]:
+    """Fields a caller may pass to `__init__` that are not options (`compare=False`: a pass's results)."""
+    if not dataclasses.is_dataclass(cls):
+        return set()
+    return {f.name for f in dataclasses.fields(cls) if f.init and not f.compare}
 
 
 def _options_hint(cls: type) -> str:

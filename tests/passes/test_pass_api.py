@@ -160,3 +160,15 @@ def test_registering_the_same_class_again_is_harmless(typed):
 def test_only_named_pass_classes_register():
     with pytest.raises(OptionError, match="not a Pass subclass with a name"):
         registry.register_pass(dict)
+
+
+def test_dataclasses_replace_keeps_working_on_a_registered_pass():
+    """`replace` hands every init field to `__init__`, results (`report`, compare=False) included."""
+    import dataclasses
+
+    import seqweave.passes.manager  # noqa: F401  (registers the built-ins)
+    from seqweave.passes.shard_sequence import ShardSequence
+
+    assert dataclasses.replace(ShardSequence(world=2, length=8), length=16).length == 16
+    with pytest.raises(OptionError, match="length"):
+        dataclasses.replace(ShardSequence(world=2, length=8), length="sixteen")

@@ -86,6 +86,16 @@ def test_golden_mixed_spans_and_rope_scale():
                                         "factor=4.0)")
 
 
+def test_a_second_mixed_spans_changes_nothing():
+    """Idempotent, as it claims: the window is not appended again (`... & sliding_window(4, 0)` twice)."""
+    graph = rotary_attention_graph(SHAPE, layer=3)
+    run_pipeline(graph, "mixed-spans{window=5}")
+    before = print_graph(graph).split("\n", 1)[1]  # below the pass's note
+    [again] = run_pipeline(graph, "mixed-spans{window=5}")
+    assert again.result.rewrites == 0 and print_graph(graph).split("\n", 2)[2] == before
+    assert str(graph.nodes[0].kwargs["mask"]) == "causal & sliding_window(4, 0)"
+
+
 @pytest.mark.parametrize("pipeline", ["streaming{sinks=4,window=8}", "rope-scale{base=500000}", "rope-fp32",
                                       "lm-infinite{sinks=2,window=8}", "mixed-spans{window=8,full=0}"])
 def test_must_not_fire_without_attention_or_outside_the_listed_layers(pipeline):

@@ -61,3 +61,15 @@ def test_streaming_smoke_keeps_rolling_caches_flat(tmp_path: Path) -> None:
     assert rows["dense"]["cache_bytes"]["2x"] > rows["dense"]["cache_bytes"]["1x"]  # the dense cache grows
     assert len(set(rows["streaming"]["cache_bytes"].values())) == 1  # the rolling one does not
     assert 0 < rows["double-sparsity"]["recall"] <= 1 and 0 < rows["double-sparsity"]["kv_read_fraction"] < 1
+
+
+def test_property_testing_benchmark_checks_every_pipeline(tmp_path: Path) -> None:
+    out = tmp_path / "property_testing.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(REPO / "benchmarks" / "property_testing.py"), "--programs", "3", "--out", str(out)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    payload = json.loads(out.read_text())
+    assert [r["pipeline"].split("{")[0] for r in payload["rows"]][:2] == ["canonicalize", "shard-sequence"]
+    assert all(r["checked"] == 3 and r["failed"] == 0 for r in payload["rows"])
+    assert payload["schedule"]["programs"] == 3 and payload["schedule"]["schedule_check_s"] > 0

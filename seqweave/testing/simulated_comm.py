@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from seqweave.ir.sharding import hybrid_groups
-from seqweave.runtime.comm import KINDS, MAX_CHANNELS, CommError, Communicator
+from seqweave.runtime.comm import KINDS, MAX_CHANNELS, CommError, Communicator, Pending
 from seqweave.runtime.hybrid import HybridCommunicator
 
 Group = tuple[int, ...]  # world ranks of a group, in group-rank order
@@ -146,8 +146,9 @@ class Fabric:
         return found
 
 
-class SimulatedPending:
-    """The transfers one `exchange` started; as `runtime.comm.Pending`."""
+class SimulatedPending(Pending):
+    """The transfers one `exchange` started; as `runtime.comm.Pending`, whose `wait_one` it keeps
+    (so the runtime's own code between a receive and its use is what the simulation runs)."""
 
     def __init__(self, comm: "SimulatedCommunicator", sends: list[int], recvs: list[tuple[int, torch.Tensor]],
                  tag: int, step: int, op: str) -> None:
@@ -170,10 +171,6 @@ class SimulatedPending:
             self._done = True
             self._comm._fabric.unwaited[self._comm.world_rank].pop(id(self), None)
         return self._received
-
-    def wait_one(self) -> torch.Tensor | None:
-        received = self.wait()
-        return received[0] if received else None
 
 
 class SimulatedCommunicator(Communicator):

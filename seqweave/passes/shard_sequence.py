@@ -250,6 +250,7 @@ class ShardSequence(Pass):
         if self.length < 2:
             raise PassError(f"sequence length {self.length}: nothing to split", pass_name=self.name,
                             hint="compile with a sequence of at least 2 tokens, or without sequence parallelism")
+        _refuse_what_cannot_be_split(graph)
         builder = _Builder(graph, self.world, layout, self.length,
                            {index: Seq(dim, inner) for index, dim, inner in self.input_seqs}, self.attention,
                            self.ulysses, self.gather_unshardable)
@@ -313,3 +314,21 @@ def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     for size in shape:
         count *= size
     return count * dtype.itemsize
+
+
+def _refuse_what_cannot_be_split(graph: Graph) -> None:
+    """PassError for a graph already sharded (a second run would split its shards again) and for an
+    attention between two lengths (cross-attention: the keys' sequence is not the queries')."""
+    sharded = any(value.name == POSITIONS_INPUT for value in graph.inputs) or \
+        any(node.op.startswith("sp.") for node in graph.nodes)
+    if sharded:
+        raise PassError("the graph is already sharded (it has sp.* ops or a positions input)",
+                        pass_name=ShardSequence.name, hint="run shard-sequence once, on the whole-sequence graph")
+    for node in graph.nodes:
+        if node.op in ("attn.sdpa", "attn.sdpa_backward"):
+            q, k = node.args[:2] if node.op == "attn.sdpa" else node.args[1:3]  # the backward takes dout first
+            q_len, kv_len = q.type.shape[2], k.type.shape[2]
+            if q_len != kv_len:
+                raise PassError(f"attention from {q_len} queries to {kv_len} keys (cross-attention) cannot be "
+                                "split over one sequence", pass_name=ShardSequence.name, op=node.op, layer=node.loc,
+                                hint="run this model without sequence parallelism")

@@ -16,6 +16,7 @@ from seqweave.ir.types import TensorType
 from seqweave.ir.verifier import verify
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.runtime.distributed_ops import gather
+from seqweave.testing.strategies import AttentionShape, attention_graph
 
 MODEL = '''graph inference(%ids: i64[2, {n}], %w: f32[16, 4], %cos: f32[1, {n}, 4], %wq: f32[4, 4]) {{
   %emb = core.embedding(%w, %ids) : f32[2, {n}, 4]
@@ -267,3 +268,16 @@ def test_a_whole_operand_contracted_with_a_sharded_one_is_sliced_and_the_product
     assert mm.args[0].producer.args[0].producer.op == "sp.shard"
     assert str(mm.results[0].type) == "f32[4, 4]{sp: P(sum)}"
     assert graph.outputs[0].producer.op == "sp.all_reduce"
+
+
+def test_refuses_a_graph_it_already_sharded():
+    graph = _model(8)
+    ShardSequence(world=2, layout="none", length=8).run(graph)
+    with pytest.raises(PassError, match="already sharded"):
+        ShardSequence(world=2, layout="none", length=8).run(graph)
+
+
+def test_refuses_cross_attention_by_name_instead_of_emitting_ir_that_does_not_verify():
+    graph = attention_graph(AttentionShape(batch=1, kv_heads=1, group=2, q_len=6, kv_len=10, head_dim=4), "full")
+    with pytest.raises(PassError, match="6 queries to 10 keys"):
+        ShardSequence(world=2, layout="none", length=6).run(graph)

@@ -47,7 +47,7 @@ def _assert_same(mine, theirs):
 
 
 def _attention_attributes(backend, key):
-    return [node.kwargs.get(key, "none") for graph in backend.graphs for node in graph.graph.nodes
+    return [str(node.kwargs.get(key, "none")) for graph in backend.graphs for node in graph.graph.nodes
             if node.op.startswith("attn.")]
 
 

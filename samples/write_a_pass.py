@@ -69,4 +69,4 @@ def test_fold_scalar_muls():
 
 if __name__ == "__main__":
     print(test_fold_scalar_muls().summary())
-    print("fold-scalar-muls: same outputs in float64 (no loss beyond rounding), verifies, idempotent")
+    print("fold-scalar-muls: same outputs in float64, verifies, idempotent")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -29,6 +29,7 @@ from seqweave.ir.verifier import verify
 from seqweave.ir.types import TensorType
 from seqweave.passes.base import Pass
 from seqweave.passes.manager import parse_pipeline
+from seqweave.passes.options import with_options
 from seqweave.passes.shard_sequence import ShardSequence
 from seqweave.testing.check_pass import check_pass
 from seqweave.testing.programs import Program, ProgramSpec, generate_programs, program_inputs
@@ -99,15 +100,9 @@ def _for_program(passes: list[Pass], length: int, mesh: MeshShape, attention_giv
     for pass_ in passes:
         if isinstance(pass_, ShardSequence):
             attention = "hybrid" if mesh.ulysses > 1 and not attention_given else pass_.attention
-            pass_ = _with_options(pass_, length=length, world=mesh.world, ulysses=mesh.ulysses, attention=attention)
+            pass_ = with_options(pass_, length=length, world=mesh.world, ulysses=mesh.ulysses, attention=attention)
         ready.append(pass_)
     return ready
-
-
-def _with_options(pass_: Pass, **changes: Any) -> Pass:
-    """A copy of `pass_` with some options changed (its compared fields are its options)."""
-    options = {f.name: getattr(pass_, f.name) for f in fields(pass_) if f.init and f.compare}
-    return type(pass_)(**{**options, **changes})
 
 
 def spec_for(passes: list[Pass], mesh: MeshShape) -> ProgramSpec:

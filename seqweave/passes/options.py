@@ -222,3 +222,10 @@ def _member(text: str, hint: type[enum.Enum]) -> enum.Enum:
         if text in (member.name, str(member.value)):
             return member
     raise _Mismatch
+
+
+def with_options(pass_: Any, **changes: Any) -> Any:
+    """A new pass like `pass_` with some options changed. Unlike `dataclasses.replace` it does not
+    hand over result fields (`compare=False`, e.g. ShardSequence.report), so the copy gets its own."""
+    options = {f.name: getattr(pass_, f.name) for f in fields(pass_) if f.init and f.compare}
+    return type(pass_)(**{**options, **changes})

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -50,6 +49,7 @@ from seqweave.ir.printer import print_graph
 from seqweave.ir.verifier import verify
 from seqweave.passes.base import Pass
 from seqweave.passes.manager import parse_pipeline
+from seqweave.passes.options import with_options
 from seqweave.passes.shard_sequence import POSITIONS_INPUT, ShardSequence
 from seqweave.testing.collective_checks import byte_problems, collective_problems
 from seqweave.testing.equivalence import random_inputs
@@ -88,6 +88,8 @@ class CheckReport:
     skipped: list[str] = field(default_factory=list)
     by_pass: collections.Counter = field(default_factory=collections.Counter)
     fired: collections.Counter = field(default_factory=collections.Counter)
+    #: attention ops in the rewritten programs (which strategy ran: attn.ring, attn.ulysses, ...)
+    attention_ops: collections.Counter = field(default_factory=collections.Counter)
     seconds: float = 0.0
 
     def raise_if_failed(self) -> None:
@@ -218,6 +220,7 @@ def _check_case(passes: list[Pass], case: _Case, mesh: Mesh | None, seed: int, r
     rewritten, reference = _run_pipeline(configured, case.graph, report, fail)
     if rewritten is None:
         return
+    report.attention_ops.update(node.op for node in rewritten.nodes if node.op.startswith("attn."))
     _compare_numbers(reference, rewritten, inputs, mesh, timeout_s, fail)
 
 
@@ -243,14 +246,7 @@ def _shard_for(shard: ShardSequence, case: _Case, mesh: Mesh | None) -> ShardSeq
         if length is None:
             raise _Skip("shard-sequence{length=0} and no attention to read the sequence length from")
         changes["length"] = length
-    return _with_options(shard, **changes)
-
-
-def _with_options(pass_: Pass, **changes: Any) -> Pass:
-    """The pass with some options changed (its options: dataclass fields that take part in equality;
-    `dataclasses.replace` would also hand it its result fields, which the option check refuses)."""
-    options = {f.name: getattr(pass_, f.name) for f in dataclasses.fields(pass_) if f.init and f.compare}
-    return type(pass_)(**{**options, **changes})
+    return with_options(shard, **changes)
 
 
 def sequence_length(graph: Graph) -> int | None:

@@ -49,6 +49,21 @@ RUNS = [
 ]
 
 
+#: the forward ops of each strategy (a backward program runs its `_backward` too)
+STRATEGY_OPS = ("attn.sdpa", "attn.ring", "attn.ulysses", "attn.hybrid")
+
+
+def expected_strategies(pipeline: str, meshes) -> set[str]:
+    """The attention ops a pipeline may leave: sdpa unsharded, else its attention option's op
+    (auto: ring or Ulysses on a flat mesh, hybrid on a hybrid one)."""
+    if "shard-sequence" not in pipeline:
+        return {"attn.sdpa"}
+    chosen = pipeline.split("attention=")[1].split(",")[0].rstrip("}")
+    if chosen == "auto":
+        return {"attn.hybrid"} if all(m.hybrid for m in meshes) else {"attn.ring", "attn.ulysses"}
+    return {f"attn.{chosen}"}
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: torch's threads only contend (and the simulated ranks have one thread each)."""
@@ -69,6 +84,8 @@ def test_every_pass_and_strategy_on_a_thousand_generated_programs(one_thread, ca
         lines.append(f"  {pipeline} on {[str(m.sp) + ('x' + str(m.ulysses) if m.hybrid else '') for m in meshes]}: "
                      f"{report.summary()}")
         assert len(report.skipped) <= count // 10, f"{pipeline}: {report.skipped[:3]}"
+        ran = {op for op in report.attention_ops if op in STRATEGY_OPS}
+        assert ran <= expected_strategies(pipeline, meshes) and ran, f"{pipeline}: attention ran as {ran}"
     seconds = time.perf_counter() - start
     with capsys.disabled():
         print(f"\ngenerated programs: {checked} checked in {seconds:.1f} s ({checked / seconds:.1f}/s), "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,8 @@ from torch import fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from seqweave.backward_variants import AbsentTangentDispatch, with_zeros
+from seqweave.codegen.fx_lower import NotLowerable
+from seqweave.codegen.inductor import InductorProgram
 from seqweave.codegen.lower import lower
 from seqweave.config import CompileOptions
 from seqweave.errors import OptionError
@@ -38,6 +41,8 @@ from seqweave.runtime.hybrid import HybridCommunicator
 from seqweave.runtime.program import steal
 from seqweave.runtime.sharded_outputs import ShardedOutputs
 
+log = logging.getLogger("seqweave")
+
 #: ops whose q and k (after a backward's dout) carry the sequence in dim 2
 SEQUENCE_OPS = ("attn.sdpa", "attn.sdpa_backward", "attn.linear", "attn.linear_backward")
 
@@ -53,6 +58,9 @@ class CompiledGraph:
     saved_bytes: int = 0
     #: bytes of the outputs the caller receives (gathered outputs are whole on every rank)
     output_bytes: int = 0
+    #: what runs it: "eager" (the step list) or "inductor", and the program itself (its `stats`)
+    runner: str = "eager"
+    program: Any = None
 
 
 class SeqweaveBackend:
@@ -144,14 +152,28 @@ class SeqweaveBackend:
         if memory is not None:
             runs += run_pipeline(graph, [ApplyPlan(memory, graph.name)], check=self.options.verify,
                                  dump_dir=self.options.dump_dir, log_warnings=False)
-        self.graphs.append(CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
-                                         caller_output_bytes(graph, user_outputs)))
+        compiled = CompiledGraph(graph.name, graph, runs, saved_bytes(graph, user_outputs),
+                                 caller_output_bytes(graph, user_outputs))
+        self.graphs.append(compiled)
         if shard is None:
-            program = lower(graph)
+            program = self._lower(compiled, None)
             return lambda args: program(args)
         if self.options.verify:  # every rank checks every rank's schedule: a mismatch fails all of them here
             check_sharded_program(graph, world, self.options.mesh.ulysses)
-        return self._sharded_program(graph, world)
+        return self._sharded_program(compiled, world)
+
+    def _lower(self, compiled: CompiledGraph, comm: Communicator | None) -> Callable[[list], Any]:
+        """The graph's program on the inner backend asked for; a graph Inductor cannot take (symbolic
+        sizes, scalar operands of an extern call) runs eager, said once per graph."""
+        if self.options.inner_backend == "inductor":
+            try:
+                compiled.program, compiled.runner = InductorProgram(compiled.graph, comm), "inductor"
+                return compiled.program
+            except NotLowerable as why:
+                if comm is None or comm.rank == 0:
+                    log.warning("inner_backend='inductor': the %s graph runs eager (%s)", compiled.graph.name, why)
+        compiled.program = lower(compiled.graph, comm)
+        return compiled.program
 
     def _pipeline(self) -> list[Pass]:
         """The user's passes; activation-memory is taken out (it runs on the forward/backward pair)."""
@@ -199,16 +221,16 @@ class SeqweaveBackend:
             return ShardSequence(**{**common, "outputs": "gathered"}, input_seqs=tuple(inputs))
         return ShardSequence(**common)
 
-    def _sharded_program(self, graph: Graph, world: int) -> Callable[[list], Any]:
+    def _sharded_program(self, compiled: CompiledGraph, world: int) -> Callable[[list], Any]:
         """Run the sharded graph on this rank: its positions are appended as the last input."""
-        mesh = self.options.mesh
+        graph, mesh = compiled.graph, self.options.mesh
         comm = HybridCommunicator(mesh.ulysses, self.options.timeout) if mesh.hybrid \
             else Communicator(timeout_s=self.options.timeout)
         self.communicators += [comm, comm.inner, comm.outer] if mesh.hybrid else [comm]
         if comm.world != world:
             raise OptionError(f"Mesh(sp={world}) but the process group has {comm.world} ranks",
                               hint="launch as many ranks as sp (seqweave run --nproc N / torchrun)")
-        program = lower(graph, comm)
+        program = self._lower(compiled, comm)
         length = int(graph.inputs[-1].type.shape[0]) * world
         positions = shard_positions(Layout(self.options.balance), comm.rank, world, length)
 

@@ -9,11 +9,13 @@ from seqweave.errors import OptionError
 
 DEFAULT_PIPELINE = "canonicalize"
 DUMP_ENV = "SEQWEAVE_DUMP"
+INNER_BACKEND_ENV = "SEQWEAVE_INNER_BACKEND"
 
 
 BALANCES = ("zigzag", "striped", "none")
 ATTENTION_STRATEGIES = ("auto", "ring", "ulysses", "hybrid")
 OUTPUTS = ("gathered", "sharded")
+INNER_BACKENDS = ("eager", "inductor")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class CompileOptions:
     #: let the memory plan store activations in 8 bits (an approximation within a stated bound)
     memory_quantize: bool = False
     verify: bool = True
+    #: what runs each rank's program: "eager" runs the IR op by op; "inductor" lowers it to FX with
+    #: seqweave's attention, collectives and memory ops as extern calls and compiles the rest
+    #: with Inductor (fused pointwise, norm and matmul regions); SEQWEAVE_INNER_BACKEND sets the default
+    inner_backend: str = field(default_factory=lambda: os.environ.get(INNER_BACKEND_ENV) or "eager")
     #: SEQWEAVE_DUMP=dir writes the IR before and after every pass there.
     dump_dir: str | None = field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
 
@@ -88,6 +94,9 @@ class CompileOptions:
             raise OptionError(f"balance={options['balance']!r} is not a sequence layout", hint=f"use one of {BALANCES}")
         if options.get("outputs", "gathered") not in OUTPUTS:
             raise OptionError(f"outputs={options['outputs']!r} is not an output placement", hint=f"use one of {OUTPUTS}")
+        if options.get("inner_backend", "eager") not in INNER_BACKENDS:
+            raise OptionError(f"inner_backend={options['inner_backend']!r} is not a way to run programs",
+                              hint=f"use one of {INNER_BACKENDS}")
         if options.get("inputs", "replicated") != "replicated":
             raise OptionError(f"inputs={options['inputs']!r} is not offered yet: torch.compile traces the shapes it is "
                               "called with, so a rank's rows would be compiled as the whole sequence",
@@ -97,6 +106,9 @@ class CompileOptions:
             from seqweave.passes.activation_memory import parse_budget
             parse_budget(options["memory_budget"])
         built = CompileOptions(**options)
+        if built.inner_backend not in INNER_BACKENDS:  # from the environment
+            raise OptionError(f"{INNER_BACKEND_ENV}={built.inner_backend!r} is not a way to run programs",
+                              hint=f"use one of {INNER_BACKENDS}")
         if built.attention == "hybrid" and not built.mesh.hybrid:
             raise OptionError("attention='hybrid' needs a hybrid mesh", hint="use Mesh(ulysses=U, ring=R) with U, R > 1")
         return built

@@ -82,7 +82,7 @@ def _local_linear_attention(node: Node):
     return backward
 
 
-def _implementation(node: Node, index: int, comm: Communicator | None):
+def implementation(node: Node, index: int, comm: Communicator | None):
     """The op's implementation: generated kernels for attention, the runtime's for ops that talk
     to other ranks (bound to `comm`) and for `mem.*` (pooled, stream-ordered copies), the
     plain-torch reference for the rest."""
@@ -106,7 +106,7 @@ def lower(graph: Graph, comm: Communicator | None = None) -> Program:
     last = _last_readers(graph)
     steps = []
     for index, node in enumerate(graph.nodes):
-        steps.append(Step(node.op, _implementation(node, index, comm),
+        steps.append(Step(node.op, implementation(node, index, comm),
                           map_values(node.args, to_slot), map_values(node.kwargs, to_slot),
                           tuple(slot_of[r] for r in node.results), _frees(graph, index, node, last, slot_of)))
     stats = {"steps": len(steps), "attention": graph.count("attn.sdpa"),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from seqweave.codegen.extern_op import ExternCall, ExternTable
+from seqweave.codegen.extern_op import ExternCall, ExternTable, running
 from seqweave.codegen.lower import implementation
 from seqweave.errors import SeqweaveError
 from seqweave.ir.graph import Graph, Node, Value, map_values, values_in
@@ -43,6 +43,12 @@ class LoweredFx:
     module: fx.GraphModule
     table: ExternTable
     graph: Graph
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        """Run the FX module as it is, uncompiled: what Inductor is handed, for tests and debugging."""
+        with running(self.table):
+            flat = self.module(*inputs, torch.empty(0))
+        return self.outputs(list(flat))
 
     def outputs(self, flat: list[Any]) -> Any:
         """The IR output template filled from the module's flat results (the token dropped)."""

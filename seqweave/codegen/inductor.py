@@ -58,6 +58,15 @@ def _cache_hits() -> int:
     return counters["inductor"]["fxgraph_cache_hit"]
 
 
+def _fakes(examples: list[Any]) -> list[Any]:
+    """The examples as static fake tensors under a mode with a shape environment, as dynamo
+    would hand them: Inductor's FX-graph cache refuses graphs compiled without one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    return [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in examples]
+
+
 class InductorProgram:
     """Callable like `runtime.program.Program`: a boxed argument list in, the IR outputs out."""
 
@@ -105,7 +114,7 @@ class InductorProgram:
 
         def compile_here() -> Callable:
             with FileLock(_lock_path(self.digest)), running(lowered.table), torch.no_grad():
-                return compile_fx(lowered.module, examples)
+                return compile_fx(lowered.module, _fakes(examples))
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="seqweave-inductor") as pool:
                 return pool.submit(compile_here).result()

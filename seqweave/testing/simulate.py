@@ -56,12 +56,14 @@ class Simulation:
 
 
 def simulate(graph: Graph, inputs: Sequence[Any], world: int, *, layout: str | None = None,
-             ulysses: int | None = None, timeout_s: float = 30.0) -> Simulation:
+             ulysses: int | None = None, timeout_s: float = 30.0,
+             lowering: Callable[[Graph, Any], Callable[[list], Any]] = lower) -> Simulation:
     """Run the sharded `graph` on `world` simulated ranks.
 
     `inputs` are the graph's whole inputs without the positions (every rank gets its own copy,
     as every real rank holds the whole inputs); `layout` and `ulysses` default to what the
-    graph's ops say (zigzag, 1 when none does) and must agree with them.
+    graph's ops say (zigzag, 1 when none does) and must agree with them. `lowering(graph, comm)`
+    makes what each rank runs: the eager step list, or e.g. `codegen.fx_lower.to_fx`.
     """
     layout = _attribute(graph, "layout", layout, DEFAULT_LAYOUT)
     ulysses = _attribute(graph, "ulysses", ulysses, 1)
@@ -71,7 +73,7 @@ def simulate(graph: Graph, inputs: Sequence[Any], world: int, *, layout: str | N
 
     def rank_main(comm: SimulatedCommunicator) -> Any:
         positions = shard_positions(Layout(layout), comm.world_rank, world, length)
-        return lower(graph, comm)([*_copies(inputs), positions])
+        return lowering(graph, comm)([*_copies(inputs), positions])
 
     run = simulate_ranks(world, rank_main, ulysses=ulysses, hybrid=hybrid, timeout_s=timeout_s)
     return Simulation(world, layout, ulysses, run.results, run.stats, run.traces)

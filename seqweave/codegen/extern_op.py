@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -58,8 +58,13 @@ class ExternTable:
         self._expect(index)
         call = self.calls[index]
         token, operands = tensors[0], tensors[1:]
-        results = call.run(operands)
-        return [_own(result, operands, call, i) for i, result in enumerate(results)] + [token.new_empty(0)]
+        taken = {t.untyped_storage().data_ptr() for t in operands if t.numel()}
+        owned = []
+        for position, result in enumerate(call.run(operands)):
+            owned.append(_own(result, taken, call, position))
+            if owned[-1].numel():
+                taken.add(owned[-1].untyped_storage().data_ptr())
+        return owned + [token.new_empty(0)]
 
     def fake(self, index: int, tensors: list[Tensor]) -> list[Tensor]:
         call, token = self.calls[index], tensors[0]
@@ -76,15 +81,15 @@ class ExternTable:
         self._next = (index + 1) % len(self.calls)
 
 
-def _own(result: Tensor, inputs: Sequence[Tensor], call: ExternCall, position: int) -> Tensor:
+def _own(result: Tensor, taken: set[int], call: ExternCall, position: int) -> Tensor:
     """A result Inductor may treat as fresh and laid out as the fake kernel said: a custom op
-    may not return (a view of) its input, and code after it assumes contiguous strides."""
+    may not return (a view of) an input or of another result (`taken`: their storages), and
+    code after it assumes contiguous strides."""
     shape, dtype = call.result_types[position]
     if tuple(result.shape) != shape or result.dtype != dtype:
         raise SeqweaveError(f"{call.label} returned {tuple(result.shape)} {result.dtype} where the IR says "
                             f"{shape} {dtype}", hint="this is a seqweave bug; compile with inner_backend='eager'")
-    storage = result.untyped_storage().data_ptr()
-    if any(storage == t.untyped_storage().data_ptr() for t in inputs if t.numel()):
+    if result.numel() and result.untyped_storage().data_ptr() in taken:
         return result.clone(memory_format=torch.contiguous_format)
     return result.contiguous()
 

@@ -318,7 +318,8 @@ def sp_step(rank: int, world: int, name: str, n: int, options: dict) -> dict:
                   if node.op.startswith("attn.")})
     return {"errors": _errors(model, reference, out, expected, inputs, ref_inputs, loss, ref_loss),
             "ops": ops, "masks": [report.mask for report in backend.reports if report.found],
-            "warnings": [w for c in backend.graphs for r in c.passes for w in r.result.warnings]}
+            "warnings": [w for c in backend.graphs for r in c.passes for w in r.result.warnings],
+            "runners": [(c.kind, c.runner, dict(getattr(c.program, "stats", {}))) for c in backend.graphs]}
 
 
 def sp_steps(rank: int, world: int, cases: list[tuple[str, int, dict]]) -> list[dict]:

@@ -122,6 +122,15 @@ def test_an_extern_result_never_aliases_its_input():
     assert result.data_ptr() != x.data_ptr() and torch.equal(result, x) and token.numel() == 0
 
 
+def test_extern_results_never_alias_each_other():
+    """Gradients handed back as views of one buffer (dk, dv of a ring step) become two storages."""
+    table = ExternTable()
+    table.add(ExternCall("two views", lambda tensors: list(torch.zeros(2, 3).unbind(0)),
+                         (((3,), torch.float32), ((3,), torch.float32))))
+    first, second, _token = table.run(0, [torch.empty(0), torch.ones(1)])
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+
+
 def test_a_graph_with_a_scalar_extern_operand_is_not_lowerable():
     builder = GraphBuilder.new("forward")
     x = builder.input((2, 3), torch.float32)

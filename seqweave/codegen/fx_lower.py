@@ -58,6 +58,7 @@ class LoweredFx:
 
 def to_fx(graph: Graph, comm: Communicator | None = None) -> LoweredFx:
     """The FX form of `graph`; raises NotLowerable for what Inductor cannot take."""
+    _refuse_size_inputs(graph)
     fx_graph, table = fx.Graph(), ExternTable()
     env: dict[Value, fx.Node] = {value: fx_graph.placeholder(f"in_{i}") for i, value in enumerate(graph.inputs)}
     token = fx_graph.placeholder("token")
@@ -71,6 +72,15 @@ def to_fx(graph: Graph, comm: Communicator | None = None) -> LoweredFx:
     flat = [env[value] for value in _unique(values_in(graph.outputs))]
     fx_graph.output([token, *flat])
     return LoweredFx(fx.GraphModule(torch.nn.Module(), fx_graph, class_name=f"seqweave_{graph.name}"), table, graph)
+
+
+def _refuse_size_inputs(graph: Graph) -> None:
+    """A graph taking sizes as inputs (dynamo made them symbolic) is called with new values each
+    time: compiled at one value it would be wrong at the next."""
+    sizes = [value for value in graph.inputs if not isinstance(value.type, TensorType) or not value.type.is_static()]
+    if sizes:
+        raise NotLowerable(f"it takes symbolic sizes (%{sizes[0].name}: {sizes[0].type}"
+                           f"{f' and {len(sizes) - 1} more' if len(sizes) > 1 else ''})")
 
 
 def _unique(values: list[Value]) -> list[Value]:

@@ -21,6 +21,7 @@ import torch
 
 from seqweave.codegen.extern_op import running
 from seqweave.codegen.fx_lower import LoweredFx, to_fx
+from seqweave.codegen.lower import lower
 from seqweave.errors import SeqweaveError
 from seqweave.ir.graph import Graph
 from seqweave.ir.printer import format_node, format_type
@@ -28,7 +29,7 @@ from seqweave.runtime.comm import Communicator
 from seqweave.runtime.program import steal
 
 log = logging.getLogger("seqweave.inductor")
-MAX_LAYOUTS = 4  # input layouts compiled per program before it refuses more
+MAX_LAYOUTS = 4  # input layouts compiled per program; more run eager
 
 
 class InductorCompileError(SeqweaveError):
@@ -68,30 +69,44 @@ def _fakes(examples: list[Any]) -> list[Any]:
 
 
 class InductorProgram:
-    """Callable like `runtime.program.Program`: a boxed argument list in, the IR outputs out."""
+    """Callable like `runtime.program.Program`: a boxed argument list in, the IR outputs out.
+
+    A layout Inductor fails on, or one past `MAX_LAYOUTS`, runs the eager step list instead
+    (exact, slower), said once as a warning and counted in `stats["eager_fallbacks"]`.
+    """
 
     def __init__(self, graph: Graph, comm: Communicator | None = None) -> None:
         self.graph, self.comm = graph, comm
         self.digest = program_digest(graph)
         to_fx(graph, comm)  # refuse now (NotLowerable) what Inductor could not take
-        self.variants: dict[tuple, tuple[LoweredFx, Callable]] = {}
-        self.stats = {"compiles": 0, "cache_hits": 0, "compile_s": 0.0, "extern_calls": 0}
+        self.variants: dict[tuple, Callable[[list], Any]] = {}
+        self.stats = {"compiles": 0, "cache_hits": 0, "compile_s": 0.0, "extern_calls": 0, "eager_fallbacks": 0}
 
     def __call__(self, args: list[Any]) -> Any:
         inputs = steal(args)
         layout = _layout(inputs)
-        lowered, compiled = self.variants.get(layout) or self._compile(layout, inputs)
-        token = torch.empty(0)
-        with running(lowered.table):
-            flat = compiled(*inputs, token)
-        del inputs
-        return lowered.outputs(list(flat))
+        run = self.variants.get(layout) or self._variant(layout, inputs)
+        return run(inputs)
 
-    def _compile(self, layout: tuple, inputs: list[Any]) -> tuple[LoweredFx, Callable]:
+    def _variant(self, layout: tuple, inputs: list[Any]) -> Callable[[list], Any]:
         if len(self.variants) >= MAX_LAYOUTS:
-            raise InductorCompileError(f"the {self.graph.name} graph was called with a {len(self.variants) + 1}th input "
-                                       "layout (shapes, strides, dtypes or devices)",
-                                       hint="call it with one layout, or compile with inner_backend='eager'")
+            run = self._eager(f"a {len(self.variants) + 1}th input layout (shapes, strides, dtypes or devices)")
+        else:
+            try:
+                run = self._compile(inputs)
+            except InductorCompileError as error:
+                run = self._eager(str(error))
+        self.variants[layout] = run
+        return run
+
+    def _eager(self, why: str) -> Callable[[list], Any]:
+        self.stats["eager_fallbacks"] += 1
+        if self.comm is None or self.comm.rank == 0:
+            log.warning("inner_backend='inductor': the %s graph runs eager for this call's inputs: %s",
+                        self.graph.name, why)
+        return lower(self.graph, self.comm)
+
+    def _compile(self, inputs: list[Any]) -> Callable[[list], Any]:
         lowered = to_fx(self.graph, self.comm)
         lowered.table.device = next((a.device for a in inputs if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self.stats["extern_calls"] = len(lowered.table.calls)
@@ -102,8 +117,13 @@ class InductorProgram:
         self.stats["compiles"] += 1
         self.stats["cache_hits"] += _cache_hits() - hits
         self.stats["compile_s"] += time.perf_counter() - started
-        self.variants[layout] = (lowered, compiled)
-        return lowered, compiled
+
+        def run(inputs: list[Any]) -> Any:
+            with running(lowered.table):
+                flat = compiled(*inputs, torch.empty(0))
+            del inputs[:]
+            return lowered.outputs(list(flat))
+        return run
 
     def _compile_fx(self, lowered: LoweredFx, examples: list[Any]) -> Callable:
         """Compile on a fresh thread: the first call comes from inside aot_autograd's runtime,

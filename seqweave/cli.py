@@ -84,7 +84,7 @@ def _demo_single() -> None:
                       "[green]yes[/]" if rows[-1].passed else "[red]NO[/]")
     out.print(table)
     from seqweave.codegen.attention_kernels import kernels_in_use
-    out.print(f"time ratio = steady-state compiled step / eager step (tiny shapes on CPU; attention ran the "
+    out.print(f"time ratio = steady-state compiled step / eager step (tiny shapes on CPU; attention ran on: "
               f"{kernels_in_use('cpu')}).")
     if not all(row.passed for row in rows):
         raise typer.Exit(1)

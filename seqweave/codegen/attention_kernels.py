@@ -1,8 +1,11 @@
-"""Which kernels run an attention call: generated Triton kernels where they can, the reference elsewhere.
+"""Which kernels run an attention call: generated Triton kernels, PyTorch's fused CPU kernel, or the reference.
 
-On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels; on CPU the blockwise
-torch reference runs, unless SEQWEAVE_TRITON_INTERPRET=1 routes it to the same Triton kernels
-under the interpreter (for tests and debugging). float64 always runs the reference.
+On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels. On CPU, attention
+without a score mod runs PyTorch's fused CPU flash kernel (`cpu_flash`, any dtype it takes,
+float64 included); SEQWEAVE_TRITON_INTERPRET=1 routes fp16/bf16/fp32 to the Triton kernels under
+the interpreter instead (for tests and debugging), and SEQWEAVE_CPU_ATTENTION=reference forces
+the blockwise torch reference. Everything else (score mods on CPU, float64 on CUDA) runs the
+reference.
 
 The kernels take one global offset per side, so positions that are not one contiguous range
 (a zigzag shard holds two chunks) are split into contiguous runs: each (q run, kv run) pair is
@@ -15,6 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from seqweave.codegen import cpu_flash
+from seqweave.codegen.runs import Run, runs_of  # noqa: F401  (runs_of: part of this module's API)
 from seqweave.codegen.triton import attention as triton_attention
 from seqweave.codegen.triton.jit import use_triton
 from seqweave.codegen.triton.specs import MAX_HEAD_DIM, SUPPORTED_DTYPES
@@ -23,18 +28,6 @@ from seqweave.ir.ops import attn_reference
 from seqweave.ir.ops.attn_reference import merge_partials
 from seqweave.ir.score_mod import NoScoreMod, ScoreMod, Softcap
 from seqweave.runtime.local_attention import LocalAttention
-
-Run = tuple[int, int, int]  # (local start, length, global start of the run)
-
-
-def runs_of(positions: Tensor | None, length: int) -> list[Run]:
-    """Split global positions into maximal contiguous runs (all of 0..length-1 when None)."""
-    if positions is None:
-        return [(0, length, 0)]
-    positions = positions.cpu()
-    breaks = (torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1).tolist()
-    starts, stops = [0] + breaks, breaks + [length]
-    return [(a, b - a, int(positions[a])) for a, b in zip(starts, stops)]
 
 
 def triton_handles(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod) -> bool:
@@ -48,6 +41,9 @@ def kernels_in_use(device: torch.device | str = "cpu") -> str:
     """Which kernels fp32/fp16/bf16 attention runs on `device`, in words (for reports)."""
     probe = torch.empty(0, device=device)
     if not use_triton(probe):
+        probe = torch.empty(1, 1, 1, 1, device=device)  # one head, one position
+        if cpu_flash.handles(probe, probe, probe, NoScoreMod()):
+            return cpu_flash.NAME + " (score mods: the blockwise torch reference)"
         return "blockwise torch reference"
     return "generated Triton kernels" + ("" if probe.is_cuda else " under Triton's CPU interpreter")
 
@@ -67,6 +63,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod
             kv_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out, lse), with the reference's signature and semantics."""
     if not triton_handles(q, k, v, score_mod):
+        if cpu_flash.handles(q, k, v, score_mod):
+            return cpu_flash.forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
         return attn_reference.attention_forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
     outs, lses = [], []
     for q_run in runs_of(q_positions, q.shape[2]):
@@ -85,6 +83,9 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              q_positions: Tensor | None = None, kv_positions: Tensor | None = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv), with the reference's signature; `out`/`lse` may be merged over other keys."""
     if not triton_handles(q, k, v, score_mod):
+        if cpu_flash.handles(q, k, v, score_mod):
+            return cpu_flash.backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
+                                      q_positions, kv_positions)
         return attn_reference.attention_backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
                                                  q_positions, kv_positions)
     q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
@@ -104,4 +105,5 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
-GENERATED = LocalAttention("generated kernels where they run, else the reference", forward, backward)
+GENERATED = LocalAttention("generated kernels or the fused CPU kernel where they run, else the reference",
+                           forward, backward)

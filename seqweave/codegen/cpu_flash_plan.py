@@ -185,9 +185,12 @@ def _is_causal(mask: MaskSpec, span: Span, operands: Sequence[Tensor], grid: Ten
             tile_grid(Causal(), blocks, ()), grid.shape)):
         return False
     for m, row in enumerate(grid):
+        partial = (row == PARTIAL).nonzero().flatten()
+        if not len(partial):  # FULL / EMPTY tiles are exact, and these are causal's
+            continue
         q0, q1 = m * BLOCK_Q, min((m + 1) * BLOCK_Q, span.q_len)
-        k1 = min(int((row != EMPTY).nonzero()[-1, 0] + 1) * TILE_KV, span.kv_len)
-        if not _triangle(_allowed(mask, span, operands, (q0, q1, q0, k1))):
+        k0, k1 = int(partial[0]) * TILE_KV, min((int(partial[-1]) + 1) * TILE_KV, span.kv_len)
+        if not _triangle(_allowed(mask, span, operands, (q0, q1, k0, k1)), q0 - k0):
             return False
     return True
 
@@ -200,7 +203,8 @@ def _allowed(mask: MaskSpec, span: Span, operands: Sequence[Tensor], box: tuple[
                          torch.arange(span.kv_start + k0, span.kv_start + k1, device=device), operands).cpu()
 
 
-def _triangle(allowed: Tensor) -> bool:
-    """allowed is the kernel's top-left causal mask: row i sees exactly keys 0..i."""
+def _triangle(allowed: Tensor, diagonal: int = 0) -> bool:
+    """allowed is the kernel's top-left causal mask (row i sees exactly keys 0..i), shifted right
+    by `diagonal` keys when the box starts that many keys before its first row."""
     q, k = allowed.shape[-2:]
-    return bool((allowed == torch.ones(q, k, dtype=torch.bool).tril()).all())
+    return bool((allowed == torch.ones(q, k, dtype=torch.bool).tril(diagonal)).all())

@@ -268,3 +268,16 @@ def test_plans_build_masks_per_block_only():
     assert all(p.bias.shape[-1] <= 1024 + cpu_flash_plan.BLOCK_Q + cpu_flash_plan.TILE_KV for p in masked)
     whole = cpu_flash_plan.plan(parse_mask("causal"), span, (), torch.float32)
     assert [(p.kind, p.q0, p.q1, p.k0, p.k1) for p in whole] == [(cpu_flash_plan.CAUSAL, 0, 4096, 0, 4096)]
+
+
+@pytest.mark.parametrize("sizes", [(16, 4, 8), (10, 4, 8), (6, 8, 4)], ids=["aligned", "ragged", "wide-tiles"])
+@pytest.mark.parametrize("text", ["causal", "causal | sinks(3)", "causal & sliding_window(200, 0)"])
+def test_whole_call_causal_only_where_the_mask_is_exactly_causal(sizes, text, launches):
+    """Query blocks that do not start on a tile edge still verify the whole diagonal."""
+    q, k, v, dout = tensors(45, 45)
+    mask = parse_mask(text)
+    with small_blocks(*sizes):
+        got = run(q, k, v, dout, mask)
+    assert_matches(got, expected(q, k, v, dout, mask), F32)
+    whole = text != "causal | sinks(3)"  # query 0 sees keys 1, 2; the window is wider than the sequence
+    assert (launches["forward"] == 1) == whole

@@ -203,7 +203,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     q_runs, kv_runs, pieces = _only_piece(q, k, mask, operands, q_positions, kv_positions)
     # a row that sees no key anywhere has lse -inf: +inf makes every P = exp(S - lse) of it 0
     safe_lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), float("inf"))
-    if _is_whole(q, pieces):  # one kernel call: its gradients are the answer
+    if _is_whole(q, pieces) and (pieces[0].k0, pieces[0].k1) == (0, k.shape[2]):  # one call: its gradients
         return tuple(g.contiguous() for g in _backward_piece(dout, q, k, v, out, safe_lse, pieces[0], scale))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     grads = tuple(torch.zeros(t.shape, dtype=acc) for t in (q, k, v))

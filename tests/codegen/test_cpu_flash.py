@@ -281,3 +281,12 @@ def test_whole_call_causal_only_where_the_mask_is_exactly_causal(sizes, text, la
     assert_matches(got, expected(q, k, v, dout, mask), F32)
     whole = text != "causal | sinks(3)"  # query 0 sees keys 1, 2; the window is wider than the sequence
     assert (launches["forward"] == 1) == whole
+
+
+def test_one_call_over_some_of_the_keys_still_returns_gradients_for_all_of_them():
+    """A single kernel call that skips trailing EMPTY keys: dk / dv keep every key (zeros there)."""
+    q, k, v, dout = tensors(2, 5)
+    mask = parse_mask("sliding_window(0, 0)")
+    with small_blocks(block_q=8, tile_kv=4, min_split=8):
+        got = run(q, k, v, dout, mask)
+    assert_matches(got, expected(q, k, v, dout, mask), F32)

@@ -210,21 +210,21 @@ def test_bfloat16_keeps_the_reference_dtypes():
         torch.testing.assert_close(g.double(), w, atol=6e-2, rtol=6e-2)
 
 
-@settings(max_examples=30)
-@given(mask=mask_specs(), q_len=st.integers(1, 41), kv_len=st.integers(1, 41), offset=st.integers(0, 20),
-       data=st.data())
-def test_any_mask_and_lengths_match_the_float64_reference(mask, q_len, kv_len, offset, data):
+@settings(max_examples=60)
+@given(mask=mask_specs(), q_len=st.integers(1, 41), kv_len=st.integers(1, 41), offsets=st.tuples(
+       st.integers(0, 20), st.integers(0, 20)), data=st.data())
+def test_any_mask_and_lengths_match_the_float64_reference(mask, q_len, kv_len, offsets, data):
     """Any MaskSpec (document / padding read operand $0: small ints over the positions) at odd
-    lengths and offset keys equals the blockwise float64 reference, forward and backward."""
+    lengths and offset queries / keys equals the blockwise float64 reference, forward and backward."""
     q, k, v, dout = tensors(q_len, kv_len, seed=q_len * 100 + kv_len)
-    kv_pos = torch.arange(offset, offset + kv_len)
-    length = max(q_len, offset + kv_len)
+    q_pos, kv_pos = torch.arange(offsets[0], offsets[0] + q_len), torch.arange(offsets[1], offsets[1] + kv_len)
+    length = max(offsets[0] + q_len, offsets[1] + kv_len)
     ids = data.draw(st.lists(st.integers(0, 3), min_size=length, max_size=length))
     operands = (torch.tensor([ids, sorted(ids)]),)
     with small_blocks(block_q=8, tile_kv=4, min_split=8):
-        got = run(q, k, v, dout, mask, operands, None, kv_pos)
-    want_out, want_lse = attention_forward(q, k, v, mask, NONE, SCALE, operands, None, kv_pos)
-    want = attention_backward(dout, q, k, v, want_out, want_lse, mask, NONE, SCALE, operands, None, kv_pos)
+        got = run(q, k, v, dout, mask, operands, q_pos, kv_pos)
+    want_out, want_lse = attention_forward(q, k, v, mask, NONE, SCALE, operands, q_pos, kv_pos)
+    want = attention_backward(dout, q, k, v, want_out, want_lse, mask, NONE, SCALE, operands, q_pos, kv_pos)
     assert_matches(got, (want_out, want_lse, want), F32)
 
 

@@ -73,3 +73,20 @@ def test_property_testing_benchmark_checks_every_pipeline(tmp_path: Path) -> Non
     assert [r["pipeline"].split("{")[0] for r in payload["rows"]][:2] == ["canonicalize", "shard-sequence"]
     assert all(r["checked"] == 3 and r["failed"] == 0 for r in payload["rows"])
     assert payload["schedule"]["programs"] == 3 and payload["schedule"]["schedule_check_s"] > 0
+
+
+def test_step_smoke_checks_every_loss_against_eager(tmp_path: Path) -> None:
+    """step.py at 64 tokens, 1 layer, without the rows that compile with Inductor (a minute each here)."""
+    out = tmp_path / "step.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(REPO / "benchmarks" / "step.py"), "--lengths", "64", "--layers", "1", "--steps", "1",
+               "--rows", "eager,seqweave eager", "--ranks", "2", "--out", str(out)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    payload = json.loads(out.read_text())
+    rows = {r["row"]: r for r in payload["rows"]}
+    assert list(rows) == ["eager", "seqweave eager", "seqweave eager, 2 ranks"] and not payload["failures"]
+    assert all(r["loss_rel_err"] <= payload["settings"]["rtol"] for r in rows.values())
+    assert rows["seqweave eager"]["runners"] == ["forward:eager", "backward:eager"]
+    ranked = rows["seqweave eager, 2 ranks"]
+    assert len(ranked["step_s_per_rank"]) == 2 and ranked["bytes_sent_per_step"] > 0 and ranked["comm_s"] > 0

@@ -119,9 +119,9 @@ class InductorProgram:
         self.stats["compile_s"] += time.perf_counter() - started
 
         def run(inputs: list[Any]) -> Any:
+            inputs.append(torch.empty(0))  # the first token
             with running(lowered.table):
-                flat = compiled(*inputs, torch.empty(0))
-            del inputs[:]
+                flat = compiled(inputs)  # boxed: it empties the list, so each input can go after its last use
             return lowered.outputs(list(flat))
         return run
 
@@ -129,12 +129,18 @@ class InductorProgram:
         """Compile on a fresh thread: the first call comes from inside aot_autograd's runtime,
         whose thread-local dispatch state (what functionalization and autograd see) would leak
         into Inductor's own tracing."""
+        from torch._dynamo.utils import GmWrapper
         from torch._inductor.compile_fx import compile_fx
         from torch.utils._filelock import FileLock
 
         def compile_here() -> Callable:
+            # wrapped, the module compiles to a boxed function (one list in, which it empties)
+            boxed = GmWrapper(lowered.module, lambda args: args)
             with FileLock(_lock_path(self.digest)), running(lowered.table), torch.no_grad():
-                return compile_fx(lowered.module, _fakes(examples))
+                compiled = compile_fx(boxed, _fakes(examples))
+            if not getattr(compiled, "_boxed_call", False):
+                return lambda args: compiled(*steal(args))
+            return compiled
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="seqweave-inductor") as pool:
                 return pool.submit(compile_here).result()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 
 import pytest
 import torch
@@ -211,6 +212,21 @@ def test_same_program_compiles_once_then_reads_the_cache():
     a, b = first(list(inputs)), second(list(inputs))
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert second.stats["compiles"] == 1 and (first.stats["cache_hits"] + second.stats["cache_hits"]) >= 1
+
+
+def test_the_compiled_program_lets_go_of_its_inputs():
+    """Boxed like the eager step list: a backward can free each saved activation, and the caller
+    keeps no reference the program does not need."""
+    graph = _scaled_attention_graph()
+    program = InductorProgram(graph)
+    inputs = random_inputs(graph)
+    (want,) = interpret(graph, [t.clone() for t in inputs])
+    alive = weakref.ref(inputs[1])
+    args = list(inputs)
+    del inputs
+    (got,) = program(args)
+    assert args == [] and alive() is None
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_unknown_inner_backend_is_named():

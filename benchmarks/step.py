@@ -169,7 +169,7 @@ def _backend_facts(backend: Any, steps: int, first_bytes: int) -> dict:
             "inductor_compiles": sum(p["compiles"] for p in programs),
             "inductor_compile_s": sum(p["compile_s"] for p in programs),
             "bytes_sent_per_step": per_step,
-            "comm_per_step": {kind: e for kind, e in backend.comm_stats().items() if e["calls"]}}
+            "comm_stats_total": {kind: e for kind, e in backend.comm_stats().items() if e["calls"]}}  # warm-up + steps
 
 
 class _Blocked:

@@ -1,7 +1,7 @@
 """`seqweave::extern`: one custom op through which an Inductor-compiled graph calls seqweave.
 
 Inductor fuses the regions between attentions; seqweave's own ops (attention on one device
-and over ranks, collectives, `mem.*`) must stay seqweave's. Each such IR node becomes one call
+and over ranks, collectives) must stay seqweave's. Each such IR node becomes one call
 `seqweave::extern(index, [token, *tensors]) -> [*results, token]`:
 
 - `index` picks the node's bound implementation from the table of the program running in this
@@ -39,7 +39,6 @@ class ExternCall:
     label: str
     run: Callable[[list[Tensor]], list[Tensor]]
     result_types: tuple[tuple[tuple[int, ...], torch.dtype], ...]  # (shape, dtype) per result
-    results_on_host: bool = False  # `mem.offload` and its arena live in host memory
 
 
 @dataclass
@@ -68,8 +67,7 @@ class ExternTable:
 
     def fake(self, index: int, tensors: list[Tensor]) -> list[Tensor]:
         call, token = self.calls[index], tensors[0]
-        device = torch.device("cpu") if call.results_on_host else self.device
-        return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in call.result_types] + \
+        return [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in call.result_types] + \
             [token.new_empty(0)]
 
     def _expect(self, index: int) -> None:
@@ -108,6 +106,19 @@ def running(table: ExternTable) -> Iterator[None]:
         _RUNNING.table = previous
 
 
+_AUTOGRAD_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradOther)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradNestedTensor))
+
+
+def _with_autograd() -> contextlib.AbstractContextManager:
+    """The dispatcher calls a custom op's kernel with autograd excluded below it; an extern call
+    runs what the eager runtime runs, some of which differentiates inside (linear attention's
+    reference backward), so autograd is let back in (grad mode stays the caller's)."""
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           torch._C._dispatch_tls_local_exclude_set() - _AUTOGRAD_KEYS)
+
+
 def _table() -> ExternTable:
     table = getattr(_RUNNING, "table", None)
     if table is None:
@@ -118,7 +129,9 @@ def _table() -> ExternTable:
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def extern(index: int, tensors: list[Tensor]) -> list[Tensor]:
-    return _table().run(index, tensors)
+    table = _table()
+    with _with_autograd():
+        return table.run(index, tensors)
 
 
 @extern.register_fake

@@ -2,7 +2,7 @@
 
 `core.*` nodes become calls of their ATen overload and `scalar.*` nodes of their Python
 function, so Inductor sees the regions between attentions as the ops they are and fuses them.
-Every other node (attention on one device or over ranks, collectives, `mem.*`) becomes a
+Every other node (attention on one device or over ranks, collectives) becomes a
 `seqweave::extern` call running exactly what the eager step list runs for it
 (`codegen.lower.implementation`), ordered by a token (`codegen.extern_op`).
 
@@ -27,9 +27,6 @@ from seqweave.ir.ops.core import CORE_PREFIX, aten_overload
 from seqweave.ir.ops.scalar import SCALAR_PREFIX, scalar_op
 from seqweave.ir.types import TensorType
 from seqweave.runtime.comm import Communicator
-
-#: extern ops whose results live in host memory whatever device the program runs on
-HOST_RESULTS = ("mem.host_arena", "mem.offload")
 
 
 class NotLowerable(SeqweaveError):
@@ -59,6 +56,7 @@ class LoweredFx:
 def to_fx(graph: Graph, comm: Communicator | None = None) -> LoweredFx:
     """The FX form of `graph`; raises NotLowerable for what Inductor cannot take."""
     _refuse_size_inputs(graph)
+    _refuse_memory_plans(graph)
     fx_graph, table = fx.Graph(), ExternTable()
     env: dict[Value, fx.Node] = {value: fx_graph.placeholder(f"in_{i}") for i, value in enumerate(graph.inputs)}
     token = fx_graph.placeholder("token")
@@ -81,6 +79,15 @@ def _refuse_size_inputs(graph: Graph) -> None:
     if sizes:
         raise NotLowerable(f"it takes symbolic sizes (%{sizes[0].name}: {sizes[0].type}"
                            f"{f' and {len(sizes) - 1} more' if len(sizes) > 1 else ''})")
+
+
+def _refuse_memory_plans(graph: Graph) -> None:
+    """A memory plan (`mem.*` ops) is exact against the eager runtime's allocations: its host
+    arenas are written through views, and its peak was planned op by op. Inductor plans its
+    own buffers, so a planned graph keeps the runtime that the plan was made for."""
+    planned = sorted({node.op for node in graph.nodes if node.op.startswith("mem.")})
+    if planned:
+        raise NotLowerable(f"it carries an activation-memory plan ({', '.join(planned)}), made for the eager runtime")
 
 
 def _unique(values: list[Value]) -> list[Value]:
@@ -126,7 +133,7 @@ def _extern_call(node: Node, index: int, comm: Communicator | None) -> ExternCal
 
     types = tuple((value.type.concrete_shape(), value.type.dtype) for value in node.results)
     label = f"{node.op} -> %{node.results[0].name}" if node.results else node.op
-    return ExternCall(label, run, types, results_on_host=node.op in HOST_RESULTS)
+    return ExternCall(label, run, types)
 
 
 def _call_extern(fx_graph: fx.Graph, env: dict[Value, fx.Node], node: Node, index: int, token: fx.Node) -> fx.Node:

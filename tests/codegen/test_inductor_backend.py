@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from torch import nn
 
 import seqweave
-from seqweave.codegen.extern_op import ExternCall, ExternOrderError, ExternTable
+from seqweave.codegen.extern_op import ExternCall, ExternOrderError, ExternTable, running
 from seqweave.codegen.fx_lower import NotLowerable, to_fx
 from seqweave.codegen.inductor import InductorProgram, program_digest
 from seqweave.errors import OptionError
@@ -132,6 +132,21 @@ def test_extern_results_never_alias_each_other():
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
 
 
+def test_an_extern_call_may_differentiate_inside():
+    """Linear attention's reference backward runs autograd inside: the dispatcher switches
+    autograd off below a custom op, and the extern call switches it back on."""
+    def gradient_of_square(tensors):
+        with torch.enable_grad():
+            x = tensors[0].detach().requires_grad_()
+            return [torch.autograd.grad((x * x).sum(), x)[0]]
+    table = ExternTable()
+    table.add(ExternCall("grad", gradient_of_square, (((3,), torch.float32),)))
+    x = torch.tensor([1.0, 2.0, 3.0])
+    with running(table), torch.no_grad():
+        (grad, _token) = torch.ops.seqweave.extern.default(0, [torch.empty(0), x])
+    torch.testing.assert_close(grad, 2 * x)
+
+
 def test_a_graph_taking_sizes_is_not_lowerable():
     """dynamo's symbolic sizes arrive as int inputs with new values each call: compiled at one
     value the graph would be wrong at the next, so it runs eager."""
@@ -227,6 +242,17 @@ def test_the_compiled_program_lets_go_of_its_inputs():
     (got,) = program(args)
     assert args == [] and alive() is None
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_a_graph_with_a_memory_plan_is_not_lowerable():
+    """A plan's host arenas are written through views and its peak planned op by op: Inductor
+    would plan buffers its own way, so a planned graph keeps the eager runtime."""
+    builder = GraphBuilder.new("forward")
+    x = builder.input((2, 3), torch.float32)
+    arena = builder.one("mem.host_arena", (x,), {"nbytes": 24})
+    builder.graph.outputs = (builder.one("mem.offload", (x, arena), {"offset": 0}),)
+    with pytest.raises(NotLowerable, match="activation-memory plan \\(mem.host_arena, mem.offload\\)"):
+        to_fx(builder.graph)
 
 
 def test_unknown_inner_backend_is_named():

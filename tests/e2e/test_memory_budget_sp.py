@@ -40,8 +40,10 @@ def planned_steps(rank: int, world: int, target: tuple, fractions: list[float]) 
     for fraction in [None, *fractions]:
         torch._dynamo.reset()
         budget = None if fraction is None else int(fraction * free[0])
+        # plans are made against the eager runtime's allocations (with inner_backend="inductor" a
+        # planned graph runs eager too): the plan-free peak they are a fraction of is measured there
         backend = seqweave.backend(mesh=seqweave.Mesh(sp=world), attention="ring", balance="zigzag", timeout=120,
-                                   memory_budget=budget)
+                                   memory_budget=budget, inner_backend="eager")
         compiled = torch.compile(model, backend=backend, dynamic=False)
         _step(model, loss_of, compiled)
         with LiveBytes() as live:

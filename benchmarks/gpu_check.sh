@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_check.sh                 # results in benchmarks/results/
 #   OUT=/some/dir bash benchmarks/gpu_check.sh   # gpu_tests.txt, attention_gpu.json, attention_gpu.txt there
+#   STEP=1 bash benchmarks/gpu_check.sh          # also whole training steps (benchmarks/step.py --gpu, ~5 min)
 #
 # Limits (seconds, override by environment): TEST_TIMEOUT_S=210 for pytest, BENCH_TIMEOUT_S=240 for the
 # benchmark, which starts no new config after BENCH_BUDGET_S=150 and rewrites its JSON after every
@@ -46,6 +47,14 @@ timeout -k 10 "$LINEAR_TIMEOUT_S" "$PYTHON" benchmarks/linear_attention_gpu.py \
   --out "$OUT/linear_attention_gpu.json" 2>&1 | tee "$OUT/linear_attention_gpu.txt"
 linear_status=${PIPESTATUS[0]}
 
-echo "== gpu_check: tests exit ${tests_status}, benchmark exit ${bench_status}, linear exit ${linear_status}" \
-  "(124 = timed out)"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$linear_status" -eq 0 ]
+step_status=0
+if [ "${STEP:-0}" = "1" ]; then  # opt-in: whole training steps compile for minutes; give it its own session time
+  echo "== whole training step (${STEP_TIMEOUT_S:-300} s limit): eager, torch.compile, seqweave eager / inductor"
+  timeout -k 10 "${STEP_TIMEOUT_S:-300}" "$PYTHON" benchmarks/step.py --gpu --ranks 1 --steps 2 \
+    --out "$OUT/step_gpu.json" 2>&1 | tee "$OUT/step_gpu.txt"
+  step_status=${PIPESTATUS[0]}
+fi
+
+echo "== gpu_check: tests exit ${tests_status}, benchmark exit ${bench_status}, linear exit ${linear_status}," \
+  "step exit ${step_status} (124 = timed out)"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$linear_status" -eq 0 ] && [ "$step_status" -eq 0 ]

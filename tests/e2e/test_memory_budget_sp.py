@@ -75,7 +75,13 @@ def test_tiny_llama_on_four_ranks_under_ring_attention():
     _check(run_ranks(4, planned_steps, ("llama", 2048), [0.5], timeout_s=600))
 
 
-def test_a_zoo_model_on_two_ranks():
+def test_a_zoo_model_on_two_ranks(monkeypatch):
     """nn.TransformerEncoder, sequence first, float inputs, loss outside: not an LM. Two thin layers
-    whose backward needs most of what they save at once: 85% is about what any plan can reach."""
+    whose backward needs most of what they save at once: 85% is about what any plan can reach.
+
+    The plan reserves inside each attention what the blockwise reference allocates there
+    (`ir/ops/workspace.py`); PyTorch's fused CPU kernel allocates less, so with it the plan-free
+    peak measured here is lower than the plan's model of it and a budget this near the floor is
+    refused (safe: the model over-reserves). The ranks run the kernel the model describes."""
+    monkeypatch.setenv("SEQWEAVE_CPU_ATTENTION", "reference")  # spawned ranks inherit it
     _check(run_ranks(2, planned_steps, ("encoder-seq-first", 2048), [0.85], timeout_s=600))

@@ -71,7 +71,7 @@ class CompileOptions:
     memory_quantize: bool = False
     verify: bool = True
     #: what runs each rank's program: "eager" runs the IR op by op; "inductor" lowers it to FX with
-    #: seqweave's attention, collectives and memory ops as extern calls and compiles the rest
+    #: seqweave's attention and collectives as extern calls and compiles the rest
     #: with Inductor (fused pointwise, norm and matmul regions); SEQWEAVE_INNER_BACKEND sets the default
     inner_backend: str = field(default_factory=lambda: os.environ.get(INNER_BACKEND_ENV) or "eager")
     #: SEQWEAVE_DUMP=dir writes the IR before and after every pass there.

@@ -1,7 +1,7 @@
 """Run an IR graph through Inductor: `inner_backend="inductor"`.
 
-The graph is lowered to FX (`codegen.fx_lower`) with seqweave's attention, collectives and
-memory ops as extern calls, and compiled by `torch._inductor.compile_fx` the first time it is
+The graph is lowered to FX (`codegen.fx_lower`) with seqweave's attention and collectives as
+extern calls, and compiled by `torch._inductor.compile_fx` the first time it is
 called, with the real inputs as examples (a program compiles once per input layout; the
 shapes are static, so in practice once). Inductor's FX-graph cache is keyed by the graph's
 code, which holds no rank and no Python object, so ranks running the same program share one

@@ -1,10 +1,10 @@
 """Which kernels run an attention call: generated Triton kernels, PyTorch's fused CPU kernel, or the reference.
 
-On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels. On CPU, attention
-without a score mod runs PyTorch's fused CPU flash kernel (`cpu_flash`, any dtype it takes,
-float64 included); SEQWEAVE_TRITON_INTERPRET=1 routes fp16/bf16/fp32 to the Triton kernels under
-the interpreter instead (for tests and debugging), and SEQWEAVE_CPU_ATTENTION=reference forces
-the blockwise torch reference. Everything else (score mods on CPU, float64 on CUDA) runs the
+On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels. On CPU, with
+SEQWEAVE_CPU_ATTENTION=fused (opt-in, see `cpu_flash.enabled`), attention without a score mod
+runs PyTorch's fused CPU flash kernel (`cpu_flash`, any dtype it takes, float64 included);
+SEQWEAVE_TRITON_INTERPRET=1 routes fp16/bf16/fp32 to the Triton kernels under the interpreter
+instead (for tests and debugging); otherwise the blockwise torch reference runs. Everything else (score mods on CPU, float64 on CUDA) runs the
 reference.
 
 The kernels take one global offset per side, so positions that are not one contiguous range

@@ -33,6 +33,12 @@ def small_blocks(block_q: int = 16, tile_kv: int = 4, min_split: int = 8):
         yield
 
 
+@pytest.fixture(autouse=True)
+def fused_kernel_on(monkeypatch):
+    """The fused kernel is opt-in (cpu_flash.enabled); these tests are about it."""
+    monkeypatch.setenv(cpu_flash.ENV, cpu_flash.OPT_IN)
+
+
 @pytest.fixture
 def launches():
     """cpu_flash's kernel call counter, zeroed for the test."""
@@ -230,7 +236,7 @@ def test_any_mask_and_lengths_match_the_float64_reference(mask, q_len, kv_len, o
 
 def test_dispatch_runs_the_fused_kernel_on_cpu_and_the_reference_for_score_mods(launches, monkeypatch):
     monkeypatch.delenv("SEQWEAVE_TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv(cpu_flash.ENV, raising=False)
+    monkeypatch.setenv(cpu_flash.ENV, "fused")
     q, k, v, dout = (t.float() for t in tensors(20, 20))
     mask = parse_mask("causal")
     out, lse = attention_kernels.forward(q, k, v, mask, NONE, SCALE)

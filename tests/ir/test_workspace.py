@@ -3,7 +3,7 @@ reserves, is at least what the accounting measures (and not wildly more)."""
 import pytest
 import torch
 
-from seqweave.codegen.lower import _implementation
+from seqweave.codegen.lower import implementation
 from seqweave.ir.graph import map_values
 from seqweave.ir.ops import op_def
 from seqweave.ir.parser import parse_graph
@@ -29,7 +29,7 @@ def test_estimate_covers_what_attention_allocates(n, rope):
         args = map_values(node.args, lambda v: values[v.name])
         kwargs = map_values(node.kwargs, lambda v: values[v.name])
         with LiveBytes() as live:
-            results = _implementation(node, 0, None)(*args, **kwargs)
+            results = implementation(node, 0, None)(*args, **kwargs)
         for value, result in zip(node.results, results):
             values[value.name] = result
         produced = sum(r.numel() * r.element_size() for r in results)

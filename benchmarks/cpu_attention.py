@@ -97,7 +97,6 @@ def _sdpa_fns(x: dict, kind: str, args: argparse.Namespace) -> tuple[Callable, C
 def _time_row(kind: str, n: int, args: argparse.Namespace) -> dict:
     x = _inputs(n, args, kind)
     row: dict = {"mask": kind, "N": n}
-    os.environ["SEQWEAVE_CPU_ATTENTION"] = "fused"  # the fused kernel is opt-in (cpu_flash.enabled)
     runners = {"seqweave": lambda: _seqweave_fns(x, kind, args), "sdpa": lambda: _sdpa_fns(x, kind, args)}
     for name, make in runners.items():
         fwd, fwd_bwd = make()
@@ -108,7 +107,7 @@ def _time_row(kind: str, n: int, args: argparse.Namespace) -> dict:
             fwd, fwd_bwd = _seqweave_fns(x, kind, args)
             row["reference"] = {"fwd": _median_seconds(fwd, 1), "fwd_bwd": _median_seconds(fwd_bwd, 1)}
         finally:
-            os.environ["SEQWEAVE_CPU_ATTENTION"] = "fused"
+            del os.environ["SEQWEAVE_CPU_ATTENTION"]
     row["ratio"] = {p: row["seqweave"][p] / row["sdpa"][p] for p in ("fwd", "fwd_bwd")}
     print(f"{kind:>14} N={n:>5}: fwd {row['seqweave']['fwd'] * 1e3:8.1f} ms vs {row['sdpa']['fwd'] * 1e3:8.1f} ms,"
           f" fwd+bwd {row['seqweave']['fwd_bwd'] * 1e3:8.1f} ms vs {row['sdpa']['fwd_bwd'] * 1e3:8.1f} ms",

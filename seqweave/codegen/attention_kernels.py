@@ -1,15 +1,17 @@
 """Which kernels run an attention call: generated Triton kernels, PyTorch's fused CPU kernel, or the reference.
 
-On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels. On CPU, with
-SEQWEAVE_CPU_ATTENTION=fused (opt-in, see `cpu_flash.enabled`), attention without a score mod
-runs PyTorch's fused CPU flash kernel (`cpu_flash`, any dtype it takes, float64 included);
-SEQWEAVE_TRITON_INTERPRET=1 routes fp16/bf16/fp32 to the Triton kernels under the interpreter
-instead (for tests and debugging); otherwise the blockwise torch reference runs. Everything else (score mods on CPU, float64 on CUDA) runs the
+On CUDA, float16 / bfloat16 / float32 attention runs the Triton kernels. On CPU, attention
+without a score mod runs PyTorch's fused CPU flash kernel (`cpu_flash`, any dtype it takes,
+float64 included); SEQWEAVE_TRITON_INTERPRET=1 routes fp16/bf16/fp32 to the Triton kernels under
+the interpreter instead (for tests and debugging), and SEQWEAVE_CPU_ATTENTION=reference forces
+the blockwise torch reference. Everything else (score mods on CPU, float64 on CUDA) runs the
 reference.
 
 The kernels take one global offset per side, so positions that are not one contiguous range
 (a zigzag shard holds two chunks) are split into contiguous runs: each (q run, kv run) pair is
-one launch, partial results are merged by their LSE, and gradients are summed.
+one launch, partial results are merged by their LSE, and gradients are summed. Positions that
+would take more than MAX_RUN_PAIRS launches (a striped shard is a run per position) run the
+reference on CUDA; the CPU kernel takes strided runs and needs no such escape.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from seqweave.codegen import cpu_flash
-from seqweave.codegen.runs import Run, runs_of  # noqa: F401  (runs_of: part of this module's API)
+from seqweave.codegen.runs import MAX_RUN_PAIRS, Run, runs_of
 from seqweave.codegen.triton import attention as triton_attention
 from seqweave.codegen.triton.jit import use_triton
 from seqweave.codegen.triton.specs import MAX_HEAD_DIM, SUPPORTED_DTYPES
@@ -58,18 +60,25 @@ def _call(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, 
                                       scale, operands, q_run[2], kv_run[2])
 
 
+def _on_triton(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod, q_runs: list[Run], kv_runs: list[Run]) -> bool:
+    """True when the generated kernels take this call: they launch once per contiguous (q, kv)
+    run pair, so a striped shard (a run per position) runs the reference instead."""
+    return triton_handles(q, k, v, score_mod) and len(q_runs) * len(kv_runs) <= MAX_RUN_PAIRS
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
             operands: Sequence[Tensor] = (), q_positions: Tensor | None = None,
             kv_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out, lse), with the reference's signature and semantics."""
-    if not triton_handles(q, k, v, score_mod):
+    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
+    if not _on_triton(q, k, v, score_mod, q_runs, kv_runs):
         if cpu_flash.handles(q, k, v, score_mod):
             return cpu_flash.forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
         return attn_reference.attention_forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
     outs, lses = [], []
-    for q_run in runs_of(q_positions, q.shape[2]):
+    for q_run in q_runs:
         out = lse = None
-        for kv_run in runs_of(kv_positions, k.shape[2]):
+        for kv_run in kv_runs:
             part_out, part_lse, _ = triton_attention.forward(_call(q, k, v, mask, score_mod, scale, operands,
                                                                    q_run, kv_run))
             out, lse = (part_out, part_lse) if out is None else merge_partials(out, lse, part_out, part_lse)
@@ -82,13 +91,13 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              score_mod: ScoreMod, scale: float, operands: Sequence[Tensor] = (),
              q_positions: Tensor | None = None, kv_positions: Tensor | None = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv), with the reference's signature; `out`/`lse` may be merged over other keys."""
-    if not triton_handles(q, k, v, score_mod):
+    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
+    if not _on_triton(q, k, v, score_mod, q_runs, kv_runs):
         if cpu_flash.handles(q, k, v, score_mod):
             return cpu_flash.backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
                                       q_positions, kv_positions)
         return attn_reference.attention_backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
                                                  q_positions, kv_positions)
-    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
     if len(q_runs) == len(kv_runs) == 1:  # the common case: no accumulation buffers
         dq, dk, dv, _, _ = triton_attention.backward(_call(q, k, v, mask, score_mod, scale, operands,
                                                            q_runs[0], kv_runs[0]), dout, out, lse)

@@ -5,7 +5,10 @@
 the blockwise torch reference. It knows no MaskSpec, so `cpu_flash_plan` turns each call into
 kernel calls over the keys each query block can see (no mask, `is_causal`, or a small dense
 mask per block), and this module launches them, merges the partial (out, lse) exactly and
-accumulates the gradients. Positions that are not contiguous are split into runs first.
+accumulates the gradients. Positions are split first into runs of one stride (`strided_runs`:
+a zigzag shard is two runs, a striped one a single run of stride P); positions with no such
+pattern (more than MAX_RUN_PAIRS run pairs) run the blockwise reference instead of a launch
+per pair (a launch per position pair is what made `seqweave demo --sp 4`'s striped ring crawl).
 
 What the kernel does differently from the contract, and how it is mended here:
 - a row that sees no key gets lse 0 (the contract: -inf, out 0): such rows are known from the
@@ -19,8 +22,8 @@ The backward reads the `out` and `lse` it is given (D = rowsum(dout * out), P = 
 so with the out/lse of the whole attention (merged over ring steps) each call adds exactly
 its share of dq, dk, dv.
 
-SEQWEAVE_CPU_ATTENTION=fused turns this kernel on (opt-in for now, see `enabled`); anything
-else keeps the blockwise reference; `launches` counts kernel calls, for tests and reports.
+SEQWEAVE_CPU_ATTENTION=reference forces the blockwise reference (to compare, or to rule this
+kernel out when debugging); `launches` counts kernel calls, for tests and reports.
 """
 from __future__ import annotations
 
@@ -33,14 +36,14 @@ import torch
 from torch import Tensor
 
 from seqweave.codegen.cpu_flash_plan import CAUSAL, Piece, Span, plan
-from seqweave.codegen.runs import Run, runs_of
+from seqweave.codegen.runs import MAX_RUN_PAIRS, StridedRun, strided_runs
 from seqweave.ir.mask import MaskSpec
+from seqweave.ir.ops import attn_reference
 from seqweave.ir.ops.attn_reference import lse_dtype, merge_partials
 from seqweave.ir.score_mod import NoScoreMod, ScoreMod
 
 ENV = "SEQWEAVE_CPU_ATTENTION"
 FORCE_REFERENCE = "reference"
-OPT_IN = "fused"  # opt-in until a hang under 4 gloo ranks (seqweave demo --sp 4) is understood
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # what the kernel accepts
 NAME = "PyTorch's fused CPU flash kernel"
 
@@ -56,10 +59,8 @@ def _backward_op(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def enabled() -> bool:
-    """True when SEQWEAVE_CPU_ATTENTION=fused asks for this kernel. It is opt-in for now: with it,
-    `seqweave demo --sp 4` hung on 4 gloo ranks of a 2-core machine (not yet understood), while
-    every single-process and test-sized multi-rank check passes."""
-    return os.environ.get(ENV, "").strip().lower() == OPT_IN
+    """False when SEQWEAVE_CPU_ATTENTION=reference asks for the blockwise reference."""
+    return os.environ.get(ENV, "").strip().lower() != FORCE_REFERENCE
 
 
 def handles(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod) -> bool:
@@ -153,17 +154,24 @@ class _Rows:
         self.written[index] = True
 
 
-def _span(q_run: Run, kv_run: Run) -> Span:
-    return Span(q_run[1], kv_run[1], q_run[2], kv_run[2])
+def _span(q_run: StridedRun, kv_run: StridedRun) -> Span:
+    return Span(q_run[1], kv_run[1], q_run[2], kv_run[2], q_run[3], kv_run[3])
 
 
-def _only_piece(q: Tensor, k: Tensor, mask: MaskSpec, operands: Sequence[Tensor], q_positions: Tensor | None,
-                kv_positions: Tensor | None) -> tuple[list[Run], list[Run], list[Piece] | None]:
-    """The runs, and the pieces when the whole call is one run pair (None otherwise)."""
-    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
+def _runs(q: Tensor, k: Tensor, q_positions: Tensor | None,
+          kv_positions: Tensor | None) -> tuple[list[StridedRun], list[StridedRun]] | None:
+    """The (q, kv) runs of a call, or None when there are so many pairs (positions with no
+    stride pattern) that launching a kernel per pair would cost more than the reference."""
+    q_runs, kv_runs = strided_runs(q_positions, q.shape[2]), strided_runs(kv_positions, k.shape[2])
+    return (q_runs, kv_runs) if len(q_runs) * len(kv_runs) <= MAX_RUN_PAIRS else None
+
+
+def _only_piece(q_runs: list[StridedRun], kv_runs: list[StridedRun], mask: MaskSpec, operands: Sequence[Tensor],
+                dtype: torch.dtype) -> list[Piece] | None:
+    """The pieces when the whole call is one run pair (None otherwise)."""
     if len(q_runs) == len(kv_runs) == 1:
-        return q_runs, kv_runs, plan(mask, _span(q_runs[0], kv_runs[0]), operands, q.dtype)
-    return q_runs, kv_runs, None
+        return plan(mask, _span(q_runs[0], kv_runs[0]), operands, dtype)
+    return None
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
@@ -171,7 +179,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod
             kv_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out, lse) exactly as `attn_reference.attention_forward` returns them."""
     _require(q, k, v, score_mod)
-    q_runs, kv_runs, pieces = _only_piece(q, k, mask, operands, q_positions, kv_positions)
+    runs = _runs(q, k, q_positions, kv_positions)
+    if runs is None:
+        return attn_reference.attention_forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
+    q_runs, kv_runs = runs
+    pieces = _only_piece(q_runs, kv_runs, mask, operands, q.dtype)
     if _is_whole(q, pieces):  # one kernel call covers everything: no buffers, no merge
         out, lse = _forward_piece(q, k, v, pieces[0], scale)  # laid out like q: made contiguous like the reference's
         return out.contiguous(), lse.contiguous().to(lse_dtype(q.dtype))
@@ -203,7 +215,12 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              q_positions: Tensor | None = None, kv_positions: Tensor | None = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv) as `attn_reference.attention_backward`: `out` / `lse` may be merged over other keys."""
     _require(q, k, v, score_mod)
-    q_runs, kv_runs, pieces = _only_piece(q, k, mask, operands, q_positions, kv_positions)
+    runs = _runs(q, k, q_positions, kv_positions)
+    if runs is None:
+        return attn_reference.attention_backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
+                                                 q_positions, kv_positions)
+    q_runs, kv_runs = runs
+    pieces = _only_piece(q_runs, kv_runs, mask, operands, q.dtype)
     # a row that sees no key anywhere has lse -inf: +inf makes every P = exp(S - lse) of it 0
     safe_lse = lse.to(lse_dtype(q.dtype)).masked_fill(torch.isneginf(lse), float("inf"))
     if _is_whole(q, pieces) and (pieces[0].k0, pieces[0].k1) == (0, k.shape[2]):  # one call: its gradients

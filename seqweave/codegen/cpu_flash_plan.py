@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from seqweave.codegen.triton.schedule import OperandSchedules, tile_classes_per_tile
-from seqweave.codegen.triton.tile_grid import EMPTY, FULL, PARTIAL, make_blocks, tile_grid
+from seqweave.codegen.triton.tile_grid import EMPTY, FULL, PARTIAL, Blocks, make_blocks, tile_grid
 from seqweave.ir.mask import Causal, MaskSpec
 
 BLOCK_Q = 512  # rows per block; on 2 cores, 256-row calls ran ~30% slower than 512, 1024 no faster overall
@@ -60,12 +60,27 @@ class Piece:
 
 @dataclass(frozen=True)
 class Span:
-    """The global positions of one (q run, kv run) pair: lengths and first positions."""
+    """The global positions of one (q run, kv run) pair: row i of a side is at start + stride * i
+    (stride 1 for contiguous runs, P for a striped shard of P ranks)."""
 
     q_len: int
     kv_len: int
     q_start: int
     kv_start: int
+    q_stride: int = 1
+    kv_stride: int = 1
+
+    def blocks(self) -> Blocks:
+        """The plan's [BLOCK_Q x TILE_KV] tiles as global position bounds."""
+        return make_blocks(self.q_len, self.kv_len, BLOCK_Q, TILE_KV, self.q_start, self.kv_start,
+                           self.q_stride, self.kv_stride)
+
+    def q_positions(self, first: int, stop: int, device: torch.device | None = None) -> Tensor:
+        """Global positions of local rows [first, stop)."""
+        return self.q_start + self.q_stride * torch.arange(first, stop, device=device)
+
+    def kv_positions(self, first: int, stop: int, device: torch.device | None = None) -> Tensor:
+        return self.kv_start + self.kv_stride * torch.arange(first, stop, device=device)
 
 
 def plan(mask: MaskSpec, span: Span, operands: Sequence[Tensor], dtype: torch.dtype) -> list[Piece]:
@@ -96,9 +111,10 @@ def _build(mask: MaskSpec, span: Span, operands: Sequence[Tensor], dtype: torch.
 def tile_classes(mask: MaskSpec, span: Span, operands: Sequence[Tensor]) -> Tensor:
     """[q blocks, kv tiles] EMPTY / FULL / PARTIAL, exact at ragged ends (tiles are clamped)."""
     shape = (-(-span.q_len // BLOCK_Q), -(-span.kv_len // TILE_KV))
-    blocks = make_blocks(span.q_len, span.kv_len, BLOCK_Q, TILE_KV, span.q_start, span.kv_start)
-    grid = tile_grid(mask, blocks, operands)
-    if grid is None:  # a mask kind without a whole-grid rule: block_class tile by tile
+    grid = tile_grid(mask, span.blocks(), operands)
+    if grid is None and (span.q_stride, span.kv_stride) != (1, 1):  # block_class takes ranges: evaluate every tile
+        grid = torch.tensor(PARTIAL, dtype=torch.int8)
+    elif grid is None:  # a mask kind without a whole-grid rule: block_class tile by tile
         grid = tile_classes_per_tile(mask, span.q_len, span.kv_len, BLOCK_Q, TILE_KV, span.q_start,
                                      span.kv_start, operands)
     return torch.broadcast_to(grid, shape)
@@ -180,9 +196,8 @@ def _whole_call(mask: MaskSpec, span: Span, operands: Sequence[Tensor], grid: Te
 def _is_causal(mask: MaskSpec, span: Span, operands: Sequence[Tensor], grid: Tensor) -> bool:
     """True when the mask is exactly top-left causal over the whole call: aligned positions, the
     causal tile classes, and each block's diagonal tiles evaluate to the causal triangle."""
-    blocks = make_blocks(span.q_len, span.kv_len, BLOCK_Q, TILE_KV, span.q_start, span.kv_start)
-    if span.q_start != span.kv_start or not torch.equal(grid, torch.broadcast_to(
-            tile_grid(Causal(), blocks, ()), grid.shape)):
+    aligned = (span.q_start, span.q_stride) == (span.kv_start, span.kv_stride)
+    if not aligned or not torch.equal(grid, torch.broadcast_to(tile_grid(Causal(), span.blocks(), ()), grid.shape)):
         return False
     for m, row in enumerate(grid):
         partial = (row == PARTIAL).nonzero().flatten()
@@ -199,8 +214,7 @@ def _allowed(mask: MaskSpec, span: Span, operands: Sequence[Tensor], box: tuple[
     """The mask evaluated on local rows [q0, q1) x keys [k0, k1), on the host."""
     q0, q1, k0, k1 = box
     device = operands[0].device if operands else None
-    return mask.evaluate(torch.arange(span.q_start + q0, span.q_start + q1, device=device),
-                         torch.arange(span.kv_start + k0, span.kv_start + k1, device=device), operands).cpu()
+    return mask.evaluate(span.q_positions(q0, q1, device), span.kv_positions(k0, k1, device), operands).cpu()
 
 
 def _triangle(allowed: Tensor, diagonal: int = 0) -> bool:

@@ -66,6 +66,23 @@ def test_zigzag_positions_match_the_float64_reference(monkeypatch, launches):
         torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
 
 
+def test_striped_positions_run_the_reference_not_a_launch_per_position(monkeypatch, launches):
+    """A striped shard is a contiguous run per position: 12 x 12 launches would pass the
+    MAX_RUN_PAIRS bound, so the call runs the reference (exact, no generated launch)."""
+    monkeypatch.setenv("SEQWEAVE_TRITON_INTERPRET", "1")
+    q_pos, kv_pos = (shard_positions(Layout.STRIPED, r, 4, 48) for r in (2, 1))
+    q, k, v, dout = tensors(12, 12)
+    out, lse = attention_kernels.forward(q.float(), k.float(), v.float(), MASK, NONE, SCALE, (), q_pos, kv_pos)
+    grads = attention_kernels.backward(dout.float(), q.float(), k.float(), v.float(), out, lse, MASK, NONE, SCALE,
+                                       (), q_pos, kv_pos)
+    assert launches == {"forward": 0, "backward": 0}
+    want_out, want_lse = attention_forward(q, k, v, MASK, NONE, SCALE, (), q_pos, kv_pos)
+    want = attention_backward(dout, q, k, v, want_out, want_lse, MASK, NONE, SCALE, (), q_pos, kv_pos)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=1e-5)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+
+
 def test_cpu_runs_the_reference_unless_the_interpreter_is_asked_for(monkeypatch, launches):
     monkeypatch.delenv("SEQWEAVE_TRITON_INTERPRET", raising=False)
     q, k, v, _ = tensors(20, 20, torch.float32)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqweave.codegen import attention_kernels, cpu_flash, cpu_flash_plan
+from seqweave.codegen.runs import strided_runs
 from seqweave.ir.mask import MaskSpec
 from seqweave.ir.mask_parser import parse_mask, parse_score_mod
 from seqweave.ir.ops.attn_reference import attention_backward, attention_forward, merge_partials
@@ -35,8 +36,9 @@ def small_blocks(block_q: int = 16, tile_kv: int = 4, min_split: int = 8):
 
 @pytest.fixture(autouse=True)
 def fused_kernel_on(monkeypatch):
-    """The fused kernel is opt-in (cpu_flash.enabled); these tests are about it."""
-    monkeypatch.setenv(cpu_flash.ENV, cpu_flash.OPT_IN)
+    """The fused kernel is the default; a SEQWEAVE_CPU_ATTENTION=reference left in the environment
+    must not turn these tests into checks of the reference."""
+    monkeypatch.delenv(cpu_flash.ENV, raising=False)
 
 
 @pytest.fixture
@@ -236,7 +238,6 @@ def test_any_mask_and_lengths_match_the_float64_reference(mask, q_len, kv_len, o
 
 def test_dispatch_runs_the_fused_kernel_on_cpu_and_the_reference_for_score_mods(launches, monkeypatch):
     monkeypatch.delenv("SEQWEAVE_TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv(cpu_flash.ENV, "fused")
     q, k, v, dout = (t.float() for t in tensors(20, 20))
     mask = parse_mask("causal")
     out, lse = attention_kernels.forward(q, k, v, mask, NONE, SCALE)
@@ -296,3 +297,62 @@ def test_one_call_over_some_of_the_keys_still_returns_gradients_for_all_of_them(
     with small_blocks(block_q=8, tile_kv=4, min_split=8):
         got = run(q, k, v, dout, mask)
     assert_matches(got, expected(q, k, v, dout, mask), F32)
+
+
+def test_strided_runs_find_each_layouts_progressions():
+    striped = shard_positions(Layout.STRIPED, 1, 4, 32)  # 1, 5, 9, ...
+    assert strided_runs(striped, 8) == [(0, 8, 1, 4)]
+    assert strided_runs(shard_positions(Layout.ZIGZAG, 1, 4, 32), 8) == [(0, 4, 4, 1), (4, 4, 24, 1)]
+    # a step that is not positive ends a run; the break between runs joins nothing
+    assert strided_runs(torch.tensor([0, 5, 6, 7, 7, 3, 4]), 7) == [(0, 2, 0, 5), (2, 2, 6, 1), (4, 1, 7, 1),
+                                                                     (5, 2, 3, 1)]
+    assert strided_runs(None, 5) == [(0, 5, 0, 1)] and strided_runs(torch.tensor([9]), 1) == [(0, 1, 9, 1)]
+
+
+@pytest.mark.parametrize("kv_rank", [0, 1, 3], ids=["keys-before", "same-rank", "keys-after"])
+def test_striped_shards_are_one_run_each_and_few_calls(kv_rank, launches):
+    """A striped ring step (queries of rank 1, keys of rank kv_rank, 4 ranks) is one run pair:
+    a kernel call per block at most, not one per pair of positions (which made the striped ring
+    of `seqweave demo --sp 4` crawl for hours); the same rank's causal step is one causal call."""
+    q_pos, kv_pos = (shard_positions(Layout.STRIPED, r, 4, 4 * 96) for r in (1, kv_rank))
+    q, k, v, dout = tensors(96, 96)
+    for text in ("causal", "causal & sliding_window(30, 0)", "causal & document($0)", "chunked(40)"):
+        operands = (segments(4 * 96, [100, 200, 20]),) if "document" in text else ()
+        mask = parse_mask(text)
+        launches.clear()
+        with small_blocks():
+            got = run(q, k, v, dout, mask, operands, q_pos, kv_pos)
+        assert_matches(got, expected(q, k, v, dout, mask, operands, q_pos, kv_pos), F32)
+        assert launches["forward"] <= 3 * -(-96 // 16), (text, launches)  # a few pieces per 16-row block
+        if text == "causal" and kv_rank == 1:
+            assert launches == {"forward": 1, "backward": 1}
+
+
+def test_positions_without_a_stride_pattern_run_the_reference(launches):
+    """Shuffled positions would be a launch per position pair: the blockwise reference runs."""
+    gen = torch.Generator().manual_seed(3)
+    q_pos, kv_pos = torch.randperm(40, generator=gen), torch.randperm(40, generator=gen)
+    q, k, v, dout = tensors(40, 40)
+    mask = parse_mask("causal & sliding_window(12, 0)")
+    got = run(q, k, v, dout, mask, (), q_pos, kv_pos)
+    assert not launches
+    assert_matches(got, expected(q, k, v, dout, mask, (), q_pos, kv_pos), F32)
+
+
+@settings(max_examples=40)
+@given(mask=mask_specs(), q_len=st.integers(1, 30), kv_len=st.integers(1, 30),
+       starts=st.tuples(st.integers(0, 6), st.integers(0, 6)), strides=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+       data=st.data())
+def test_any_mask_on_strided_positions_matches_the_float64_reference(mask, q_len, kv_len, starts, strides, data):
+    """Runs of any stride (striped shards, and strides a layout never makes) with any MaskSpec."""
+    q, k, v, dout = tensors(q_len, kv_len, seed=q_len * 100 + kv_len)
+    q_pos = starts[0] + strides[0] * torch.arange(q_len)
+    kv_pos = starts[1] + strides[1] * torch.arange(kv_len)
+    length = int(max(q_pos.max(), kv_pos.max())) + 1
+    ids = data.draw(st.lists(st.integers(0, 3), min_size=length, max_size=length))
+    operands = (torch.tensor([ids, sorted(ids)]),)
+    with small_blocks(block_q=8, tile_kv=4, min_split=8):
+        got = run(q, k, v, dout, mask, operands, q_pos, kv_pos)
+    want_out, want_lse = attention_forward(q, k, v, mask, NONE, SCALE, operands, q_pos, kv_pos)
+    want = attention_backward(dout, q, k, v, want_out, want_lse, mask, NONE, SCALE, operands, q_pos, kv_pos)
+    assert_matches(got, (want_out, want_lse, want), F32)

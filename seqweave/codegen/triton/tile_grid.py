@@ -32,12 +32,16 @@ class Blocks:
     kv_last: Tensor
 
 
-def make_blocks(q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int, kv_offset: int) -> Blocks:
-    def bounds(length: int, block: int, offset: int) -> tuple[Tensor, Tensor]:
+def make_blocks(q_len: int, kv_len: int, block_m: int, block_n: int, q_offset: int, kv_offset: int,
+                q_stride: int = 1, kv_stride: int = 1) -> Blocks:
+    """Blocks of positions offset + stride * i. With a stride above 1 a block holds only some of
+    the positions in [first, last]; every rule here stays sound on it (EMPTY and FULL verdicts on
+    an interval hold for every subset of it), it may only say PARTIAL where a finer look would not."""
+    def bounds(length: int, block: int, offset: int, stride: int) -> tuple[Tensor, Tensor]:
         first = torch.arange(0, length, block)
-        return offset + first, offset + torch.clamp(first + block, max=length) - 1
-    q_first, q_last = bounds(q_len, block_m, q_offset)
-    kv_first, kv_last = bounds(kv_len, block_n, kv_offset)
+        return offset + stride * first, offset + stride * (torch.clamp(first + block, max=length) - 1)
+    q_first, q_last = bounds(q_len, block_m, q_offset, q_stride)
+    kv_first, kv_last = bounds(kv_len, block_n, kv_offset, kv_stride)
     return Blocks(q_first[:, None], q_last[:, None], kv_first[None, :], kv_last[None, :])
 
 

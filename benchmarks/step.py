@@ -320,6 +320,10 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _per_rank(seconds: list[float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in seconds)
+
+
 def render(payload: dict) -> list[results_io.TableData]:
     settings = payload["settings"]
     header = ["N", "row", "step vs torch.compile", "first call vs torch.compile", "step s", "first call s",
@@ -342,7 +346,7 @@ def render(payload: dict) -> list[results_io.TableData]:
                        f"(on {payload['machine']['nproc']} cores): slowest rank vs single-process inductor / P + comm",
                        ["N", "row", "step s/rank (per rank)", "comm s (blocked)", "MiB sent/step/rank",
                         "target s", "step vs target", "step vs torch.compile"],
-                       [[str(r["N"]), r["row"], f"{r['step_s']:.2f} ({', '.join(f'{t:.2f}' for t in r['step_s_per_rank'])})",
+                       [[str(r["N"]), r["row"], f"{r['step_s']:.2f} ({_per_rank(r['step_s_per_rank'])})",
                          _s(r["comm_s"]), f"{r['bytes_sent_per_step'] / (1 << 20):,.1f}", _s(r.get("target_s")),
                          _x(r.get("step_vs_target")), _x(r["step_vs_compile"])] for r in ranked]))
     compiles = [r for r in payload["rows"] if "inductor_compile_s" in r]

@@ -224,9 +224,15 @@ def test_bfloat16_keeps_the_reference_dtypes():
 def test_any_mask_and_lengths_match_the_float64_reference(mask, q_len, kv_len, offsets, data):
     """Any MaskSpec (document / padding read operand $0: small ints over the positions) at odd
     lengths and offset queries / keys equals the blockwise float64 reference, forward and backward."""
-    q, k, v, dout = tensors(q_len, kv_len, seed=q_len * 100 + kv_len)
     q_pos, kv_pos = torch.arange(offsets[0], offsets[0] + q_len), torch.arange(offsets[1], offsets[1] + kv_len)
-    length = max(offsets[0] + q_len, offsets[1] + kv_len)
+    assert_matches_the_reference(mask, q_pos, kv_pos, data)
+
+
+def assert_matches_the_reference(mask: MaskSpec, q_pos: torch.Tensor, kv_pos: torch.Tensor, data) -> None:
+    """cpu_flash at these positions (tiny blocks; document / padding ids drawn from `data`)
+    equals the blockwise float64 reference, forward and backward."""
+    q, k, v, dout = tensors(len(q_pos), len(kv_pos), seed=len(q_pos) * 100 + len(kv_pos))
+    length = int(max(q_pos.max(), kv_pos.max())) + 1
     ids = data.draw(st.lists(st.integers(0, 3), min_size=length, max_size=length))
     operands = (torch.tensor([ids, sorted(ids)]),)
     with small_blocks(block_q=8, tile_kv=4, min_split=8):
@@ -345,14 +351,6 @@ def test_positions_without_a_stride_pattern_run_the_reference(launches):
        data=st.data())
 def test_any_mask_on_strided_positions_matches_the_float64_reference(mask, q_len, kv_len, starts, strides, data):
     """Runs of any stride (striped shards, and strides a layout never makes) with any MaskSpec."""
-    q, k, v, dout = tensors(q_len, kv_len, seed=q_len * 100 + kv_len)
     q_pos = starts[0] + strides[0] * torch.arange(q_len)
     kv_pos = starts[1] + strides[1] * torch.arange(kv_len)
-    length = int(max(q_pos.max(), kv_pos.max())) + 1
-    ids = data.draw(st.lists(st.integers(0, 3), min_size=length, max_size=length))
-    operands = (torch.tensor([ids, sorted(ids)]),)
-    with small_blocks(block_q=8, tile_kv=4, min_split=8):
-        got = run(q, k, v, dout, mask, operands, q_pos, kv_pos)
-    want_out, want_lse = attention_forward(q, k, v, mask, NONE, SCALE, operands, q_pos, kv_pos)
-    want = attention_backward(dout, q, k, v, want_out, want_lse, mask, NONE, SCALE, operands, q_pos, kv_pos)
-    assert_matches(got, (want_out, want_lse, want), F32)
+    assert_matches_the_reference(mask, q_pos, kv_pos, data)

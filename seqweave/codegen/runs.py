@@ -13,6 +13,8 @@ from itertools import accumulate
 
 from torch import Tensor
 
+from seqweave.ir.sharding import contiguous_runs
+
 #: (q run, kv run) pairs one attention call may launch kernels for; beyond it (positions with no
 #: stride pattern, or a striped shard under kernels that take contiguous runs only) the blockwise
 #: reference costs less than a launch per pair.
@@ -26,10 +28,11 @@ def runs_of(positions: Tensor | None, length: int) -> list[Run]:
     """Split global positions into maximal contiguous runs (all of 0..length-1 when None)."""
     if positions is None:
         return [(0, length, 0)]
-    positions = positions.cpu()
-    breaks = (positions[1:] - positions[:-1] != 1).nonzero().flatten().add(1).tolist()
-    starts, stops = [0] + breaks, breaks + [length]
-    return [(a, b - a, int(positions[a])) for a, b in zip(starts, stops)]
+    runs, local = [], 0
+    for start, stop in contiguous_runs(positions.cpu()):
+        runs.append((local, stop - start, start))
+        local += stop - start
+    return runs
 
 
 def strided_runs(positions: Tensor | None, length: int) -> list[StridedRun]:

@@ -5,10 +5,14 @@ each (MASTER_ADDR=127.0.0.1, a free port), calls `fn(rank, world, *args)` and re
 rank's result. `fn` must be importable (a module-level function) and its result picklable
 by `torch.save`. Nothing here can hang: processes are joined against one deadline and
 stragglers are killed. Results travel through files, not queues, so a rank that dies
-mid-way (os._exit) cannot wedge the parent.
+mid-way (os._exit) cannot wedge the parent. A rank still running near the deadline writes
+every thread's Python stack first (faulthandler), and its outcome carries that stack: a rank
+that is merely very slow looks exactly like a hung one from outside, and the stack tells them
+apart.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import tempfile
@@ -24,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 POLL_S = 0.05  # how often the parent checks on its children
+STACK_LEAD_S = 2.0  # a rank dumps its stacks this long before the deadline (capped at a tenth of it)
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,18 @@ def _save(path: Path, outcome: dict) -> None:
     os.replace(partial, path)
 
 
-def _rank_main(rank: int, world: int, port: int, result_dir: str, pg_timeout_s: float,
+def _stack_path(result: Path) -> Path:
+    return result.with_suffix(".stacks")
+
+
+def _rank_main(rank: int, world: int, port: int, result_dir: str, pg_timeout_s: float, dump_at: float,
                fn: Callable[..., Any], args: tuple) -> None:
     """Child entry point: join the group, run fn, record the outcome, leave without cleanup hangs."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # N ranks share the machine's cores
     path = Path(result_dir) / f"rank{rank}.pt"
+    stacks = open(_stack_path(path), "w")  # left open: faulthandler writes to it until the process ends
+    faulthandler.dump_traceback_later(max(dump_at - time.time(), 0.1), file=stacks)  # wall clock: the parent's
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s))
         _save(path, {"value": fn(rank, world, *args)})
@@ -97,7 +108,15 @@ def _outcome(rank: int, path: Path, exitcode: int | None, timeout_s: float) -> R
             f"died from signal {-exitcode}"
     else:
         why = f"exited with code {exitcode} before returning"
-    return RankOutcome(rank, error=f"rank {rank} {why}", exitcode=exitcode)
+    stacks = _read_stacks(_stack_path(path))
+    return RankOutcome(rank, error=f"rank {rank} {why}" + ("; its stacks just before are in the traceback"
+                                                           if stacks else ""), traceback=stacks, exitcode=exitcode)
+
+
+def _read_stacks(path: Path) -> str | None:
+    """What faulthandler wrote near the deadline (None when the rank ended before it)."""
+    text = path.read_text(errors="replace").strip() if path.exists() else ""
+    return f"rank stacks just before the deadline (most recent call first):\n{text}" if text else None
 
 
 def run_ranks_outcomes(world: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0,
@@ -112,8 +131,9 @@ def run_ranks_outcomes(world: int, fn: Callable[..., Any], *args: Any, timeout_s
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="seqweave-ranks-") as result_dir:
         port, pg_timeout = free_port(), pg_timeout_s or timeout_s
-        procs = [context.Process(target=_rank_main, args=(rank, world, port, result_dir, pg_timeout, fn, args),
-                                 daemon=True) for rank in range(world)]
+        dump_at = time.time() + timeout_s - min(STACK_LEAD_S, timeout_s / 10)
+        procs = [context.Process(target=_rank_main, args=(rank, world, port, result_dir, pg_timeout, dump_at,
+                                                          fn, args), daemon=True) for rank in range(world)]
         for p in procs:
             p.start()
         _join(procs, time.monotonic() + timeout_s)

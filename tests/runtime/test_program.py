@@ -30,13 +30,13 @@ graph chain(%x: f64[64, 64]) {
 """
 
 
-
 @pytest.fixture(autouse=True)
 def reference_attention(monkeypatch):
     """Bit-identical to the interpreter means the same kernels: the interpreter runs the blockwise
     reference, so the program does too here (the fused CPU kernel is checked against float64 in
     tests/codegen/test_cpu_flash.py)."""
     monkeypatch.setenv(cpu_flash.ENV, cpu_flash.FORCE_REFERENCE)
+
 
 def slots_of(graph: Graph, program: Program) -> dict[str, int]:
     """Value name -> slot, read off the program's own inputs and step results (one step per node)."""

@@ -60,21 +60,26 @@ def _call(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, 
                                       scale, operands, q_run[2], kv_run[2])
 
 
-def _on_triton(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod, q_runs: list[Run], kv_runs: list[Run]) -> bool:
-    """True when the generated kernels take this call: they launch once per contiguous (q, kv)
-    run pair, so a striped shard (a run per position) runs the reference instead."""
-    return triton_handles(q, k, v, score_mod) and len(q_runs) * len(kv_runs) <= MAX_RUN_PAIRS
+def _triton_runs(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod, q_positions: Tensor | None,
+                 kv_positions: Tensor | None) -> tuple[list[Run], list[Run]] | None:
+    """The contiguous (q, kv) runs when the generated kernels take this call, else None. They
+    launch once per run pair, so a striped shard (a run per position) is left to the others."""
+    if not triton_handles(q, k, v, score_mod):
+        return None  # positions are not even looked at: the CPU kernels cut their own runs
+    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
+    return (q_runs, kv_runs) if len(q_runs) * len(kv_runs) <= MAX_RUN_PAIRS else None
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, score_mod: ScoreMod, scale: float,
             operands: Sequence[Tensor] = (), q_positions: Tensor | None = None,
             kv_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out, lse), with the reference's signature and semantics."""
-    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
-    if not _on_triton(q, k, v, score_mod, q_runs, kv_runs):
+    runs = _triton_runs(q, k, v, score_mod, q_positions, kv_positions)
+    if runs is None:
         if cpu_flash.handles(q, k, v, score_mod):
             return cpu_flash.forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
         return attn_reference.attention_forward(q, k, v, mask, score_mod, scale, operands, q_positions, kv_positions)
+    q_runs, kv_runs = runs
     outs, lses = [], []
     for q_run in q_runs:
         out = lse = None
@@ -91,13 +96,14 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              score_mod: ScoreMod, scale: float, operands: Sequence[Tensor] = (),
              q_positions: Tensor | None = None, kv_positions: Tensor | None = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv), with the reference's signature; `out`/`lse` may be merged over other keys."""
-    q_runs, kv_runs = runs_of(q_positions, q.shape[2]), runs_of(kv_positions, k.shape[2])
-    if not _on_triton(q, k, v, score_mod, q_runs, kv_runs):
+    runs = _triton_runs(q, k, v, score_mod, q_positions, kv_positions)
+    if runs is None:
         if cpu_flash.handles(q, k, v, score_mod):
             return cpu_flash.backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
                                       q_positions, kv_positions)
         return attn_reference.attention_backward(dout, q, k, v, out, lse, mask, score_mod, scale, operands,
                                                  q_positions, kv_positions)
+    q_runs, kv_runs = runs
     if len(q_runs) == len(kv_runs) == 1:  # the common case: no accumulation buffers
         dq, dk, dv, _, _ = triton_attention.backward(_call(q, k, v, mask, score_mod, scale, operands,
                                                            q_runs[0], kv_runs[0]), dout, out, lse)

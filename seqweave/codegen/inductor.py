@@ -78,7 +78,8 @@ class InductorProgram:
     def __init__(self, graph: Graph, comm: Communicator | None = None) -> None:
         self.graph, self.comm = graph, comm
         self.digest = program_digest(graph)
-        self._unused: LoweredFx | None = to_fx(graph, comm)  # refuses now (NotLowerable) what Inductor cannot take
+        # lowering now refuses (NotLowerable) what Inductor cannot take; the first compile reuses it
+        self._first_lowering: LoweredFx | None = to_fx(graph, comm)
         self.variants: dict[tuple, Callable[[list], Any]] = {}
         self.stats = {"compiles": 0, "cache_hits": 0, "compile_s": 0.0, "extern_calls": 0, "eager_fallbacks": 0}
 
@@ -107,7 +108,8 @@ class InductorProgram:
         return lower(self.graph, self.comm)
 
     def _compile(self, inputs: list[Any]) -> Callable[[list], Any]:
-        lowered, self._unused = self._unused or to_fx(self.graph, self.comm), None  # one FX module per variant
+        # one FX module per variant: its extern table is bound to that variant's compiled code
+        lowered, self._first_lowering = self._first_lowering or to_fx(self.graph, self.comm), None
         lowered.table.device = next((a.device for a in inputs if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self.stats["extern_calls"] = len(lowered.table.calls)
         log.info("compiling the %s graph with Inductor (%d nodes, %d extern calls)…", self.graph.name,
